@@ -1,0 +1,509 @@
+"""The Vision Transformer, the distillation student and the teachers.
+
+A hand-written ViT with timm/MAE parameter names, so weights move between this code and timm:
+
+    from model import build_vit, to_timm
+    vit = build_vit("vit_base", rel_pos_bias=True)            # BEiT-style relative position bias
+    tokens = vit(images, mask=mask)                          # (B, 1+N, D), masked patches -> e_[M]
+    tokens, extra = vit(images, mask=mask, return_hiddens=True)  # + per-block normed inputs, attn
+
+Teachers (frozen, eval mode, no grad; bf16 on GPU) all map a batch normalised the way data.py
+normalises the student's input to target tokens (B, N, C) without [cls]:
+    CLIPTeacher  - open_clip visual tower: ln_post(patch tokens) @ proj
+    ViTTeacher   - an encoder saved by this project (`checkpoint`), or a momentum copy (`ema`)
+"""
+import copy
+import math
+import os
+import socket
+from dataclasses import dataclass, asdict, field, fields
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the student's input normalisation (data.py uses these)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+# -----------------------------------------------------------------------------
+# Configuration
+
+@dataclass
+class ViTConfig:
+    img_size: int = 224          # input side in pixels
+    patch_size: int = 16         # patch side in pixels; N = (img_size / patch_size)^2
+    in_chans: int = 3
+    embed_dim: int = 768         # D
+    depth: int = 12              # number of blocks
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    pos_embed: str = "learned"   # absolute positions: 'learned' | 'sincos' (fixed buffer) | 'none'
+    rel_pos_bias: bool = False   # BEiT relative position bias, one table per block
+    shared_rel_pos_bias: bool = False  # BEiT relative position bias, one table for all blocks
+    layer_scale: float = 0.0     # layer-scale init value (0 = no layer scale)
+    drop_path: float = 0.0       # stochastic depth rate of the last block (linear in depth)
+    num_classes: int = 0         # > 0 adds a Linear head on the [cls] token (fine-tuning)
+
+    @property
+    def grid(self) -> int:
+        return self.img_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid ** 2
+
+
+# DTM paper, Table 12 (and a micro model for tests)
+VIT_SIZES = {
+    "vit_micro": dict(embed_dim=32, depth=2, num_heads=2),
+    "vit_tiny": dict(embed_dim=192, depth=12, num_heads=3),
+    "vit_small": dict(embed_dim=384, depth=12, num_heads=6),
+    "vit_base": dict(embed_dim=768, depth=12, num_heads=12),
+    "vit_large": dict(embed_dim=1024, depth=24, num_heads=16),
+}
+
+
+def build_vit(name: str, **overrides) -> "ViT":
+    """build_vit('vit_small', img_size=32, patch_size=4) -> ViT. Overrides are ViTConfig fields."""
+    if name not in VIT_SIZES:
+        raise ValueError(f"unknown model '{name}': choose one of {sorted(VIT_SIZES)}")
+    known = {f.name for f in fields(ViTConfig)}
+    bad = sorted(set(overrides) - known)
+    if bad:
+        raise ValueError(f"unknown ViT option(s) {bad}: allowed are {sorted(known)}")
+    return ViT(ViTConfig(**{**VIT_SIZES[name], **overrides}))
+
+
+# -----------------------------------------------------------------------------
+# Position information
+
+def sincos_pos_embed(dim: int, grid: int) -> torch.Tensor:
+    """Fixed 2-D sin-cos table as in MAE: (1 + grid*grid, dim), the [cls] row all zeros."""
+    assert dim % 4 == 0, "sin-cos position embedding needs embed_dim divisible by 4"
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float64),
+                            torch.arange(grid, dtype=torch.float64), indexing="ij")
+
+    def embed(pos):  # (grid*grid,) -> (grid*grid, dim/2)
+        out = pos.reshape(-1, 1) * omega.reshape(1, -1)
+        return torch.cat([out.sin(), out.cos()], dim=1)
+
+    table = torch.cat([embed(xs), embed(ys)], dim=1)  # MAE order: w first, then h
+    return torch.cat([torch.zeros(1, dim, dtype=torch.float64), table]).float()
+
+
+def relative_position_index(grid: int) -> torch.Tensor:
+    """BEiT's (1+N, 1+N) index into a table of (2g-1)^2 + 3 relative positions.
+
+    Patch pairs index their (dy, dx) offset; the last three entries are [cls]->patch,
+    patch->[cls] and [cls]->[cls]. Same layout as BEiT / timm, so tables transfer.
+    """
+    num_dist = (2 * grid - 1) ** 2 + 3
+    coords = torch.stack(torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij"))
+    coords = coords.flatten(1)                                   # (2, N)
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)  # (N, N, 2)
+    rel = rel + (grid - 1)
+    index = torch.zeros(grid * grid + 1, grid * grid + 1, dtype=torch.long)
+    index[1:, 1:] = rel[..., 0] * (2 * grid - 1) + rel[..., 1]
+    index[0, :] = num_dist - 3
+    index[:, 0] = num_dist - 2
+    index[0, 0] = num_dist - 1
+    return index
+
+
+class RelativePositionBias(nn.Module):
+    """A BEiT relative-position-bias table, shared by all blocks (`rel_pos_bias.*` in timm)."""
+
+    def __init__(self, grid: int, num_heads: int):
+        super().__init__()
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * grid - 1) ** 2 + 3, num_heads))
+        self.register_buffer("relative_position_index", relative_position_index(grid), persistent=False)
+
+    def forward(self) -> torch.Tensor:  # -> (H, 1+N, 1+N)
+        return lookup_bias(self.relative_position_bias_table, self.relative_position_index)
+
+
+def lookup_bias(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    n = index.shape[0]
+    return table[index.view(-1)].view(n, n, -1).permute(2, 0, 1)  # (H, 1+N, 1+N)
+
+
+# -----------------------------------------------------------------------------
+# Blocks
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool, grid: Optional[int]):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        if grid is not None:  # per-block relative position bias (timm Beit names)
+            self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * grid - 1) ** 2 + 3, num_heads))
+            self.register_buffer("relative_position_index", relative_position_index(grid), persistent=False)
+        else:
+            self.relative_position_bias_table = None
+
+    def forward(self, x, shared_bias=None, return_attn=False):
+        B, T, D = x.shape  # T = 1 + N tokens
+        qkv = self.qkv(x).view(B, T, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # each (B, H, T, D/H)
+        bias = shared_bias
+        if self.relative_position_bias_table is not None:
+            own = lookup_bias(self.relative_position_bias_table, self.relative_position_index)
+            bias = own if bias is None else bias + own
+        if bias is not None:
+            bias = bias.unsqueeze(0).to(q.dtype)  # (1, H, T, T)
+        attn = None
+        if return_attn:  # explicit softmax so the maps can be returned (analysis path only)
+            logits = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+            if bias is not None:
+                logits = logits + bias
+            attn = logits.softmax(dim=-1)  # (B, H, T, T)
+            x = attn @ v
+        else:
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        x = x.transpose(1, 2).reshape(B, T, D)
+        return self.proj(x), attn
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class LayerScale(nn.Module):
+    def __init__(self, dim: int, init: float):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), init))
+
+    def forward(self, x):
+        return x * self.gamma
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop the residual branch per sample with probability p."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if not self.training or self.p == 0.0:
+            return x
+        keep = x.new_empty(x.shape[0], *([1] * (x.dim() - 1))).bernoulli_(1 - self.p)
+        return x * keep / (1 - self.p)
+
+
+class Block(nn.Module):
+    def __init__(self, dim, num_heads, mlp_ratio, qkv_bias, grid, layer_scale, drop_path):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads, qkv_bias, grid)
+        self.ls1 = LayerScale(dim, layer_scale) if layer_scale > 0 else nn.Identity()
+        self.drop_path1 = DropPath(drop_path)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = MLP(dim, int(dim * mlp_ratio))
+        self.ls2 = LayerScale(dim, layer_scale) if layer_scale > 0 else nn.Identity()
+        self.drop_path2 = DropPath(drop_path)
+
+    def forward(self, x, shared_bias=None, record=None):
+        h = self.norm1(x)                                   # X^l: what attention sees
+        a, attn = self.attn(h, shared_bias, return_attn=record is not None)
+        if record is not None:
+            record["hiddens"].append(h)
+            record["attn"].append(attn)
+            record["attn_out"].append(self.ls1(a))
+        x = x + self.drop_path1(self.ls1(a))
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
+
+# -----------------------------------------------------------------------------
+# The ViT
+
+class ViT(nn.Module):
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        if cfg.img_size % cfg.patch_size:
+            raise ValueError(f"img_size {cfg.img_size} is not a multiple of patch_size {cfg.patch_size}")
+        if cfg.pos_embed not in ("learned", "sincos", "none"):
+            raise ValueError(f"pos_embed must be 'learned', 'sincos' or 'none', got '{cfg.pos_embed}'")
+        self.cfg = cfg
+        D, g = cfg.embed_dim, cfg.grid
+        self.patch_embed = nn.Module()
+        self.patch_embed.proj = nn.Conv2d(cfg.in_chans, D, cfg.patch_size, cfg.patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, D))  # e_[M]
+        if cfg.pos_embed == "learned":
+            self.pos_embed = nn.Parameter(torch.zeros(1, 1 + g * g, D))
+        elif cfg.pos_embed == "sincos":
+            self.register_buffer("pos_embed", sincos_pos_embed(D, g).unsqueeze(0))
+        else:
+            self.pos_embed = None
+        self.rel_pos_bias = RelativePositionBias(g, cfg.num_heads) if cfg.shared_rel_pos_bias else None
+        dpr = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
+        self.blocks = nn.ModuleList([
+            Block(D, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias, g if cfg.rel_pos_bias else None,
+                  cfg.layer_scale, dpr[i]) for i in range(cfg.depth)])
+        self.norm = nn.LayerNorm(D, eps=1e-6)
+        self.head = nn.Linear(D, cfg.num_classes) if cfg.num_classes > 0 else None
+        self.init_weights()
+
+    def init_weights(self):
+        """timm/BEiT-style init: truncated normal 0.02 for tokens, tables and Linear weights."""
+        for p in (self.cls_token, self.mask_token):
+            nn.init.trunc_normal_(p, std=0.02)
+        if isinstance(self.pos_embed, nn.Parameter):
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        for name, m in self.named_modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        w = self.patch_embed.proj.weight  # as a Linear on flattened patches (MAE)
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        for name, p in self.named_parameters():
+            if name.endswith("relative_position_bias_table"):
+                nn.init.trunc_normal_(p, std=0.02)
+
+    @property
+    def num_patches(self) -> int:
+        return self.cfg.num_patches
+
+    def embed(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Images (B, C, H, W) -> tokens (B, 1+N, D); patches with mask=True become e_[M]."""
+        x = self.patch_embed.proj(x).flatten(2).transpose(1, 2)  # (B, N, D)
+        if mask is not None:                                     # mask: (B, N) bool
+            w = mask.unsqueeze(-1).to(x.dtype)
+            x = x * (1 - w) + self.mask_token.to(x.dtype) * w
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed.to(x.dtype)
+        return x
+
+    def forward(self, x, mask=None, return_hiddens=False):
+        """(B, C, H, W) -> final-normed tokens (B, 1+N, D), or logits (B, classes) with a head.
+
+        return_hiddens=True also returns a dict with, for l = 0..depth-1, 'hiddens'[l] = X^l
+        (block l's input after its norm1, (B, 1+N, D)), 'attn'[l] (B, heads, 1+N, 1+N) and
+        'attn_out'[l] (the attention branch added to the residual); 'hiddens' ends with the
+        final-normed output, so it has depth + 1 entries (layer 0 = the initial embedding).
+        """
+        x = self.embed(x, mask)
+        shared_bias = self.rel_pos_bias() if self.rel_pos_bias is not None else None
+        record = {"hiddens": [], "attn": [], "attn_out": [], "residual": []} if return_hiddens else None
+        for blk in self.blocks:
+            if record is not None:
+                record["residual"].append(x)
+            x = blk(x, shared_bias, record)
+        if record is not None:
+            record["pre_norm"] = x
+        x = self.norm(x)
+        if record is not None:
+            record["hiddens"].append(x)
+        if self.head is not None:
+            x = self.head(x[:, 0])
+        return (x, record) if return_hiddens else x
+
+
+# -----------------------------------------------------------------------------
+# Saving, loading, and moving weights to timm
+
+def encoder_state(model: ViT) -> dict:
+    """What `pretrain.py` saves as the encoder file: {'config': ViTConfig dict, 'model': weights}."""
+    return {"config": asdict(model.cfg), "model": model.state_dict()}
+
+
+def load_encoder(path: str, map_location="cpu", **overrides) -> ViT:
+    """Build a ViT from an encoder file saved by this project and load it strictly."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"encoder file '{path}' does not exist: give the encoder.pth "
+                                "that pretrain.py wrote into its run directory")
+    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    if "config" not in ckpt or "model" not in ckpt:
+        raise ValueError(f"'{path}' is not an encoder saved by this project "
+                         "(expected keys 'config' and 'model')")
+    cfg = {**ckpt["config"], **overrides}
+    model = ViT(ViTConfig(**cfg))
+    state = ckpt["model"]
+    if model.head is None:
+        state = {k: v for k, v in state.items() if not k.startswith("head.")}
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def to_timm(state_dict: dict) -> dict:
+    """This project's ViT weights -> timm weights (strict load).
+
+    Without relative position bias the result loads into timm's `VisionTransformer`
+    (global_pool='token', class_token=True; init_values set iff layer scale is used).
+    With relative position bias it loads into timm's `Beit`, which has separate q/v biases and
+    no k bias: a k bias adds the same q.b_k to every logit of a query row, which softmax
+    ignores, so dropping it is exact. The mask token has no place in timm and is dropped.
+    """
+    sd = {k: v for k, v in state_dict.items() if k != "mask_token"}
+    beit = any("relative_position_bias_table" in k for k in sd)
+    if not beit:
+        return sd
+    out = {}
+    for k, v in sd.items():
+        if k.endswith("attn.qkv.bias"):
+            q, _, v_ = v.chunk(3)
+            out[k.replace("qkv.bias", "q_bias")] = q
+            out[k.replace("qkv.bias", "v_bias")] = v_
+        elif ".ls1.gamma" in k or ".ls2.gamma" in k:
+            out[k.replace(".ls1.gamma", ".gamma_1").replace(".ls2.gamma", ".gamma_2")] = v
+        else:
+            out[k] = v
+    return out
+
+
+def from_timm(state_dict: dict) -> dict:
+    """timm `VisionTransformer` / MAE-format weights -> this project's names (inverse of to_timm
+    for absolute positions). MAE checkpoints store them under 'model'."""
+    sd = state_dict.get("model", state_dict)
+    return {k: v for k, v in sd.items() if not k.startswith(("decoder", "fc_norm"))}
+
+
+# -----------------------------------------------------------------------------
+# The distillation student: encoder + linear head h_theta
+
+class DistillStudent(nn.Module):
+    """u_i = h_theta(f_theta(x^M)_i): the encoder's final-normed patch tokens through a Linear."""
+
+    def __init__(self, encoder: ViT, target_dim: int):
+        super().__init__()
+        self.encoder = encoder
+        self.head = nn.Linear(encoder.cfg.embed_dim, target_dim)
+        nn.init.trunc_normal_(self.head.weight, std=0.02)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, x, mask):
+        return self.head(self.encoder(x, mask)[:, 1:])  # (B, N, C)
+
+
+# -----------------------------------------------------------------------------
+# Teachers
+
+class Teacher(nn.Module):
+    """Base: frozen, eval mode, no grad; bf16 autocast on CUDA; fp32 targets (B, N, C)."""
+
+    def train(self, mode=True):  # a teacher never leaves eval mode
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, x):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.is_cuda):
+            return self.targets(x).float()
+
+
+class ViTTeacher(Teacher):
+    """An encoder of this project as teacher: final-normed patch tokens (B, N, D)."""
+
+    def __init__(self, encoder: ViT):
+        super().__init__()
+        self.encoder = encoder.eval().requires_grad_(False)
+        self.out_dim = encoder.cfg.embed_dim
+        self.num_patches = encoder.num_patches
+
+    def targets(self, x):
+        return self.encoder(x)[:, 1:]
+
+
+class EMATeacher(ViTTeacher):
+    """A momentum copy of the student encoder: xi <- m * xi + (1 - m) * theta."""
+
+    def __init__(self, student_encoder: ViT):
+        super().__init__(copy.deepcopy(student_encoder))
+
+    @torch.no_grad()
+    def update(self, student_encoder: nn.Module, momentum: float):
+        for p_t, p_s in zip(self.encoder.parameters(), student_encoder.parameters()):
+            p_t.lerp_(p_s.detach(), 1.0 - momentum)
+
+
+class CLIPTeacher(Teacher):
+    """open_clip's visual tower as teacher: v_i = ln_post(patch token i) @ proj, (B, N, C).
+
+    `pretrained` is an open_clip tag (e.g. 'openai') or a local weights file. The input is a
+    batch normalised like the student's (ImageNet mean/std); the teacher re-normalises the same
+    pixels with its own mean/std.
+    """
+
+    def __init__(self, model_name: str = "ViT-B-16-quickgelu", pretrained: str = "openai",
+                 student_mean=IMAGENET_MEAN, student_std=IMAGENET_STD):
+        super().__init__()
+        import open_clip
+        weights = resolve_clip_weights(model_name, pretrained)
+        clip = open_clip.create_model(model_name, pretrained=weights, device="cpu")
+        visual = clip.visual
+        if not hasattr(visual, "ln_post") or getattr(visual, "proj", None) is None:
+            raise ValueError(f"CLIP model '{model_name}' has no ViT visual tower with ln_post/proj")
+        self.visual = visual.eval().requires_grad_(False)
+        mean = getattr(visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN
+        std = getattr(visual, "image_std", None) or open_clip.OPENAI_DATASET_STD
+        # x_clip = (x_student * s_std + s_mean - c_mean) / c_std  = x_student * a + b
+        s_mean, s_std = torch.tensor(student_mean), torch.tensor(student_std)
+        c_mean, c_std = torch.tensor(mean), torch.tensor(std)
+        self.register_buffer("scale", (s_std / c_std).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("shift", ((s_mean - c_mean) / c_std).view(1, 3, 1, 1), persistent=False)
+        self.out_dim = visual.proj.shape[1]
+        self.num_patches = visual.grid_size[0] * visual.grid_size[1]
+
+    def targets(self, x):
+        v = self.visual
+        x = x * self.scale + self.shift
+        x = v.conv1(x).flatten(2).transpose(1, 2)  # (B, N, width)
+        cls = v.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1) + v.positional_embedding.to(x.dtype)
+        x = v.transformer(v.ln_pre(x))
+        return v.ln_post(x[:, 1:]) @ v.proj  # (B, N, C), no [cls]
+
+
+def resolve_clip_weights(model_name: str, pretrained: str) -> str:
+    """Return a local file or an open_clip tag that can be loaded now; fail fast if neither.
+
+    A local file is used as is. A tag is looked up in the Hugging Face cache first; only if it
+    is not cached and the hub answers within 3 seconds is it left to open_clip to download.
+    """
+    import open_clip
+    if os.path.isfile(pretrained):
+        return pretrained
+    if os.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")):
+        raise FileNotFoundError(f"CLIP weights file '{pretrained}' does not exist")
+    cfg = open_clip.get_pretrained_cfg(model_name, pretrained)
+    if not cfg:
+        tags = open_clip.list_pretrained_tags_by_model(model_name)
+        raise ValueError(f"open_clip has no pretrained tag '{pretrained}' for '{model_name}'"
+                         f" (known: {tags}); or give a local weights file as teacher.pretrained")
+    hub = cfg.get("hf_hub", "")
+    if hub:
+        from huggingface_hub import try_to_load_from_cache
+        repo, filename = os.path.split(hub.rstrip("/"))
+        for name in (filename, "open_clip_model.safetensors", "open_clip_pytorch_model.bin"):
+            if name:
+                path = try_to_load_from_cache(repo, name)
+                if isinstance(path, str) and os.path.isfile(path):
+                    return path
+    if not _reachable("huggingface.co") and not _reachable("openaipublic.azureedge.net"):
+        raise RuntimeError(
+            f"CLIP weights '{model_name}/{pretrained}' are not cached and cannot be downloaded "
+            "(no network): download them on a machine with internet (open_clip.create_model("
+            f"'{model_name}', pretrained='{pretrained}')) and set teacher.pretrained=/path/to/weights")
+    return pretrained
+
+
+def _reachable(host: str, timeout: float = 3.0) -> bool:
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
