@@ -507,3 +507,16 @@ def _reachable(host: str, timeout: float = 3.0) -> bool:
         return True
     except OSError:
         return False
+
+
+def build_teacher(kind: str, student_encoder: Optional[ViT] = None, clip_model: str = "ViT-B-16-quickgelu",
+                  pretrained: str = "openai") -> Teacher:
+    """kind 'clip' (open_clip name + tag or file), 'checkpoint' (pretrained = an encoder file of
+    this project) or 'ema' (a momentum copy of `student_encoder`)."""
+    if kind == "clip":
+        return CLIPTeacher(clip_model, pretrained)
+    if kind == "checkpoint":
+        return ViTTeacher(load_encoder(pretrained))
+    if kind == "ema":
+        return EMATeacher(student_encoder)
+    raise ValueError(f"unknown teacher '{kind}': choose 'clip', 'checkpoint' or 'ema'")

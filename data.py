@@ -1,0 +1,227 @@
+"""Datasets, transforms and mask generators.
+
+    ds = build_dataset("fashion_mnist", "data", train=True, transform=pretrain_transform(28))
+    mask = block_mask(grid=14, num_masked=75)           # BEiT block-wise, exactly 75 True
+    mask = random_mask(B, N, num_masked)                 # MAE: argsort of noise, (B, N) bool
+
+`MaskedImages` wraps a dataset for pre-training: every sample's augmentation and mask depend
+only on (seed, epoch, index), so a run gives the same batches on 1 or many GPUs, with any
+number of loader workers, and after a resume.
+"""
+import gzip
+import math
+import os
+import random
+from typing import Optional
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from torchvision import datasets
+from torchvision import tv_tensors
+from torchvision.transforms import v2 as T
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DATASETS = ("fashion_mnist", "imagefolder", "cifar10", "cifar100")
+FASHION_MNIST_DEBIAN = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist
+
+
+# -----------------------------------------------------------------------------
+# Transforms
+
+def pretrain_transform(img_size: int, crop_scale_min: float = 0.08, color_jitter: float = 0.4):
+    """DTM Table 12: colour jitter, random resized crop, flip; ImageNet mean/std."""
+    ops = [T.ToImage()]
+    if color_jitter > 0:
+        ops.append(T.ColorJitter(color_jitter, color_jitter, color_jitter))
+    ops += [T.RandomResizedCrop(img_size, scale=(crop_scale_min, 1.0), antialias=True),
+            T.RandomHorizontalFlip(),
+            T.ToDtype(torch.float32, scale=True),
+            T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    return T.Compose(ops)
+
+
+def eval_transform(img_size: int, crop_ratio: float = 0.875):
+    """Resize the short side to img_size / crop_ratio, centre crop (ImageNet: 256 -> 224)."""
+    resize = img_size if img_size < 64 else int(math.ceil(img_size / crop_ratio))
+    return T.Compose([T.ToImage(), T.Resize(resize, antialias=True), T.CenterCrop(img_size),
+                      T.ToDtype(torch.float32, scale=True), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def denormalize(x: torch.Tensor) -> torch.Tensor:
+    """Inverse of the ImageNet normalisation, for pictures: (B, 3, H, W) -> [0, 1]."""
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    return (x * std + mean).clamp(0, 1)
+
+
+# -----------------------------------------------------------------------------
+# Datasets
+
+class FashionMNIST(Dataset):
+    """Fashion-MNIST from its idx files, grey replicated to 3 channels; (uint8 (3, 28, 28), label).
+
+    Reads Debian's `dataset-fashion-mnist` files when present, else torchvision's download
+    into `root`.
+    """
+
+    def __init__(self, root: str, train: bool = True, transform=None, download: bool = True):
+        split = "train" if train else "t10k"
+        folder = FASHION_MNIST_DEBIAN
+        if not os.path.isfile(os.path.join(folder, f"{split}-images-idx3-ubyte.gz")):
+            folder = os.path.join(root, "FashionMNIST", "raw")
+            if not os.path.isfile(os.path.join(folder, f"{split}-images-idx3-ubyte.gz")):
+                if not download:
+                    raise FileNotFoundError(f"Fashion-MNIST not found in {FASHION_MNIST_DEBIAN} or {folder}: "
+                                            "apt-get install dataset-fashion-mnist, or allow the download")
+                datasets.FashionMNIST(root, train=train, download=True)
+        self.images = torch.from_numpy(_read_idx(os.path.join(folder, f"{split}-images-idx3-ubyte.gz")))
+        self.targets = torch.from_numpy(_read_idx(os.path.join(folder, f"{split}-labels-idx1-ubyte.gz"))).long()
+        self.transform = transform
+        self.classes = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                        "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        img = self.images[i].unsqueeze(0).expand(3, -1, -1)  # (3, 28, 28) uint8
+        img = tv_tensors.Image(img)
+        if self.transform is not None:
+            img = self.transform(img)
+        return plain(img), int(self.targets[i])
+
+
+def _read_idx(path: str) -> np.ndarray:
+    """The idx format: big-endian magic (dtype, ndim), dims, then the raw bytes."""
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    ndim = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims).copy()
+
+
+def build_dataset(name: str, root: str, train: bool, transform=None, subset: int = 0):
+    """One of DATASETS. `imagefolder` reads root/train and root/val (ImageNet layout)."""
+    if name == "fashion_mnist":
+        ds = FashionMNIST(root, train=train, transform=transform)
+    elif name == "imagefolder":
+        folder = os.path.join(root, "train" if train else "val")
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"image folder '{folder}' does not exist: data_path must hold "
+                                    "train/ and val/ with one sub-folder per class (ImageNet layout)")
+        ds = datasets.ImageFolder(folder, transform=transform)
+        if len(ds) == 0:
+            raise FileNotFoundError(f"image folder '{folder}' holds no images")
+    elif name in ("cifar10", "cifar100"):
+        cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
+        ds = cls(root, train=train, transform=transform, download=True)
+    else:
+        raise ValueError(f"unknown dataset '{name}': choose one of {DATASETS}")
+    if subset and subset < len(ds):
+        ds = torch.utils.data.Subset(ds, range(subset))
+    return ds
+
+
+# -----------------------------------------------------------------------------
+# Masks
+
+def block_mask(grid: int, num_masked: int, min_patches: int = 16, min_aspect: float = 0.3,
+               max_aspect: Optional[float] = None, rng: Optional[random.Random] = None) -> torch.Tensor:
+    """BEiT block-wise masking on a grid x grid patch map: (grid*grid,) bool, exactly num_masked True.
+
+    Rectangles of area U[min_patches, remaining] and aspect ratio log-uniform in
+    [min_aspect, 1/min_aspect] are placed at random; a rectangle is kept only if it does not
+    overshoot the count. When no rectangle of at least min_patches fits any more, smaller ones
+    (down to 1x1) finish the count exactly, so the mask is always a union of rectangles.
+    """
+    rng = rng or random
+    N = grid * grid
+    if not 0 <= num_masked <= N:
+        raise ValueError(f"num_masked must be in [0, {N}], got {num_masked}")
+    max_aspect = max_aspect or 1.0 / min_aspect
+    log_aspect = (math.log(min_aspect), math.log(max_aspect))
+    mask = torch.zeros(grid, grid, dtype=torch.bool)
+    count, lower, fails = 0, min(min_patches, num_masked), 0
+    while count < num_masked:
+        remaining = num_masked - count
+        lower = min(lower, remaining)
+        added = _place_block(mask, rng, rng.uniform(lower, remaining), log_aspect, remaining)
+        count += added
+        fails = 0 if added else fails + 1
+        if fails >= 10:  # BEiT stops here; we shrink the blocks to finish the exact count
+            lower, fails = max(1, lower // 2), 0
+    return mask.flatten()
+
+
+def _place_block(mask, rng, area, log_aspect, max_new) -> int:
+    grid = mask.shape[0]
+    for _ in range(10):
+        aspect = math.exp(rng.uniform(*log_aspect))
+        h = int(round(math.sqrt(area * aspect)))
+        w = int(round(math.sqrt(area / aspect)))
+        if 1 <= h <= grid and 1 <= w <= grid:
+            top, left = rng.randint(0, grid - h), rng.randint(0, grid - w)
+            new = h * w - int(mask[top:top + h, left:left + w].sum())
+            if 0 < new <= max_new:
+                mask[top:top + h, left:left + w] = True
+                return new
+    return 0
+
+
+def random_mask(batch: int, num_patches: int, num_masked: int, device=None,
+                generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """MAE random masking: argsort of uniform noise; (B, N) bool with exactly num_masked True."""
+    noise = torch.rand(batch, num_patches, device=device, generator=generator)
+    ranks = noise.argsort(dim=1).argsort(dim=1)  # rank of each patch's noise
+    return ranks < num_masked
+
+
+def num_masked_patches(num_patches: int, ratio: float) -> int:
+    """|M| = floor(r * N)."""
+    return int(math.floor(ratio * num_patches + 1e-9))
+
+
+# -----------------------------------------------------------------------------
+# Pre-training samples: (image, mask) with per-sample deterministic randomness
+
+class MaskedImages(Dataset):
+    """Wrap a dataset of (image, label) for pre-training -> (image, mask (N,) bool, label).
+
+    Each sample's random crop, flip, jitter and mask are drawn from generators seeded by
+    (seed, epoch, index): the batches do not depend on the number of processes or workers,
+    and a resumed run sees exactly what an uninterrupted one would have seen.
+    """
+
+    def __init__(self, dataset, grid: int, mask_ratio: float, mask: str = "block",
+                 min_patches: int = 16, seed: int = 0):
+        if mask not in ("block", "random"):
+            raise ValueError(f"mask must be 'block' or 'random', got '{mask}'")
+        self.dataset, self.grid, self.mask, self.seed = dataset, grid, mask, seed
+        self.num_masked = num_masked_patches(grid * grid, mask_ratio)
+        self.min_patches = min_patches
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        sample_seed = (self.seed * 1_000_003 + self.epoch) * 10_000_019 + i
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed)
+            img, label = self.dataset[i]
+            if self.mask == "block":
+                mask = block_mask(self.grid, self.num_masked, self.min_patches, rng=random.Random(sample_seed))
+            else:
+                mask = random_mask(1, self.grid * self.grid, self.num_masked)[0]
+        return plain(img), mask, label
+
+
+def plain(x):
+    """tv_tensors.Image -> torch.Tensor, so batches are ordinary tensors."""
+    return x.as_subclass(torch.Tensor) if isinstance(x, torch.Tensor) else x
