@@ -70,6 +70,11 @@ def make_config(cls, values: dict):
 def _check_type(key, value, kind):
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if kind is float and isinstance(value, str):  # YAML reads 1e-3 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if kind in (int, float, str, bool):
         if type(value) is not kind:
             raise ConfigError(f"config key '{key}' must be {kind.__name__}, got {value!r}")

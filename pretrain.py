@@ -116,7 +116,7 @@ def main(argv):
     print0(yaml.safe_dump(config_dict(cfg), sort_keys=False))
     print0(f"world size {dist.world}, micro-batch {micro_batch} per process, "
            f"{cfg.accum_steps} accumulation step(s), global batch {cfg.batch_size}")
-    torch.manual_seed(cfg.seed + dist.rank)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank (the EMA teacher copies them)
     os.makedirs(cfg.out_dir, exist_ok=True)
     ckpt_path = os.path.join(cfg.out_dir, "checkpoint.pth")
     log_path = os.path.join(cfg.out_dir, "log.jsonl")
@@ -170,6 +170,7 @@ def main(argv):
         print0(f"resumed from {ckpt_path} at epoch {start_epoch}, step {step}")
         del ckpt
 
+    torch.manual_seed(cfg.seed + dist.rank)  # from here on, per-rank randomness (drop path)
     model = student
     if cfg.compile:
         model = torch.compile(model)
