@@ -160,6 +160,20 @@ def split_batch(global_batch: int, world: int, accum_steps: int) -> int:
     return global_batch // (world * accum_steps)
 
 
+class ShardSampler(torch.utils.data.Sampler):
+    """Evaluation shards without padding: rank r takes indices r, r + world, ... so the counts
+    summed over ranks cover every sample exactly once (DistributedSampler would repeat some)."""
+
+    def __init__(self, size: int, rank: int, world: int):
+        self.indices = list(range(rank, size, world))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self):
+        return len(self.indices)
+
+
 # -----------------------------------------------------------------------------
 # Optimisation helpers
 

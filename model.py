@@ -370,7 +370,8 @@ def from_timm(state_dict: dict) -> dict:
     """timm `VisionTransformer` / MAE-format weights -> this project's names (inverse of to_timm
     for absolute positions). MAE checkpoints store them under 'model'."""
     sd = state_dict.get("model", state_dict)
-    return {k: v for k, v in sd.items() if not k.startswith(("decoder", "fc_norm"))}
+    # MAE's mask_token belongs to its decoder (decoder width); timm's ViT has none
+    return {k: v for k, v in sd.items() if not k.startswith(("decoder", "fc_norm", "mask_token"))}
 
 
 # -----------------------------------------------------------------------------
@@ -487,7 +488,7 @@ def resolve_clip_weights(model_name: str, pretrained: str) -> str:
     hub = cfg.get("hf_hub", "")
     if hub:
         from huggingface_hub import try_to_load_from_cache
-        repo, filename = os.path.split(hub.rstrip("/"))
+        repo, filename = os.path.split(hub)  # "org/repo/" -> default file names
         for name in (filename, "open_clip_model.safetensors", "open_clip_pytorch_model.bin"):
             if name:
                 path = try_to_load_from_cache(repo, name)

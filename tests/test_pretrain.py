@@ -88,3 +88,13 @@ def test_checkpoint_teacher_and_token_baselines(tiny_imagefolder, tmp_path):
         run([*TINY, f"data_path={tiny_imagefolder}", f"out_dir={out}", "epochs=1", f"loss={loss}",
              "teacher=checkpoint", f"teacher_pretrained={first}/encoder.pth", "distance=smooth_l1"])
         assert all(x == x for x in losses_of(out))
+
+
+@pytest.mark.parametrize("name", sorted(f for f in os.listdir(os.path.join(ROOT, "configs")) if f.endswith(".yaml")))
+def test_every_config_parses(name):
+    """Each shipped config has only known keys, right types and allowed values."""
+    sys.path.insert(0, ROOT)
+    from common import parse_config
+    import pretrain
+    cfg = parse_config(pretrain.Config, ["--config", os.path.join(ROOT, "configs", name)])
+    assert cfg.epochs >= 1

@@ -1,0 +1,352 @@
+"""End-to-end fine-tuning with the DTM paper's recipe (Table 13), and export to timm.
+
+    # Fashion-MNIST on a CPU, from the default pre-trained encoder (or init= for scratch)
+    python finetune.py --config configs/fmnist_finetune.yaml init=runs/fmnist_dtm/encoder.pth
+    # ImageNet-1k, ViT-B/16, 8 GPUs
+    torchrun --nproc_per_node=8 finetune.py --config configs/in1k_vit_base_finetune.yaml \
+        data_path=/data/imagenet init=runs/in1k_vit_base_dtm/encoder.pth
+
+The recipe: AdamW (0.9, 0.999), weight decay 0.05, lr = blr * batch / 256, warmup + cosine,
+layer-wise lr decay, drop path, label smoothing, Mixup/CutMix, RandAugment, random erasing, and
+relative position bias per block (a shared table from pre-training is copied into every block).
+The run directory keeps checkpoint.pth (auto-resume), best.pth, log.jsonl, and model_timm.pth:
+the fine-tuned model in timm's format with the arguments to build it.
+"""
+import contextlib
+import copy
+import math
+import os
+import time
+from dataclasses import dataclass, asdict
+
+import torch
+import torch.nn.functional as F
+import yaml
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, DistributedSampler
+from torchvision.transforms import v2 as T
+from tqdm import tqdm
+
+import data
+import model as M
+from common import (ConfigError, NonFiniteLoss, all_reduce_mean, all_reduce_sum, check_choice, config_dict,
+                    cosine_lr, load_checkpoint, log_json, parse_config, print0, run_main, save_atomic,
+                    setup_distributed, split_batch, ShardSampler)
+
+
+@dataclass
+class Config:
+    # data
+    dataset: str = "fashion_mnist"   # fashion_mnist | imagefolder | cifar10 | cifar100
+    data_path: str = "data"
+    subset: int = 0                  # use only the first `subset` training images (0 = all)
+    img_size: int = 28
+    num_workers: int = 2
+    # model: `init` is an encoder.pth of pretrain.py, a timm/MAE-format weights file, or "" (scratch)
+    init: str = ""
+    model: str = "vit_tiny"          # architecture when init is "" or a timm/MAE file
+    patch_size: int = 4
+    pos_embed: str = "learned"       # (scratch / timm file only; an encoder.pth keeps its own)
+    rel_pos_bias: bool = True        # Table 13: relative position bias per block
+    layer_scale: float = 0.1
+    drop_path: float = 0.1           # Table 13: 0.1 S/B, 0.2 L
+    # recipe (Table 13)
+    epochs: int = 100
+    warmup_epochs: int = 10
+    batch_size: int = 1024           # global batch
+    accum_steps: int = 1
+    blr: float = 5e-4                # lr = blr * batch_size / 256
+    min_lr: float = 1e-6
+    weight_decay: float = 0.05
+    layer_decay: float = 0.6         # 0.6 S/B, 0.8 L
+    label_smoothing: float = 0.1
+    mixup: float = 0.8               # Mixup alpha (0 = off)
+    cutmix: float = 1.0              # CutMix alpha (0 = off); one of the two is drawn per batch
+    randaug_ops: int = 2             # RandAugment 9/0.5: 2 ops of magnitude 9
+    randaug_magnitude: int = 9
+    reprob: float = 0.25             # random erasing probability
+    crop_scale_min: float = 0.08
+    model_ema: bool = False          # keep an EMA of the weights and evaluate it too
+    model_ema_decay: float = 0.9999
+    # run
+    out_dir: str = "runs/finetune"
+    log_every: int = 20
+    seed: int = 0
+    device: str = "auto"
+
+    def validate(self):
+        check_choice("dataset", self.dataset, data.DATASETS)
+        check_choice("model", self.model, M.VIT_SIZES)
+        check_choice("device", self.device, ("auto", "cpu", "cuda"))
+        if not 0 < self.layer_decay <= 1:
+            raise ConfigError(f"config key 'layer_decay' must be in (0, 1], got {self.layer_decay}")
+        if self.init and not os.path.isfile(self.init):
+            raise ConfigError(f"config key 'init': file '{self.init}' does not exist "
+                              "(an encoder.pth of pretrain.py, a timm/MAE weights file, or \"\" for scratch)")
+
+
+# -----------------------------------------------------------------------------
+# Building the model from an encoder file, a timm/MAE file, or from scratch
+
+def expand_shared_rel_pos(state: dict, depth: int) -> dict:
+    """Copy a shared relative-position table into every block (BEiT fine-tuning).
+
+    Biases add, so a block that had its own table gets own + shared: the features are unchanged.
+    """
+    key = "rel_pos_bias.relative_position_bias_table"
+    if key not in state:
+        return state
+    shared = state.pop(key)
+    for i in range(depth):
+        own = f"blocks.{i}.attn.relative_position_bias_table"
+        state[own] = state[own] + shared if own in state else shared.clone()
+    return state
+
+
+def build_model(cfg: Config, num_classes: int) -> M.ViT:
+    """The classifier: encoder weights (if any) + a new Linear head on [cls]."""
+    vit_cfg = dict(M.VIT_SIZES[cfg.model], img_size=cfg.img_size, patch_size=cfg.patch_size,
+                   pos_embed=cfg.pos_embed, rel_pos_bias=cfg.rel_pos_bias, layer_scale=cfg.layer_scale)
+    state = None
+    if cfg.init:
+        ckpt = torch.load(cfg.init, map_location="cpu", weights_only=True)
+        if "config" in ckpt and "model" in ckpt:        # an encoder of this project
+            vit_cfg = dict(ckpt["config"])
+            state = dict(ckpt["model"])
+            if vit_cfg.get("shared_rel_pos_bias"):
+                state = expand_shared_rel_pos(state, vit_cfg["depth"])
+                vit_cfg.update(shared_rel_pos_bias=False, rel_pos_bias=True)
+        else:                                           # timm / MAE format
+            state = M.from_timm(ckpt)
+    vit_cfg.update(num_classes=num_classes, drop_path=cfg.drop_path)
+    model = M.ViT(M.ViTConfig(**vit_cfg))
+    if state is not None:
+        fresh = model.state_dict()
+        state = {k: v for k, v in state.items() if not k.startswith("head.")}
+        new = [k for k in fresh if k not in state]      # head (and mask token for timm files)
+        state.update({k: fresh[k] for k in new})
+        model.load_state_dict(state, strict=True)
+        print0(f"loaded {cfg.init}; newly initialised: {new}")
+    torch.nn.init.trunc_normal_(model.head.weight, std=2e-5)  # MAE: a near-zero head at the start
+    torch.nn.init.zeros_(model.head.bias)
+    return model
+
+
+def layer_id(name: str, depth: int) -> int:
+    """Embeddings are layer 0, block i is layer i + 1, the final norm and head are depth + 1."""
+    if name.startswith(("cls_token", "mask_token", "pos_embed", "patch_embed", "rel_pos_bias")):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return depth + 1
+
+
+def layer_decay_groups(model: M.ViT, weight_decay: float, layer_decay: float):
+    """Parameter groups with lr_scale = layer_decay^(depth + 1 - layer_id) (BEiT/MAE)."""
+    depth = model.cfg.depth
+    groups = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        no_decay = p.ndim <= 1 or any(k in name for k in ("cls_token", "mask_token", "pos_embed",
+                                                          "relative_position_bias_table"))
+        lid = layer_id(name, depth)
+        key = (lid, no_decay)
+        if key not in groups:
+            groups[key] = {"params": [], "weight_decay": 0.0 if no_decay else weight_decay,
+                           "lr_scale": layer_decay ** (depth + 1 - lid)}
+        groups[key]["params"].append(p)
+    return list(groups.values())
+
+
+# -----------------------------------------------------------------------------
+# Data: RandAugment + random erasing per image; Mixup/CutMix per batch
+
+def train_transform(cfg: Config):
+    return T.Compose([T.ToImage(), T.RandomResizedCrop(cfg.img_size, scale=(cfg.crop_scale_min, 1.0), antialias=True),
+                      T.RandomHorizontalFlip(), T.RandAugment(cfg.randaug_ops, cfg.randaug_magnitude),
+                      T.ToDtype(torch.float32, scale=True), T.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD),
+                      T.RandomErasing(cfg.reprob, value=0)])
+
+
+def mix_batch(cfg: Config, num_classes: int):
+    """Mixup or CutMix (one drawn per batch), then label smoothing: soft targets (B, classes)."""
+    mixes = []
+    if cfg.mixup > 0:
+        mixes.append(T.MixUp(alpha=cfg.mixup, num_classes=num_classes))
+    if cfg.cutmix > 0:
+        mixes.append(T.CutMix(alpha=cfg.cutmix, num_classes=num_classes))
+    mix = T.RandomChoice(mixes) if mixes else None
+
+    def apply(img, labels):
+        if mix is not None:
+            img, target = mix(img, labels)
+        else:
+            target = F.one_hot(labels, num_classes).float()
+        eps = cfg.label_smoothing
+        return img, target * (1 - eps) + eps / num_classes
+    return apply
+
+
+def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """-sum_c t_c log softmax(z)_c, mean over the batch (t sums to 1 per sample)."""
+    return torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+
+
+@torch.no_grad()
+def evaluate(model, loader, device, num_classes):
+    """Top-1 / top-5 on every rank's shard, counts summed across ranks."""
+    model.eval()
+    counts = torch.zeros(3, device=device)  # correct@1, correct@5, total
+    k = min(5, num_classes)
+    for img, labels in loader:
+        img, labels = img.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = model(img)
+        top = logits.float().topk(k, dim=-1).indices                  # (B, k)
+        hit = top == labels.unsqueeze(-1)
+        counts += torch.stack([hit[:, 0].sum(), hit.any(-1).sum(), torch.tensor(len(labels), device=device)])
+    counts = all_reduce_sum(counts)
+    return {"top1": 100.0 * counts[0].item() / counts[2].item(), "top5": 100.0 * counts[1].item() / counts[2].item(),
+            "count": int(counts[2].item())}
+
+
+def export_timm(model: M.ViT) -> dict:
+    """The fine-tuned model in timm's format, with the arguments that build the timm model."""
+    c = model.cfg
+    args = dict(img_size=c.img_size, patch_size=c.patch_size, embed_dim=c.embed_dim, depth=c.depth,
+                num_heads=c.num_heads, num_classes=c.num_classes, global_pool="token",
+                init_values=c.layer_scale or None)
+    if c.rel_pos_bias or c.shared_rel_pos_bias:
+        arch = "Beit"
+        args.update(use_abs_pos_emb=c.pos_embed != "none", use_rel_pos_bias=c.rel_pos_bias,
+                    use_shared_rel_pos_bias=c.shared_rel_pos_bias)
+    else:
+        arch = "VisionTransformer"
+        if c.pos_embed == "none":
+            args.update(pos_embed="none")
+    return {"arch": arch, "args": args, "model": M.to_timm(model.state_dict())}
+
+
+# -----------------------------------------------------------------------------
+
+def main(argv):
+    cfg = parse_config(Config, argv)
+    dist = setup_distributed(cfg.device)
+    micro_batch = split_batch(cfg.batch_size, dist.world, cfg.accum_steps)
+    print0(yaml.safe_dump(config_dict(cfg), sort_keys=False))
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    ckpt_path = os.path.join(cfg.out_dir, "checkpoint.pth")
+    log_path = os.path.join(cfg.out_dir, "log.jsonl")
+
+    # data
+    train_set = data.build_dataset(cfg.dataset, cfg.data_path, train=True, subset=cfg.subset,
+                                   transform=train_transform(cfg))
+    val_set = data.build_dataset(cfg.dataset, cfg.data_path, train=False, transform=data.eval_transform(cfg.img_size))
+    num_classes = len(_classes(train_set))
+    sampler = DistributedSampler(train_set, num_replicas=dist.world, rank=dist.rank, shuffle=True,
+                                 seed=cfg.seed, drop_last=True)
+    loader = DataLoader(train_set, batch_size=micro_batch, sampler=sampler, num_workers=cfg.num_workers,
+                        pin_memory=dist.device.type == "cuda", drop_last=True)
+    val_loader = DataLoader(val_set, batch_size=micro_batch, sampler=ShardSampler(len(val_set), dist.rank, dist.world),
+                            num_workers=cfg.num_workers)
+    steps_per_epoch = len(loader) // cfg.accum_steps
+    if steps_per_epoch == 0:
+        raise ConfigError(f"{len(train_set)} training images are fewer than one global batch ({cfg.batch_size})")
+    mix = mix_batch(cfg, num_classes)
+
+    # model, optimizer
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, num_classes).to(dist.device)
+    ema = copy.deepcopy(model).eval().requires_grad_(False) if cfg.model_ema else None
+    lr = cfg.blr * cfg.batch_size / 256
+    groups = layer_decay_groups(model, cfg.weight_decay, cfg.layer_decay)
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), fused=dist.device.type == "cuda")
+    print0(f"{len(train_set)} training / {len(val_set)} validation images, {num_classes} classes, "
+           f"lr {lr:.2e}, {steps_per_epoch} steps per epoch")
+
+    start_epoch, step, best = 0, 0, 0.0
+    if os.path.isfile(ckpt_path):
+        ckpt = load_checkpoint(ckpt_path)
+        model.load_state_dict(ckpt["model"], strict=True)
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if ema is not None and "ema" in ckpt:
+            ema.load_state_dict(ckpt["ema"], strict=True)
+        start_epoch, step, best = ckpt["epoch"], ckpt["step"], ckpt["best"]
+        print0(f"resumed from {ckpt_path} at epoch {start_epoch}")
+
+    torch.manual_seed(cfg.seed + dist.rank)
+    net = DDP(model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None) if dist.world > 1 else model
+    total_steps, warmup_steps = cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dist.device.type == "cuda")
+
+    for epoch in range(start_epoch, cfg.epochs):
+        torch.manual_seed(cfg.seed * 1000 + epoch * 10 + dist.rank)  # augmentation and mixing of this epoch
+        sampler.set_epoch(epoch)
+        net.train()
+        loss_sum, seen, t0 = torch.zeros((), device=dist.device), 0, time.time()
+        it = iter(loader)
+        for _ in tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not dist.main,
+                      dynamic_ncols=True):
+            lr_now = cosine_lr(step, total_steps, warmup_steps, lr, cfg.min_lr)
+            for g in optimizer.param_groups:
+                g["lr"] = lr_now * g["lr_scale"]
+            for micro in range(cfg.accum_steps):
+                img, labels = next(it)
+                img, target = mix(img, labels)
+                img, target = img.to(dist.device, non_blocking=True), target.to(dist.device, non_blocking=True)
+                sync = micro == cfg.accum_steps - 1 or dist.world == 1
+                with autocast, (contextlib.nullcontext() if sync else net.no_sync()):
+                    loss = soft_cross_entropy(net(img), target)
+                    (loss / cfg.accum_steps).backward()
+                loss_sum += loss.detach()
+                seen += 1
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                with torch.no_grad():
+                    for pe, pm in zip(ema.parameters(), model.parameters()):
+                        pe.lerp_(pm, 1 - cfg.model_ema_decay)
+            step += 1
+            if step % cfg.log_every == 0:
+                mean_loss = all_reduce_mean(loss_sum / seen).item()
+                if not math.isfinite(mean_loss):
+                    raise NonFiniteLoss(f"loss is {mean_loss} at step {step}; the last good checkpoint is {ckpt_path}")
+                if dist.main:
+                    log_json(log_path, {"epoch": epoch + 1, "step": step, "loss": mean_loss, "lr": lr_now,
+                                        "img_per_s": seen * micro_batch * dist.world / (time.time() - t0)})
+                loss_sum.zero_()
+                seen, t0 = 0, time.time()
+
+        # evaluation on every rank's shard, then checkpoints
+        stats = evaluate(model, val_loader, dist.device, num_classes)
+        record = {"epoch": epoch + 1, "step": step, **{f"val_{k}": v for k, v in stats.items()}}
+        if ema is not None:
+            record.update({f"ema_{k}": v for k, v in evaluate(ema, val_loader, dist.device, num_classes).items()})
+        print0(f"epoch {epoch + 1}: top-1 {stats['top1']:.2f}  top-5 {stats['top5']:.2f}"
+               + (f"  (EMA top-1 {record['ema_top1']:.2f})" if ema is not None else ""))
+        if dist.main:
+            log_json(log_path, record)
+            is_best = stats["top1"] > best
+            best = max(best, stats["top1"])
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
+                     "step": step, "best": best, "config": config_dict(cfg), "vit_config": asdict(model.cfg)}
+            if ema is not None:
+                state["ema"] = ema.state_dict()
+            save_atomic(state, ckpt_path)
+            if is_best:
+                save_atomic({"config": asdict(model.cfg), "model": model.state_dict(), "top1": best},
+                            os.path.join(cfg.out_dir, "best.pth"))
+    if dist.main:
+        save_atomic(export_timm(ema if ema is not None else model), os.path.join(cfg.out_dir, "model_timm.pth"))
+        print0(f"best top-1 {best:.2f}; timm export in {cfg.out_dir}/model_timm.pth")
+
+
+def _classes(ds):
+    while isinstance(ds, torch.utils.data.Subset):
+        ds = ds.dataset
+    return ds.classes
+
+
+if __name__ == "__main__":
+    run_main(main)

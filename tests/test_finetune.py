@@ -1,0 +1,108 @@
+"""Fine-tuning: layer-wise decay, Mixup/CutMix targets, shared rel-pos expansion, timm export."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+import finetune
+import model as M
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_layer_decay_scales():
+    vit = M.build_vit("vit_micro", img_size=16, patch_size=4, num_classes=3, rel_pos_bias=True,
+                      shared_rel_pos_bias=True)
+    depth, decay = vit.cfg.depth, 0.6
+    groups = finetune.layer_decay_groups(vit, 0.05, decay)
+    scale_of = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
+    expected_layer = {"cls_token": 0, "pos_embed": 0, "patch_embed.proj.weight": 0,
+                      "rel_pos_bias.relative_position_bias_table": 0,
+                      "blocks.0.attn.qkv.weight": 1, "blocks.1.mlp.fc2.bias": 2,
+                      "blocks.1.attn.relative_position_bias_table": 2, "norm.weight": depth + 1, "head.weight": depth + 1}
+    params = dict(vit.named_parameters())
+    for name, lid in expected_layer.items():
+        assert scale_of[id(params[name])] == pytest.approx(decay ** (depth + 1 - lid)), name
+    assert len(scale_of) == len(params)  # every parameter is in exactly one group
+    wd = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    assert wd[id(params["blocks.0.attn.qkv.weight"])] == 0.05
+    assert wd[id(params["blocks.0.attn.qkv.bias"])] == 0.0 and wd[id(params["cls_token"])] == 0.0
+
+
+def test_mixup_cutmix_targets_and_soft_cross_entropy():
+    torch.manual_seed(0)
+    cfg = finetune.Config(label_smoothing=0.1)
+    mix = finetune.mix_batch(cfg, num_classes=5)
+    img, labels = torch.randn(16, 3, 8, 8), torch.randint(0, 5, (16,))
+    for _ in range(10):  # both Mixup and CutMix get drawn
+        out, target = mix(img, labels)
+        assert out.shape == img.shape and target.shape == (16, 5)
+        assert torch.allclose(target.sum(-1), torch.ones(16), atol=1e-6)
+        assert (target >= 0.1 / 5 - 1e-6).all()  # smoothing puts eps/K on every class
+    logits = torch.randn(16, 5)
+    assert finetune.soft_cross_entropy(logits, target) == pytest.approx(F.cross_entropy(logits, target).item(), rel=1e-5)
+    # with no mixing and no smoothing it is ordinary cross entropy
+    plain = finetune.mix_batch(finetune.Config(mixup=0, cutmix=0, label_smoothing=0), 5)
+    _, t = plain(img, labels)
+    assert finetune.soft_cross_entropy(logits, t) == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-5)
+
+
+def _randomise(model):
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "relative_position_bias_table" in name or name.endswith(("bias", "gamma")):
+                p.normal_(0, 0.5)
+
+
+def test_shared_rel_pos_checkpoint_loads_into_per_block_model(tmp_path):
+    torch.manual_seed(0)
+    enc = M.build_vit("vit_micro", img_size=16, patch_size=4, pos_embed="none", rel_pos_bias=True,
+                      shared_rel_pos_bias=True, layer_scale=0.1).eval()
+    _randomise(enc)
+    path = tmp_path / "encoder.pth"
+    torch.save(M.encoder_state(enc), path)
+    cfg = finetune.Config(init=str(path), drop_path=0.0)
+    clf = finetune.build_model(cfg, num_classes=4).eval()
+    assert clf.rel_pos_bias is None and clf.cfg.rel_pos_bias and not clf.cfg.shared_rel_pos_bias
+    clf.head = None  # compare the features
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.allclose(enc(x), clf(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("rel", [False, True])
+def test_export_to_timm_gives_same_logits(rel):
+    torch.manual_seed(0)
+    kw = dict(pos_embed="none", rel_pos_bias=True) if rel else {}
+    vit = M.build_vit("vit_micro", img_size=16, patch_size=4, num_classes=3, layer_scale=0.1, **kw).eval()
+    _randomise(vit)
+    with torch.no_grad():
+        vit.head.weight.normal_()
+    exported = finetune.export_timm(vit)
+    cls = getattr(timm.models, "beit" if rel else "vision_transformer")
+    t = getattr(cls, exported["arch"])(**exported["args"]).eval()
+    t.load_state_dict(exported["model"], strict=True)
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.allclose(vit(x), t(x), atol=1e-5)
+
+
+def test_a_few_steps_drive_the_loss_down(tiny_imagefolder, tmp_path):
+    out = tmp_path / "ft"
+    args = ["dataset=imagefolder", f"data_path={tiny_imagefolder}", "model=vit_micro", "img_size=16",
+            "patch_size=4", "init=", "epochs=6", "warmup_epochs=1", "batch_size=8", "blr=0.05", "mixup=0",
+            "cutmix=0", "randaug_ops=0", "reprob=0", "label_smoothing=0", "drop_path=0", "crop_scale_min=1.0",
+            "num_workers=0", "log_every=4", "layer_decay=1.0", f"out_dir={out}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "finetune.py", *args], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    records = [json.loads(line) for line in open(out / "log.jsonl")]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert len(losses) == 6 and losses[-1] < 0.8 * losses[0], losses
+    evals = [r for r in records if "val_top1" in r]
+    assert len(evals) == 6 and evals[-1]["val_count"] == 8
+    assert os.path.isfile(out / "best.pth") and os.path.isfile(out / "model_timm.pth")
