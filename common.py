@@ -6,7 +6,9 @@ import dataclasses
 import difflib
 import json
 import math
+import itertools
 import os
+import signal
 import sys
 import typing
 from datetime import timedelta
@@ -243,3 +245,48 @@ def run_main(main):
 
 class NonFiniteLoss(RuntimeError):
     pass
+
+
+# -----------------------------------------------------------------------------
+# Preemption: SIGTERM (SLURM, torchrun) and SIGINT (Ctrl-C) ask for a checkpoint and a clean exit
+
+class StopRequest:
+    """Catch SIGTERM/SIGINT; the loop asks `should_stop()` at step boundaries, saves, exits.
+
+    All ranks must stop at the same step, so the flag is reduced across ranks (max) when asked.
+    """
+
+    def __init__(self):
+        self.flag = False
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame):
+        if self.flag:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.flag = True
+        print(f"signal {signal.Signals(signum).name}: saving a checkpoint at the next step boundary", flush=True)
+
+    def should_stop(self, device) -> bool:
+        flag = torch.tensor(float(self.flag), device=device)
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+class SkipSampler(torch.utils.data.Sampler):
+    """Wrap a (distributed) sampler and skip its first `skip` indices in the current epoch:
+    resuming mid-epoch continues with exactly the samples an uninterrupted run would see."""
+
+    def __init__(self, sampler):
+        self.sampler, self.skip = sampler, 0
+
+    def set_epoch(self, epoch: int, skip: int = 0):
+        self.sampler.set_epoch(epoch)
+        self.skip = skip
+
+    def __iter__(self):
+        return itertools.islice(iter(self.sampler), self.skip, None)
+
+    def __len__(self):
+        return len(self.sampler) - self.skip
