@@ -183,3 +183,149 @@ def dtm_loss(u: torch.Tensor, v: torch.Tensor, levels: Sequence[Tuple[int, int]]
         assign = dtm_assignment(v.detach(), num_morphed, num_iters)
         loss = loss + morphed_distance(u, v, assign, num_morphed, kind)
     return loss
+
+
+# -----------------------------------------------------------------------------
+# Patch-aggregation heads (Beyond [cls])
+#
+# A frozen backbone gives tokens (B, 1+N, D), [cls] first. A probe head pools them to one vector
+# and classifies it with BatchNorm1d(D, affine=False) + Linear, MAE's linear probe:
+#     heads = ProbeHeads(["cls", "mean", "abmilp"], dim=D, num_classes=C)
+#     logits = heads(tokens)                          # {"cls": (B, C), "mean": (B, C), "abmilp": ...}
+#     z, a = AbMILP(D)(tokens[:, 1:])                 # pooled (B, D), attention over patches (B, N)
+#     votes = knn_votes(bank, bank_labels, feats, C)  # DINO's weighted k-NN, (B, C)
+#     top1, top5 = topk_correct(logits, labels)       # (B,) bool each
+
+import torch.nn as nn  # noqa: E402  (this section's own imports)
+
+from model import Attention, sincos_pos_embed  # noqa: E402
+
+POOLS = ("cls", "mean", "abmilp")  # what a probe head reads: [cls], mean of patches, AbMILP of patches
+ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "gelu": nn.GELU}
+SELF_ATTN = ("none", "map", "both")
+
+
+class AbMILP(nn.Module):
+    """Attention-based MIL pooling (Ilse et al., 2018) of the patch tokens, as in Beyond [cls].
+
+    a = softmax_i(s(x_i)), z = sum_i a_i x_i over the N patch tokens (no [cls]). The scorer s is
+    w^T x + b (depth 1, the headline setting) or Linear-act-...-Linear (depth > 1). Options of
+    the authors' code:
+      self_attn='map'   a 1-head self-attention runs first; its output is scored, x is pooled
+      self_attn='both'  its output is both scored and pooled
+      pos_embed=True    the fixed 2-D sin-cos table is added to the scorer's input (needs `grid`)
+    """
+
+    def __init__(self, dim: int, *, depth: int = 1, activation: str = "tanh", self_attn: str = "none",
+                 pos_embed: bool = False, grid: Optional[int] = None):
+        super().__init__()
+        if self_attn not in SELF_ATTN:
+            raise ValueError(f"AbMILP self_attn must be one of {SELF_ATTN}, got '{self_attn}'")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"AbMILP activation must be one of {sorted(ACTIVATIONS)}, got '{activation}'")
+        if depth < 1:
+            raise ValueError(f"AbMILP depth must be >= 1, got {depth}")
+        if pos_embed and grid is None:
+            raise ValueError("AbMILP(pos_embed=True) needs the patch grid side `grid`")
+        self.self_attn_mode = self_attn
+        self.self_attn = Attention(dim, num_heads=1, qkv_bias=True, grid=None) if self_attn != "none" else None
+        if pos_embed:  # a fixed table, so a buffer: it travels with the state_dict
+            self.register_buffer("pos_embed", sincos_pos_embed(dim, grid)[1:])  # (N, D), no [cls] row
+        else:
+            self.pos_embed = None
+        layers = []
+        for _ in range(depth - 1):
+            layers += [nn.Linear(dim, dim), ACTIVATIONS[activation]()]
+        self.scorer = nn.Sequential(*layers, nn.Linear(dim, 1))  # s: R^D -> R
+
+    def forward(self, x: torch.Tensor):
+        """x: patch tokens (B, N, D) -> pooled z (B, D), attention a (B, N) summing to 1."""
+        h = self.self_attn(x)[0] if self.self_attn is not None else x  # (B, N, D)
+        scored = h if self.self_attn_mode in ("map", "both") else x
+        if self.pos_embed is not None:
+            scored = scored + self.pos_embed.to(scored.dtype)
+        a = self.scorer(scored).squeeze(-1).softmax(dim=-1)          # (B, N)
+        values = h if self.self_attn_mode == "both" else x
+        z = (a.unsqueeze(-1) * values).sum(dim=1)                     # (B, D)
+        return z, a
+
+
+def pool_tokens(tokens: torch.Tensor, pool: str, abmilp: Optional[AbMILP] = None) -> torch.Tensor:
+    """(B, 1+N, D) with [cls] first -> (B, D): the [cls] token, the patch mean, or AbMILP of patches."""
+    if pool == "cls":
+        return tokens[:, 0]
+    if pool == "mean":
+        return tokens[:, 1:].mean(dim=1)
+    if pool == "abmilp":
+        return abmilp(tokens[:, 1:])[0]
+    raise ValueError(f"unknown pooling '{pool}': choose one of {POOLS}")
+
+
+class ProbeHead(nn.Module):
+    """pool -> BatchNorm1d(D, affine=False) -> Linear(D, C): MAE's linear probe on a pooled token.
+
+    The BN without affine standardises each feature (un-normalised ViT features sit near chance
+    without it) and folds into the Linear at test time, so the probe stays linear in the pooled
+    vector. Linear init as MAE: weights N(0, 0.01) truncated, bias 0.
+    """
+
+    def __init__(self, pool: str, dim: int, num_classes: int, **abmilp):
+        super().__init__()
+        if pool not in POOLS:
+            raise ValueError(f"unknown pooling '{pool}': choose one of {POOLS}")
+        self.pool = pool
+        self.abmilp = AbMILP(dim, **abmilp) if pool == "abmilp" else None
+        self.bn = nn.BatchNorm1d(dim, affine=False, eps=1e-6)
+        self.fc = nn.Linear(dim, num_classes)
+        nn.init.trunc_normal_(self.fc.weight, std=0.01)
+        nn.init.zeros_(self.fc.bias)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # (B, 1+N, D) -> logits (B, C)
+        return self.fc(self.bn(pool_tokens(tokens, self.pool, self.abmilp)))
+
+
+class ProbeHeads(nn.ModuleDict):
+    """Several heads on the same tokens, trained together in one pass: {pool: ProbeHead}."""
+
+    def __init__(self, pools: Sequence[str], dim: int, num_classes: int, **abmilp):
+        super().__init__({p: ProbeHead(p, dim, num_classes, **abmilp) for p in pools})
+
+    def forward(self, tokens: torch.Tensor) -> dict:
+        return {name: head(tokens) for name, head in self.items()}
+
+
+def probe_loss(logits: dict, labels: torch.Tensor) -> Tuple[torch.Tensor, dict]:
+    """Sum of the heads' cross-entropies (their parameters are disjoint, so each head gets exactly
+    its own gradient), and the detached per-head values for the log."""
+    each = {name: F.cross_entropy(out.float(), labels) for name, out in logits.items()}
+    return sum(each.values()), {name: v.detach() for name, v in each.items()}
+
+
+@torch.no_grad()
+def knn_votes(bank: torch.Tensor, bank_labels: torch.Tensor, feats: torch.Tensor, num_classes: int,
+              k: int = 20, temperature: float = 0.07, chunk: int = 1024) -> torch.Tensor:
+    """DINO's weighted k-NN: each of the k training features most cosine-similar to a test feature
+    votes for its class with weight exp(sim / T). bank (M, D), bank_labels (M,), feats (B, D) ->
+    votes (B, C). Test rows go in chunks, so memory is chunk x M similarities, never B x M."""
+    bank = F.normalize(bank.float(), dim=1)
+    k = min(k, bank.shape[0])
+    out = []
+    for f in F.normalize(feats.float(), dim=1).split(chunk):
+        sim, idx = (f @ bank.T).topk(k, dim=1)                       # (b, k)
+        w = (sim / temperature).exp()
+        votes = f.new_zeros(f.shape[0], num_classes).scatter_add_(1, bank_labels[idx], w)
+        out.append(votes)                                            # (b, C)
+    return torch.cat(out)
+
+
+def topk_correct(scores: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 5)) -> List[torch.Tensor]:
+    """Per image, is the label among the k best scores? scores (B, C), labels (B,) -> [(B,) bool].
+
+    k is clipped to C (top-5 with 3 classes is top-3). A score of -inf is no guess: pass k-NN
+    votes as votes.log(), so a class no neighbour voted for never counts (DINO's top-5 counts
+    such classes when fewer than 5 classes got votes, e.g. whenever k < 5).
+    """
+    kmax = min(max(ks), scores.shape[1])
+    vals, idx = scores.float().topk(kmax, dim=1)                    # (B, kmax)
+    hit = (idx == labels.unsqueeze(1)) & torch.isfinite(vals)
+    return [hit[:, :min(k, kmax)].any(dim=1) for k in ks]

@@ -1,0 +1,582 @@
+"""Frozen-backbone evaluation beyond [cls]: [cls], patch-mean and AbMILP probes, and k-NN.
+
+    # the default: the Fashion-MNIST encoder of `pretrain.py --config configs/fmnist_dtm.yaml`, CPU, minutes
+    python probe.py --config configs/fmnist_probe.yaml
+    # MAE's ViT-B/16 weights from a local file, MAE's ImageNet protocol, one node with 8 GPUs
+    torchrun --nproc_per_node=8 probe.py backbone=mae_pretrain_vit_base.pth backbone_format=timm \
+        model=vit_base patch_size=16 img_size=224 dataset=imagefolder data_path=/data/imagenet
+    # only evaluate heads trained before (k-NN is always recomputed)
+    python probe.py --config configs/fmnist_probe.yaml eval_only=true
+
+MIM models keep their knowledge in the patch tokens (Beyond [cls]): a probe that aggregates the
+frozen patch tokens selectively (AbMILP) beats a linear probe on [cls]. Every head is
+pool -> BatchNorm1d(D, affine=False) -> Linear(D, C) on the same frozen tokens (losses.ProbeHeads);
+all heads train together in one pass over the data. Features are the output of block `block`
+before the final LayerNorm (the authors' choice), or after it with final_norm=true.
+
+Two paths, the log says which one ran:
+  cached    - the frozen tokens of the train and val sets are extracted once (eval transform) and
+              the heads train on the cache: minutes for small data sets, but no augmentation;
+  streaming - the backbone runs every step on RandomResizedCrop + flip views (MAE's protocol).
+The run directory gets log.jsonl, checkpoint.pth (resumed automatically), heads.pth (the trained
+heads, for eval_only and experiments/attention_analysis.py) and results.json (head -> accuracy,
+with every protocol choice).
+"""
+import argparse
+import contextlib
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from typing import List, NamedTuple
+
+import torch
+import torch.distributed as tdist
+import yaml
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torchvision.transforms import v2 as T
+
+import data
+import losses
+import model as M
+from common import (ConfigError, NonFiniteLoss, all_reduce_mean, all_reduce_sum, check_choice, config_dict,
+                    cosine_lr, load_checkpoint, log_json, parse_config, print0, run_main, save_atomic,
+                    setup_distributed, split_batch)
+
+
+@dataclass
+class Config:
+    # backbone (frozen, eval mode, no grad)
+    backbone: str = "runs/fmnist_dtm/encoder.pth"  # encoder.pth of pretrain.py, or a timm / MAE weights file
+    backbone_format: str = "project"   # project (model.load_encoder) | timm (timm ViT or MAE checkpoint)
+    model: str = "vit_base"            # timm format only: the architecture, with patch_size, img_size, layer_scale
+    patch_size: int = 16               # timm format only
+    layer_scale: float = 0.0           # timm format only: > 0 if the weights have ls1/ls2 gammas
+    img_size: int = 0                  # input side; 0 = the encoder's own (project) or 224 (timm)
+    block: int = -1                    # features = output of this block (0-based, -1 = last), as the authors
+    final_norm: bool = False           # also apply the backbone's final LayerNorm (the authors: no)
+    # data
+    dataset: str = "fashion_mnist"     # fashion_mnist | imagefolder | cifar10 | cifar100
+    data_path: str = "data"            # imagefolder: root with train/ and val/; others: download dir
+    subset: int = 0                    # use only the first `subset` training images (0 = all)
+    val_subset: int = 0                # use only the first `val_subset` validation images (0 = all)
+    crop_scale_min: float = 0.08       # streaming path: RandomResizedCrop scale lower bound (MAE linprobe)
+    num_workers: int = 2               # loader processes per process
+    # heads: pool -> BatchNorm1d(affine=False) -> Linear
+    heads: List[str] = field(default_factory=lambda: ["cls", "mean", "abmilp"])  # cls | mean | abmilp
+    abmilp_depth: int = 1              # scorer layers: 1 = w^T x + b (the headline setting)
+    abmilp_activation: str = "tanh"    # tanh | relu | gelu between scorer layers (depth > 1)
+    abmilp_self_attn: str = "none"     # none | map (score a 1-head self-attention's output) | both (and pool it)
+    abmilp_pos_embed: bool = False     # add the fixed sin-cos position table to the scorer input
+    knn: List[str] = field(default_factory=lambda: ["cls", "mean"])  # features for k-NN: cls | mean ([] = off)
+    knn_k: int = 20                    # DINO: k = 20
+    knn_temperature: float = 0.07      # DINO: votes weighted by exp(cos / 0.07)
+    # optimisation (MAE's linear probe: LARS, blr 0.1, no weight decay, 10 + 80 epochs)
+    optimizer: str = "lars"            # lars | sgd (both momentum 0.9)
+    epochs: int = 90
+    warmup_epochs: int = 10
+    batch_size: int = 16384            # global batch over all processes and accumulation steps
+    accum_steps: int = 1               # gradient accumulation micro-steps per optimizer step
+    blr: float = 0.1                   # lr = blr * batch_size / 256
+    min_lr: float = 0.0
+    weight_decay: float = 0.0          # MAE linprobe: none
+    # path
+    cache: str = "auto"                # auto | always | never: train the heads on frozen tokens extracted once
+    cache_max_gb: float = 4.0          # auto: cache when the train + val tokens take at most this much memory
+    # run
+    out_dir: str = "runs/probe"
+    eval_only: bool = False            # no training: load heads_path and evaluate
+    heads_path: str = ""               # eval_only: trained heads ('' = out_dir/heads.pth)
+    eval_every: int = 10               # epochs between evaluations (and always after the last)
+    log_every: int = 50                # optimizer steps between log lines (metrics reduced then)
+    seed: int = 0
+    device: str = "auto"               # auto | cpu | cuda
+
+    def validate(self):
+        check_choice("backbone_format", self.backbone_format, ("project", "timm"))
+        check_choice("model", self.model, M.VIT_SIZES)
+        check_choice("dataset", self.dataset, data.DATASETS)
+        for name in self.heads:
+            check_choice("heads", name, losses.POOLS)
+        for name in self.knn:
+            check_choice("knn", name, ("cls", "mean"))  # k-NN needs no training, so no AbMILP
+        if len(set(self.heads)) < len(self.heads) or len(set(self.knn)) < len(self.knn):
+            raise ConfigError(f"config keys 'heads' and 'knn' must not repeat a name, got {self.heads}, {self.knn}")
+        if not self.heads and not self.knn:
+            raise ConfigError("nothing to evaluate: give at least one of 'heads' or 'knn'")
+        check_choice("abmilp_activation", self.abmilp_activation, sorted(losses.ACTIVATIONS))
+        check_choice("abmilp_self_attn", self.abmilp_self_attn, losses.SELF_ATTN)
+        check_choice("optimizer", self.optimizer, ("lars", "sgd"))
+        check_choice("cache", self.cache, ("auto", "always", "never"))
+        check_choice("device", self.device, ("auto", "cpu", "cuda"))
+        for key in ("epochs", "batch_size", "accum_steps", "abmilp_depth", "knn_k", "eval_every", "log_every"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"config key '{key}' must be >= 1, got {getattr(self, key)}")
+        if self.knn_temperature <= 0:
+            raise ConfigError(f"config key 'knn_temperature' must be > 0, got {self.knn_temperature}")
+
+
+# -----------------------------------------------------------------------------
+# The frozen backbone
+
+def load_backbone(cfg: Config) -> M.ViT:
+    """The ViT named by cfg.backbone, strictly loaded, in eval mode with requires_grad off."""
+    if not os.path.isfile(cfg.backbone):
+        raise FileNotFoundError(f"backbone file '{cfg.backbone}' does not exist: give the encoder.pth that "
+                                "pretrain.py wrote, or a timm / MAE weights file with backbone_format=timm")
+    if cfg.backbone_format == "project":
+        try:
+            vit = M.load_encoder(cfg.backbone)
+        except ValueError as e:
+            raise ConfigError(f"{e}; for timm or MAE weights set backbone_format=timm") from e
+        if cfg.img_size and cfg.img_size != vit.cfg.img_size:
+            raise ConfigError(f"img_size={cfg.img_size} but the encoder was trained at {vit.cfg.img_size} and "
+                              "position embeddings are not resized here: set img_size=0")
+    else:
+        vit = M.build_vit(cfg.model, img_size=cfg.img_size or 224, patch_size=cfg.patch_size,
+                          layer_scale=cfg.layer_scale)
+        load_timm_weights(vit, cfg.backbone)
+    return vit.eval().requires_grad_(False)
+
+
+def load_timm_weights(vit: M.ViT, path: str):
+    """timm ViT or MAE checkpoint -> vit. Every key and shape must match; dropped explicitly are only
+    what a probe never uses: MAE's decoder and its mask token, fc_norm (model.from_timm), a head."""
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        raw = load_file(path)
+    else:  # MAE's training checkpoints also hold their argparse.Namespace
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            raw = torch.load(path, map_location="cpu", weights_only=True)
+    sd = {k: v for k, v in M.from_timm(raw).items() if not k.startswith("head.")}
+    own = vit.state_dict()
+    if "mask_token" not in sd or sd["mask_token"].shape != own["mask_token"].shape:
+        sd["mask_token"] = own["mask_token"]  # MAE's mask token is its decoder's; a probe never masks
+    missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
+    wrong = [k for k in own if k in sd and sd[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        c = vit.cfg
+        raise ConfigError(f"'{path}' does not fit model={c.depth}x{c.embed_dim}d img_size={c.img_size} "
+                          f"patch_size={c.patch_size} layer_scale={c.layer_scale}: missing {missing[:3]}, "
+                          f"unexpected {unexpected[:3]}, wrong shape {wrong[:3]}; set the checkpoint's architecture")
+    vit.load_state_dict(sd, strict=True)
+
+
+def frozen_tokens(vit: M.ViT, images: torch.Tensor, block: int = -1, final_norm: bool = False) -> torch.Tensor:
+    """Images (B, C, H, W) -> tokens (B, 1+N, D), [cls] first: the output of block `block`,
+    before the final LayerNorm unless final_norm. Blocks after `block` are not run."""
+    x = vit.embed(images)                                            # (B, 1+N, D)
+    shared_bias = vit.rel_pos_bias() if vit.rel_pos_bias is not None else None
+    for blk in vit.blocks[: block % len(vit.blocks) + 1]:
+        x = blk(x, shared_bias)
+    return vit.norm(x) if final_norm else x
+
+
+@torch.no_grad()
+def backbone_tokens(vit: M.ViT, images: torch.Tensor, cfg: Config) -> torch.Tensor:
+    """frozen_tokens without grad, in bf16 on CUDA; fp32 out. (B, C, H, W) -> (B, 1+N, D)."""
+    assert not vit.training, "the backbone must stay in eval mode"
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=images.is_cuda):
+        return frozen_tokens(vit, images, cfg.block, cfg.final_norm).float()
+
+
+# -----------------------------------------------------------------------------
+# Data: shards, padding, frozen-token caches
+
+def train_transform(img_size: int, crop_scale_min: float):
+    """MAE's linear probe: RandomResizedCrop + flip, no colour jitter; ImageNet mean/std."""
+    return T.Compose([T.ToImage(), T.RandomResizedCrop(img_size, scale=(crop_scale_min, 1.0), antialias=True),
+                      T.RandomHorizontalFlip(), T.ToDtype(torch.float32, scale=True),
+                      T.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)])
+
+
+def num_classes_of(ds) -> int:
+    while isinstance(ds, Subset):
+        ds = ds.dataset
+    return len(ds.classes)
+
+
+def shard_valid(num_items: int, world: int, rank: int) -> torch.Tensor:
+    """DistributedSampler(shuffle=False) gives rank r the items r, r + W, r + 2W, ... and pads every
+    shard to ceil(n / W) by repeating the first items. (ceil(n / W),) bool: True = a real item."""
+    return rank + torch.arange(math.ceil(num_items / world)) * world < num_items
+
+
+def eval_loader(ds, batch: int, world: int, rank: int, cfg: Config, device) -> DataLoader:
+    sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=False, drop_last=False)
+    return DataLoader(ds, batch_size=batch, sampler=sampler, num_workers=cfg.num_workers,
+                      pin_memory=device.type == "cuda")
+
+
+class Shard(NamedTuple):
+    """One rank's share of a data set as frozen features: (M, ...) features, (M,) labels, (M,) valid."""
+    feats: torch.Tensor
+    labels: torch.Tensor
+    valid: torch.Tensor
+
+
+def extract(vit, loader, valid, cfg, device, keep=None) -> Shard:
+    """Run the frozen backbone once over a loader (no shuffling); keep(tokens) picks what to store."""
+    feats, labels = [], []
+    for img, y in loader:
+        tokens = backbone_tokens(vit, img.to(device, non_blocking=True), cfg)
+        feats.append(keep(tokens) if keep is not None else tokens)
+        labels.append(y.to(device))
+    return Shard(torch.cat(feats), torch.cat(labels), valid.to(device))
+
+
+def knn_pooled(tokens: torch.Tensor, pools: List[str]) -> torch.Tensor:
+    """(B, 1+N, D) -> (B, len(pools), D): the training-free features k-NN compares."""
+    return torch.stack([losses.pool_tokens(tokens, p) for p in pools], dim=1)
+
+
+def gather_shards(shard: Shard) -> Shard:
+    """Every rank's shard (equal lengths, thanks to the padding) concatenated, on every rank."""
+    if not tdist.is_initialized():
+        return shard
+    out = []
+    for t in (shard.feats, shard.labels, shard.valid.to(torch.uint8)):
+        parts = [torch.empty_like(t) for _ in range(tdist.get_world_size())]
+        tdist.all_gather(parts, t.contiguous())
+        out.append(torch.cat(parts))
+    return Shard(out[0], out[1], out[2].bool())
+
+
+def cached_train_batches(shard: Shard, batch: int, generator: torch.Generator):
+    """One epoch over a cached shard in a fresh random order; the last partial batch is dropped so
+    every rank takes the same number of steps (the shards have equal, padded lengths)."""
+    order = torch.randperm(len(shard.labels), generator=generator).to(shard.labels.device)
+    for i in range(0, len(order) - batch + 1, batch):
+        idx = order[i: i + batch]
+        yield shard.feats[idx], shard.labels[idx]
+
+
+def streaming_train_batches(vit, loader, cfg, device):
+    for img, y in loader:
+        yield backbone_tokens(vit, img.to(device, non_blocking=True), cfg), y.to(device, non_blocking=True)
+
+
+def eval_batches(source, valid: torch.Tensor, batch: int, vit=None, cfg=None, device=None):
+    """(tokens, labels, valid) from a cached Shard, or from a loader of images through the backbone."""
+    if isinstance(source, Shard):
+        for i in range(0, len(source.labels), batch):
+            yield source.feats[i: i + batch], source.labels[i: i + batch], source.valid[i: i + batch]
+        return
+    start = 0
+    for img, y in source:
+        tokens = backbone_tokens(vit, img.to(device, non_blocking=True), cfg)
+        yield tokens, y.to(device), valid[start: start + len(y)].to(device)
+        start += len(y)
+
+
+# -----------------------------------------------------------------------------
+# Heads, optimizer, evaluation
+
+def build_heads(cfg: Config, vit: M.ViT, num_classes: int) -> losses.ProbeHeads:
+    return losses.ProbeHeads(cfg.heads, vit.cfg.embed_dim, num_classes, depth=cfg.abmilp_depth,
+                             activation=cfg.abmilp_activation, self_attn=cfg.abmilp_self_attn,
+                             pos_embed=cfg.abmilp_pos_embed, grid=vit.cfg.grid)
+
+
+HEAD_KEYS = ("heads", "block", "final_norm", "abmilp_depth", "abmilp_activation", "abmilp_self_attn",
+             "abmilp_pos_embed")
+
+
+def load_heads(path: str, cfg: Config, vit: M.ViT, num_classes: int) -> losses.ProbeHeads:
+    """Heads saved by probe.py, checked to belong to the same features and head settings."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"trained heads '{path}' do not exist: run probe.py without eval_only "
+                                "first, or set heads_path")
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    diff = {k: saved["config"][k] for k in HEAD_KEYS if saved["config"].get(k) != getattr(cfg, k)}
+    if diff:
+        raise ConfigError(f"the heads in '{path}' were trained with {diff}: use the same settings")
+    heads = build_heads(cfg, vit, num_classes)
+    heads.load_state_dict(saved["heads"], strict=True)
+    return heads
+
+
+class LARS(torch.optim.Optimizer):
+    """LARS (You et al., 2017) as in MAE's linear probe: SGD with momentum where the update of each
+    weight matrix is scaled by trust_coefficient * ||w|| / ||g||; 1-d parameters are plain SGD."""
+
+    def __init__(self, params, lr=0.0, weight_decay=0.0, momentum=0.9, trust_coefficient=0.001):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
+                                      trust_coefficient=trust_coefficient))
+
+    @torch.no_grad()
+    def step(self):
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                d = p.grad
+                if p.ndim > 1:  # no decay, no trust ratio for biases
+                    d = d.add(p, alpha=g["weight_decay"])
+                    w_norm, d_norm = p.norm(), d.norm()
+                    trust = torch.where((w_norm > 0) & (d_norm > 0), g["trust_coefficient"] * w_norm / d_norm,
+                                        torch.ones_like(w_norm))
+                    d = d.mul(trust)
+                mu = self.state[p].setdefault("mu", torch.zeros_like(p))
+                mu.mul_(g["momentum"]).add_(d)
+                p.add_(mu, alpha=-g["lr"])
+
+
+def sync_bn_stats(heads: torch.nn.Module):
+    """Average the BN running statistics over ranks before evaluating or saving: each rank updated
+    them from its own micro-batches, and every rank must evaluate the same heads."""
+    for name, buf in heads.named_buffers():
+        if "running_" in name:
+            buf.copy_(all_reduce_mean(buf))
+
+
+@torch.no_grad()
+def evaluate(heads: losses.ProbeHeads, batches) -> dict:
+    """{head: (correct top-1, correct top-5, images)} over the real images of every rank's shard."""
+    heads.eval()
+    counts = None
+    for tokens, labels, valid in batches:
+        if counts is None:
+            counts = torch.zeros(len(heads), 3, dtype=torch.long, device=tokens.device)
+        for i, logits in enumerate(heads(tokens).values()):
+            top1, top5 = losses.topk_correct(logits, labels)
+            counts[i] += torch.stack([top1[valid].sum(), top5[valid].sum(), valid.sum()])
+    counts = all_reduce_sum(counts)
+    return {name: tuple(counts[i].tolist()) for i, name in enumerate(heads)}
+
+
+def knn_evaluate(bank: Shard, val: Shard, pools: List[str], num_classes: int, cfg: Config) -> dict:
+    """k-NN of every real val image of this rank against the whole (de-padded) training bank."""
+    bank = gather_shards(bank)
+    feats, labels = bank.feats[bank.valid], bank.labels[bank.valid]
+    out = {}
+    for i, pool in enumerate(pools):
+        votes = losses.knn_votes(feats[:, i], labels, val.feats[:, i], num_classes, cfg.knn_k, cfg.knn_temperature)
+        top1, top5 = losses.topk_correct(votes.log(), val.labels)     # log: no vote = -inf = no guess
+        v = val.valid
+        out[f"knn_{pool}"] = tuple(all_reduce_sum(torch.stack([top1[v].sum(), top5[v].sum(), v.sum()])).tolist())
+    return out
+
+
+def results_table(counts: dict) -> dict:
+    return {name: {"top1": 100.0 * c1 / n, "top5": 100.0 * c5 / n, "correct_top1": c1, "correct_top5": c5,
+                   "images": n} for name, (c1, c5, n) in counts.items()}
+
+
+READS = {"cls": "[cls] token", "mean": "mean of the patch tokens", "abmilp": "AbMILP over the patch tokens",
+         "knn_cls": "k-NN on the [cls] token", "knn_mean": "k-NN on the patch mean"}
+
+
+def protocol_of(cfg: Config, vit: M.ViT, cached: bool, lr: float, train_images: int, val_images: int,
+                num_classes: int, world: int) -> dict:
+    """Every choice a reader needs to interpret the numbers (NOTES.md, section 4)."""
+    depth = len(vit.blocks)
+    block = cfg.block % depth
+    return {
+        "backbone": cfg.backbone, "backbone_format": cfg.backbone_format, "architecture": asdict(vit.cfg),
+        "backbone_mode": "eval() (no dropout, no drop path), requires_grad=False, torch.no_grad; bf16 on CUDA",
+        "features": f"output of block {block} (0-based) of {depth}, "
+                    f"{'after' if cfg.final_norm else 'before'} the final LayerNorm",
+        "block": block, "num_blocks": depth, "final_norm": cfg.final_norm,
+        "tokens": {n: READS[n] for n in [*cfg.heads, *(f"knn_{p}" for p in cfg.knn)]},
+        "head": "pool -> BatchNorm1d(D, affine=False, eps=1e-6) -> Linear(D, C), Linear init N(0, 0.01)",
+        "abmilp": {"over": "patch tokens only (no [cls])", "depth": cfg.abmilp_depth,
+                   "activation": cfg.abmilp_activation, "self_attn": cfg.abmilp_self_attn,
+                   "pos_embed": cfg.abmilp_pos_embed},
+        "knn": {"k": cfg.knn_k, "temperature": cfg.knn_temperature, "similarity": "cosine",
+                "weights": "exp(sim / T)", "bank": "all training images, eval transform",
+                "top5": "classes without a vote never count"},
+        "path": "cached" if cached else "streaming",
+        "train_augmentation": "none (tokens extracted once with the eval transform)" if cached
+        else f"RandomResizedCrop(scale=({cfg.crop_scale_min}, 1)) + horizontal flip",
+        "eval_transform": "data.eval_transform: resize + centre crop, ImageNet mean/std",
+        "optimizer": cfg.optimizer + " (momentum 0.9" + (", trust 0.001)" if cfg.optimizer == "lars" else ")"),
+        "lr": lr, "blr": cfg.blr, "batch_size": cfg.batch_size, "weight_decay": cfg.weight_decay,
+        "epochs": cfg.epochs, "warmup_epochs": cfg.warmup_epochs, "schedule": "linear warmup + half-cosine, per step",
+        "eval_only": cfg.eval_only, "reported": "after the last epoch (no selection on the validation set)",
+        "train_images": train_images, "val_images": val_images, "num_classes": num_classes, "world_size": world,
+    }
+
+
+def main(argv):
+    cfg = parse_config(Config, argv)
+    dist = setup_distributed(cfg.device)
+    device = dist.device
+    micro_batch = split_batch(cfg.batch_size, dist.world, cfg.accum_steps)
+    print0(yaml.safe_dump(config_dict(cfg), sort_keys=False))
+    print0(f"world size {dist.world}, micro-batch {micro_batch} per process, "
+           f"{cfg.accum_steps} accumulation step(s), global batch {cfg.batch_size}")
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    ckpt_path = os.path.join(cfg.out_dir, "checkpoint.pth")
+    heads_path = cfg.heads_path or os.path.join(cfg.out_dir, "heads.pth")
+    log_path = os.path.join(cfg.out_dir, "log.jsonl")
+
+    # -------------------------------------------------------------------------
+    # Backbone: frozen, eval mode, no grad; features = output of `block` (+ final norm if asked)
+    vit = load_backbone(cfg).to(device)
+    depth = len(vit.blocks)
+    if not -depth <= cfg.block < depth:
+        raise ConfigError(f"config key 'block' must be in [-{depth}, {depth - 1}] for this {depth}-block backbone, "
+                          f"got {cfg.block}")
+    block = cfg.block % depth
+    print0(f"backbone {cfg.backbone} ({cfg.backbone_format}): {depth} blocks x {vit.cfg.embed_dim}d, "
+           f"{vit.num_patches} patches; features = block {block} output, "
+           f"{'with' if cfg.final_norm else 'without'} the final norm")
+
+    # -------------------------------------------------------------------------
+    # Data: train and val; evaluation shards are padded by DistributedSampler, the padding masked
+    img_size = vit.cfg.img_size
+    eval_tf = data.eval_transform(img_size)
+    train_eval = data.build_dataset(cfg.dataset, cfg.data_path, train=True, transform=eval_tf, subset=cfg.subset)
+    val = data.build_dataset(cfg.dataset, cfg.data_path, train=False, transform=eval_tf, subset=cfg.val_subset)
+    num_classes = num_classes_of(val)
+    train_valid = shard_valid(len(train_eval), dist.world, dist.rank)
+    val_valid = shard_valid(len(val), dist.world, dist.rank)
+    train_eval_loader = eval_loader(train_eval, micro_batch, dist.world, dist.rank, cfg, device)
+    val_loader = eval_loader(val, micro_batch, dist.world, dist.rank, cfg, device)
+    print0(f"{len(train_eval)} training and {len(val)} validation images, {num_classes} classes")
+
+    # -------------------------------------------------------------------------
+    # The fast path: extract the frozen tokens once, train on the cache (no augmentation)
+    cache_gb = (len(train_eval) + len(val)) * (1 + vit.num_patches) * vit.cfg.embed_dim * 4 / 1e9
+    cached = cfg.cache == "always" or (cfg.cache == "auto" and cache_gb <= cfg.cache_max_gb)
+    train_cache = val_cache = None
+    if cached:
+        print0(f"path: cached - frozen tokens extracted once ({cache_gb:.2f} GB), heads trained on the cache, "
+               "no augmentation")
+        if not cfg.eval_only and cfg.heads:
+            train_cache = extract(vit, train_eval_loader, train_valid, cfg, device)
+        val_cache = extract(vit, val_loader, val_valid, cfg, device)
+    else:
+        print0(f"path: streaming - the backbone runs every step on RandomResizedCrop(scale=({cfg.crop_scale_min}, 1))"
+               f" + flip views (a cache would take {cache_gb:.1f} GB > cache_max_gb={cfg.cache_max_gb})")
+
+    # -------------------------------------------------------------------------
+    # Heads and optimizer (MAE linear probe: LARS or SGD, lr = blr * batch / 256, no weight decay)
+    torch.manual_seed(cfg.seed)  # the same initial heads on every rank
+    lr = cfg.blr * cfg.batch_size / 256
+    train = bool(cfg.heads) and not cfg.eval_only
+    start_epoch, step = 0, 0
+    if cfg.heads and cfg.eval_only:
+        heads = load_heads(heads_path, cfg, vit, num_classes).to(device)
+        print0(f"eval_only: heads {list(heads)} from {heads_path}")
+    elif train:
+        heads = build_heads(cfg, vit, num_classes).to(device)
+        params = [p for p in heads.parameters() if p.requires_grad]
+        if cfg.optimizer == "lars":
+            optimizer = LARS(params, lr=lr, weight_decay=cfg.weight_decay)
+        else:
+            optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=cfg.weight_decay)
+        print0(f"heads {list(heads)}: {sum(p.numel() for p in params) / 1e3:.1f}k parameters; "
+               f"{cfg.optimizer}, lr {lr:.4g}")
+        if os.path.isfile(ckpt_path):  # auto-resume
+            ckpt = load_checkpoint(ckpt_path)
+            heads.load_state_dict(ckpt["heads"], strict=True)
+            optimizer.load_state_dict(ckpt["optimizer"])
+            start_epoch, step = ckpt["epoch"], ckpt["step"]
+            print0(f"resumed from {ckpt_path} at epoch {start_epoch}, step {step}")
+        model = DDP(heads, device_ids=[dist.local_rank] if device.type == "cuda" else None) \
+            if dist.world > 1 else heads
+        if cached:
+            steps_per_epoch = len(train_cache.labels) // micro_batch // cfg.accum_steps
+        else:
+            train_ds = data.build_dataset(cfg.dataset, cfg.data_path, train=True, subset=cfg.subset,
+                                          transform=train_transform(img_size, cfg.crop_scale_min))
+            sampler = DistributedSampler(train_ds, num_replicas=dist.world, rank=dist.rank, shuffle=True,
+                                         seed=cfg.seed, drop_last=True)
+            train_loader = DataLoader(train_ds, batch_size=micro_batch, sampler=sampler, drop_last=True,
+                                      num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
+            steps_per_epoch = len(train_loader) // cfg.accum_steps
+        if steps_per_epoch == 0:
+            raise ConfigError(f"{len(train_eval)} training images are fewer than one global batch "
+                              f"({cfg.batch_size}): lower batch_size")
+    val_source = val_cache if cached else val_loader
+
+    # -------------------------------------------------------------------------
+    # Training: every head on the same frozen tokens, one backward for all
+    total_steps = cfg.epochs * steps_per_epoch if train else 0
+    warmup_steps = cfg.warmup_epochs * steps_per_epoch if train else 0
+    for epoch in range(start_epoch, cfg.epochs if train else 0):
+        heads.train()
+        if cached:  # a new order each epoch, depending only on (seed, epoch, rank)
+            gen = torch.Generator().manual_seed((cfg.seed * 1_000_003 + epoch) * 1009 + dist.rank)
+            batches = cached_train_batches(train_cache, micro_batch, gen)
+        else:
+            sampler.set_epoch(epoch)
+            batches = streaming_train_batches(vit, train_loader, cfg, device)
+        loss_sum = torch.zeros(len(heads), device=device)
+        loss_count = 0
+        for _ in range(steps_per_epoch):
+            lr_now = cosine_lr(step, total_steps, warmup_steps, lr, cfg.min_lr)
+            for g in optimizer.param_groups:
+                g["lr"] = lr_now
+            for micro in range(cfg.accum_steps):
+                tokens, labels = next(batches)                        # (B, 1+N, D), (B,)
+                sync = micro == cfg.accum_steps - 1 or dist.world == 1
+                with contextlib.nullcontext() if sync else model.no_sync():
+                    loss, each = losses.probe_loss(model(tokens), labels)
+                    (loss / cfg.accum_steps).backward()
+                loss_sum += torch.stack(list(each.values()))
+                loss_count += 1
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if step % cfg.log_every == 0 or step % steps_per_epoch == 0:
+                mean = all_reduce_mean(loss_sum / loss_count).tolist()  # the only host sync
+                if not all(math.isfinite(x) for x in mean):
+                    raise NonFiniteLoss(f"probe loss is {mean} at step {step}: lower blr")
+                record = {"epoch": epoch + 1, "step": step, "lr": lr_now,
+                          **{f"loss_{n}": x for n, x in zip(heads, mean)}}
+                print0(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
+                if dist.main:
+                    log_json(log_path, record)
+                loss_sum.zero_()
+                loss_count = 0
+        done = epoch + 1
+        sync_bn_stats(heads)
+        if done % cfg.eval_every == 0 and done < cfg.epochs:  # the last epoch is evaluated below
+            acc = results_table(evaluate(heads, eval_batches(val_source, val_valid, micro_batch, vit, cfg, device)))
+            print0(f"epoch {done}: " + ", ".join(f"{n} {r['top1']:.2f}" for n, r in acc.items()))
+            if dist.main:
+                log_json(log_path, {"epoch": done, **{f"val_top1_{n}": r["top1"] for n, r in acc.items()}})
+        if dist.main:  # checkpoint: the unwrapped heads, optimizer, position in the run
+            save_atomic({"heads": heads.state_dict(), "optimizer": optimizer.state_dict(), "epoch": done,
+                         "step": step, "config": config_dict(cfg)}, ckpt_path)
+    if train and dist.main:
+        save_atomic({"heads": heads.state_dict(), "config": config_dict(cfg)}, heads_path)
+
+    # -------------------------------------------------------------------------
+    # Evaluation: every rank its shard, counts summed; then k-NN against the gathered train bank
+    results = {}
+    if cfg.heads:
+        results.update(evaluate(heads, eval_batches(val_source, val_valid, micro_batch, vit, cfg, device)))
+    if cfg.knn:
+        keep = lambda t: knn_pooled(t, cfg.knn)  # noqa: E731
+        if train_cache is not None:
+            bank = Shard(keep(train_cache.feats), train_cache.labels, train_cache.valid)
+        else:
+            bank = extract(vit, train_eval_loader, train_valid, cfg, device, keep)
+        val_feats = Shard(keep(val_cache.feats), val_cache.labels, val_cache.valid) if cached \
+            else extract(vit, val_loader, val_valid, cfg, device, keep)
+        results.update(knn_evaluate(bank, val_feats, cfg.knn, num_classes, cfg))
+    table = results_table(results)
+
+    # -------------------------------------------------------------------------
+    # Results: a table, and results.json with every protocol choice
+    protocol = protocol_of(cfg, vit, cached, lr, len(train_eval), len(val), num_classes, dist.world)
+    if cfg.eval_only:
+        protocol["heads_path"] = heads_path
+    print0(f"\n{'head':<10} {'top-1':>7} {'top-5':>7} {'images':>7}  reads")
+    for name, r in table.items():
+        print0(f"{name:<10} {r['top1']:>7.2f} {r['top5']:>7.2f} {r['images']:>7d}  {READS[name]}")
+    if dist.main:
+        out = {"accuracy": {n: r["top1"] for n, r in table.items()}, "results": table, "protocol": protocol,
+               "config": config_dict(cfg)}
+        with open(os.path.join(cfg.out_dir, "results.json"), "w") as f:
+            json.dump(out, f, indent=2)
+    print0(f"done: {cfg.out_dir}/results.json")
+
+
+if __name__ == "__main__":
+    run_main(main)
