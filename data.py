@@ -3,6 +3,7 @@
     ds = build_dataset("fashion_mnist", "data", train=True, transform=pretrain_transform(28))
     mask = block_mask(grid=14, num_masked=75)           # BEiT block-wise, exactly 75 True
     mask = random_mask(B, N, num_masked)                 # MAE: argsort of noise, (B, N) bool
+    mask = simmim_mask(grid=8, cell=2, num_cells=10)     # SimMIM: random cells of 2x2 patches
 
 `MaskedImages` wraps a dataset for pre-training: every sample's augmentation and mask depend
 only on (seed, epoch, index), so a run gives the same batches on 1 or many GPUs, with any
@@ -24,6 +25,7 @@ from torchvision.transforms import v2 as T
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DATASETS = ("fashion_mnist", "imagefolder", "cifar10", "cifar100")
+MASKS = ("block", "random", "simmim")  # BEiT block-wise | MAE random | SimMIM random coarse cells
 FASHION_MNIST_DEBIAN = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist
 
 
@@ -179,6 +181,28 @@ def random_mask(batch: int, num_patches: int, num_masked: int, device=None,
     return ranks < num_masked
 
 
+def simmim_mask(grid: int, cell: int, num_cells: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """SimMIM masking: num_cells random cells of cell x cell patches -> (grid*grid,) bool.
+
+    SimMIM draws the mask on a coarser grid (32-px cells at 224 px with 16-px patches: cell = 2)
+    and upsamples it to the patch grid, so exactly num_cells * cell^2 patches are True.
+    """
+    if grid % cell:
+        raise ValueError(f"the patch grid {grid} is not a multiple of the mask cell {cell}")
+    coarse = grid // cell
+    if not 0 <= num_cells <= coarse * coarse:
+        raise ValueError(f"num_cells must be in [0, {coarse * coarse}], got {num_cells}")
+    mask = torch.zeros(coarse * coarse, dtype=torch.bool)
+    mask[torch.randperm(coarse * coarse, generator=generator)[:num_cells]] = True
+    mask = mask.view(coarse, coarse).repeat_interleave(cell, 0).repeat_interleave(cell, 1)
+    return mask.flatten()                                       # (grid*grid,)
+
+
+def simmim_num_cells(grid: int, cell: int, ratio: float) -> int:
+    """SimMIM's count: ceil(r * cells) (its MaskGenerator uses np.ceil, e.g. 30 of 49 at 224 px)."""
+    return int(math.ceil(ratio * (grid // cell) ** 2 - 1e-9))
+
+
 def num_masked_patches(num_patches: int, ratio: float) -> int:
     """|M| = floor(r * N)."""
     return int(math.floor(ratio * num_patches + 1e-9))
@@ -196,12 +220,15 @@ class MaskedImages(Dataset):
     """
 
     def __init__(self, dataset, grid: int, mask_ratio: float, mask: str = "block",
-                 min_patches: int = 16, seed: int = 0):
-        if mask not in ("block", "random"):
-            raise ValueError(f"mask must be 'block' or 'random', got '{mask}'")
+                 min_patches: int = 16, seed: int = 0, mask_cell: int = 2):
+        if mask not in MASKS:
+            raise ValueError(f"mask must be one of {MASKS}, got '{mask}'")
         self.dataset, self.grid, self.mask, self.seed = dataset, grid, mask, seed
         self.num_masked = num_masked_patches(grid * grid, mask_ratio)
-        self.min_patches = min_patches
+        if mask == "simmim":  # mask_cell: side of SimMIM's mask cell in patches
+            self.num_cells = simmim_num_cells(grid, mask_cell, mask_ratio)
+            self.num_masked = self.num_cells * mask_cell ** 2
+        self.min_patches, self.mask_cell = min_patches, mask_cell
         self.epoch = 0
 
     def set_epoch(self, epoch: int):
@@ -217,6 +244,8 @@ class MaskedImages(Dataset):
             img, label = self.dataset[i]
             if self.mask == "block":
                 mask = block_mask(self.grid, self.num_masked, self.min_patches, rng=random.Random(sample_seed))
+            elif self.mask == "simmim":
+                mask = simmim_mask(self.grid, self.mask_cell, self.num_cells)
             else:
                 mask = random_mask(1, self.grid * self.grid, self.num_masked)[0]
         return plain(img), mask, label

@@ -80,9 +80,6 @@ class Config:
         check_choice("device", self.device, ("auto", "cpu", "cuda"))
         if not 0 < self.layer_decay <= 1:
             raise ConfigError(f"config key 'layer_decay' must be in (0, 1], got {self.layer_decay}")
-        if self.init and not os.path.isfile(self.init):
-            raise ConfigError(f"config key 'init': file '{self.init}' does not exist "
-                              "(an encoder.pth of pretrain.py, a timm/MAE weights file, or \"\" for scratch)")
 
 
 # -----------------------------------------------------------------------------
@@ -238,6 +235,10 @@ def main(argv):
     os.makedirs(cfg.out_dir, exist_ok=True)
     ckpt_path = os.path.join(cfg.out_dir, "checkpoint.pth")
     log_path = os.path.join(cfg.out_dir, "log.jsonl")
+
+    if cfg.init and not os.path.isfile(cfg.init):  # checked here, not in validate(): configs parse anywhere
+        raise FileNotFoundError(f"config key 'init': file '{cfg.init}' does not exist (an encoder.pth of "
+                                "pretrain.py, a timm/MAE weights file, or init=\"\" to train from scratch)")
 
     # data
     train_set = data.build_dataset(cfg.dataset, cfg.data_path, train=True, subset=cfg.subset,

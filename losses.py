@@ -186,6 +186,151 @@ def dtm_loss(u: torch.Tensor, v: torch.Tensor, levels: Sequence[Tuple[int, int]]
 
 
 # -----------------------------------------------------------------------------
+# Masked Token Optimization (MTO paper)
+#
+# The baselines' pixel loss (Eq. 1) and the three MTO terms over X^0..X^L, the per-layer patch
+# tokens (B, N, D) of the blocks that hold the mask tokens (SimMIM: the encoder; MAE: the
+# decoder), layer 0 = the initial embedding, each normed as its attention sees it (NOTES.md 2):
+#     loss = pixel_loss(pred, patchify(img, p), mask, "l1")        # SimMIM; MAE: "l2" on
+#                                                                  #   normalize_patches(target)
+#     H = heterogeneity(x, mask)                                   # Eq. 2, (B,) in [0, log |V|]
+#     terms = mto_losses([h[:, 1:] for h in hiddens], mask)        # {"spa", "e", "r"}: Eqs. 3-5
+#     score = rauc(baseline, method, e1, e2)                       # Eq. 6, [(epoch, acc), ...]
+
+from model import gather_tokens, mask_ids  # noqa: E402  (this section's own imports)
+
+
+def pixel_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, kind: str = "l2") -> torch.Tensor:
+    """Eq. 1: the per-patch error averaged over the masked patches only; visible patches never count.
+
+    pred, target (B, N, P) pixels per patch; mask (B, N) bool. kind 'l2' (MAE: mean squared
+    error) or 'l1' (SimMIM: mean absolute error, over the masked pixels and channels).
+    """
+    if kind not in ("l1", "l2"):
+        raise ValueError(f"unknown pixel loss '{kind}': choose 'l1' or 'l2'")
+    err = pred.float() - target.float()
+    err = (err.abs() if kind == "l1" else err.pow(2)).mean(-1)      # (B, N)
+    err = torch.where(mask, err, torch.zeros_like(err))              # a visible patch adds exactly 0
+    return err.sum() / mask.sum().clamp(min=1)
+
+
+def normalize_patches(target: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """MAE's norm_pix_loss target: each patch (B, N, P) standardised by its own mean and variance."""
+    mean = target.mean(dim=-1, keepdim=True)
+    var = target.var(dim=-1, keepdim=True)
+    return (target - mean) / (var + eps) ** 0.5
+
+
+def row_entropy(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """Entropy (nats) of each row of row-softmax(Q K^T / sqrt(D)): (B, R, D) x (B, C, D) -> (B, R)."""
+    q, k = queries.float(), keys.float()
+    logits = q @ k.transpose(1, 2) / math.sqrt(q.shape[-1])         # (B, R, C)
+    return -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)
+
+
+def _check_tokens(x: torch.Tensor, mask: torch.Tensor):
+    if x.dim() != 3 or x.shape[:2] != mask.shape:
+        raise ValueError(f"tokens {tuple(x.shape)} do not match the mask {tuple(mask.shape)}: "
+                         "pass patch tokens (B, N, D) without [cls], e.g. hiddens[l][:, 1:]")
+
+
+def heterogeneity(x: torch.Tensor, mask: torch.Tensor, ids=None) -> torch.Tensor:
+    """Eq. 2: H = -(1/|M|) sum_{i in M} sum_{j in V} A_ij log A_ij, A = row-softmax(X_M X_V^T / sqrt(D)).
+
+    x (B, N, D): one layer's patch tokens, normed as the attention sees them (the model's
+    hiddens); mask (B, N) bool, the same |M| per image. -> H per image (B,), in [0, log |V|]:
+    log |V| when every masked token is equally similar to all visible ones. The 1/sqrt(D) makes
+    A an attention-like affinity (NOTES.md); raw dot products of wide tokens give one-hot rows.
+    ids: mask_ids(mask), when the caller already has them (one host read for all layers).
+    """
+    _check_tokens(x, mask)
+    ids_masked, ids_visible = ids if ids is not None else mask_ids(mask)
+    x_m, x_v = gather_tokens(x, ids_masked), gather_tokens(x, ids_visible)  # X_M (B,|M|,D), X_V (B,|V|,D)
+    return row_entropy(x_m, x_v).mean(-1)                           # (B,)
+
+
+def sparsity_loss(x: torch.Tensor, mask: torch.Tensor, ids=None) -> torch.Tensor:
+    """Eq. 3, L_spa: entropy of the visible tokens' rows of row-softmax(X X^T / sqrt(D)).
+
+    x (B, N, D) = X^0, the initial embedding (Algorithm 1); the columns run over all N patch
+    tokens. Mean over the visible rows and the batch (the paper sums; NOTES.md: a mean, so the
+    scale does not depend on N). Low entropy = each visible row puts its weight on few tokens.
+    """
+    _check_tokens(x, mask)
+    _, ids_visible = ids if ids is not None else mask_ids(mask)
+    return row_entropy(gather_tokens(x, ids_visible), x).mean()      # rows X_V (B,|V|,D), columns X
+
+
+def entropy_loss(h0: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Eq. 4, L_e = 1 / (H^0 + eps): raise the heterogeneity of the initial embedding. h0 (B,) -> mean."""
+    return (1.0 / (h0 + eps)).mean()
+
+
+def ranking_loss(H: torch.Tensor, printed_sign: bool = False) -> torch.Tensor:
+    """Eq. 5, L_r = sum_{l=1..L} log(1 + exp(H^l - H^{l-1})): H should decrease with depth.
+
+    H (L+1, B) or (L+1,): H^0..H^L. The printed Eq. 5 has log(1 + exp(H^{l-1} - H^l)), which
+    pushes H to *increase* with depth, against the paper's own text and Fig. 1 ("heterogeneity
+    ... gradually decreases in subsequent layers") and Sec. 4 ("progressively lower
+    heterogeneity"). NOTES.md decides for the decreasing order; printed_sign=True gives the
+    formula as printed. Sum over layers, mean over the batch.
+    """
+    step = H[1:] - H[:-1]                                           # H^l - H^{l-1}, (L, B)
+    if printed_sign:
+        step = -step
+    return F.softplus(step).sum(0).mean()
+
+
+def mto_losses(hiddens: Sequence[torch.Tensor], mask: torch.Tensor, printed_sign: bool = False,
+               eps: float = 1e-6) -> dict:
+    """The MTO terms over X^0..X^L (each (B, N, D), patch tokens only; X^0 = initial embedding).
+
+    -> {"spa": L_spa (Eq. 3), "e": L_e (Eq. 4), "r": L_r (Eq. 5)}, scalars; the caller weights
+    them (total = L_pixel + lambda * (L_spa + L_e + L_r), lambda = 1; Table 3 switches terms off).
+    """
+    ids = mask_ids(mask)                                            # one host read for all layers
+    H = torch.stack([heterogeneity(x, mask, ids) for x in hiddens])  # (L+1, B): H^0..H^L
+    return {"spa": sparsity_loss(hiddens[0], mask, ids), "e": entropy_loss(H[0], eps),
+            "r": ranking_loss(H, printed_sign)}
+
+
+def rauc(s1: Sequence[Tuple[float, float]], s2: Sequence[Tuple[float, float]], e1: float, e2: float) -> float:
+    """Eq. 6: RAUC(S1, S2; E1, E2) = int_E1^E2 (S2(E) - S1(E1)) dE / int_E1^E2 (S1(E) - S1(E1)) dE.
+
+    s1 (the baseline) and s2 (the method): [(epoch, accuracy), ...]. Each curve is linear
+    between its points; both integrals use the trapezoid rule on every epoch either curve has
+    in [E1, E2] (exact for such curves). 1 = no gain; > 1 = more area above S1(E1) than the baseline.
+    """
+    if not e1 < e2:
+        raise ValueError(f"RAUC needs E1 < E2, got E1={e1}, E2={e2}")
+    curves = []
+    for name, s in (("S1", s1), ("S2", s2)):
+        pts = sorted(dict(s).items())                               # one point per epoch (the last given)
+        if not pts or pts[0][0] > e1 or pts[-1][0] < e2:
+            span = f"{pts[0][0]}..{pts[-1][0]}" if pts else "no epochs"
+            raise ValueError(f"{name} covers {span}, not [E1, E2] = [{e1}, {e2}]: no extrapolation")
+        curves.append(pts)
+
+    def at(pts, e):  # the piecewise-linear curve through pts, at epoch e
+        for (ea, a), (eb, b) in zip(pts, pts[1:]):
+            if ea <= e <= eb:
+                return a + (b - a) * (e - ea) / (eb - ea)
+        return pts[0][1]  # a single point at e
+
+    knots = sorted({e1, e2} | {e for pts in curves for e, _ in pts if e1 < e < e2})
+
+    def area(f):
+        return sum((f(a) + f(b)) / 2 * (b - a) for a, b in zip(knots, knots[1:]))
+
+    s1_at_e1 = at(curves[0], e1)
+    den = area(lambda e: at(curves[0], e) - s1_at_e1)
+    if den <= 0:
+        raise ValueError(f"the baseline S1 does not rise above S1(E1) = {s1_at_e1} on [{e1}, {e2}]: "
+                         "RAUC is undefined (its denominator is <= 0)")
+    return area(lambda e: at(curves[1], e) - s1_at_e1) / den
+
+
+# -----------------------------------------------------------------------------
 # Patch-aggregation heads (Beyond [cls])
 #
 # A frozen backbone gives tokens (B, 1+N, D), [cls] first. A probe head pools them to one vector

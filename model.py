@@ -6,6 +6,11 @@ A hand-written ViT with timm/MAE parameter names, so weights move between this c
     vit = build_vit("vit_base", rel_pos_bias=True)            # BEiT-style relative position bias
     tokens = vit(images, mask=mask)                          # (B, 1+N, D), masked patches -> e_[M]
     tokens, extra = vit(images, mask=mask, return_hiddens=True)  # + per-block normed inputs, attn
+    latent = vit(images, keep=ids_visible)                   # (B, 1+|V|, D): MAE, visible patches only
+
+Pixel-reconstruction models (MTO paper, Sec. 2), both returning (pred (B, N, p*p*C), hiddens or None):
+    SimMIM(encoder)                - mask tokens inside the encoder, a Linear head per patch
+    MAE(encoder, MAEDecoder(...))  - the encoder sees the visible patches; the decoder the mask tokens
 
 Teachers (frozen, eval mode, no grad; bf16 on GPU) all map a batch normalised the way data.py
 normalises the student's input to target tokens (B, N, C) without [cls]:
@@ -132,6 +137,35 @@ def lookup_bias(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 # -----------------------------------------------------------------------------
+# Masked and visible patches, pixel patches
+
+def mask_ids(mask: torch.Tensor):
+    """(B, N) bool, the same count per image -> ids of masked (B, |M|) and visible (B, |V|) patches.
+
+    Each set is in patch order. Reads the per-image counts on the host once (a device sync).
+    """
+    counts = mask.sum(1).tolist()
+    if len(set(counts)) > 1:
+        raise ValueError(f"every image needs the same number of masked patches, got {sorted(set(counts))}")
+    num_visible = mask.shape[1] - counts[0]
+    order = mask.to(torch.uint8).argsort(dim=1, stable=True)  # visible (0) first, then masked (1)
+    return order[:, num_visible:], order[:, :num_visible]
+
+
+def gather_tokens(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """x (B, N, D), ids (B, K) -> (B, K, D): the tokens at those positions."""
+    return x.gather(1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def patchify(imgs: torch.Tensor, p: int) -> torch.Tensor:
+    """MAE's patchify: (B, C, H, W) -> (B, N, p*p*C), pixels of a patch in (row, column, channel) order."""
+    B, C, H, W = imgs.shape
+    h, w = H // p, W // p
+    x = imgs.view(B, C, h, p, w, p).permute(0, 2, 4, 3, 5, 1)    # (B, h, w, p, p, C)
+    return x.reshape(B, h * w, p * p * C)
+
+
+# -----------------------------------------------------------------------------
 # Blocks
 
 class Attention(nn.Module):
@@ -217,9 +251,11 @@ class Block(nn.Module):
 
     def forward(self, x, shared_bias=None, record=None):
         h = self.norm1(x)                                   # X^l: what attention sees
-        a, attn = self.attn(h, shared_bias, return_attn=record is not None)
+        maps = record is not None and "attn" in record      # explicit attention maps (analysis) or SDPA
+        a, attn = self.attn(h, shared_bias, return_attn=maps)
         if record is not None:
             record["hiddens"].append(h)
+        if maps:
             record["attn"].append(attn)
             record["attn_out"].append(self.ls1(a))
         x = x + self.drop_path1(self.ls1(a))
@@ -289,17 +325,39 @@ class ViT(nn.Module):
             x = x + self.pos_embed.to(x.dtype)
         return x
 
-    def forward(self, x, mask=None, return_hiddens=False):
+    def embed_visible(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """MAE's encoder input: images (B, C, H, W), keep (B, |V|) patch ids -> (B, 1+|V|, D).
+
+        The patches are embedded with their positions first, then only the kept ones go on: the
+        encoder never sees a masked patch or e_[M]."""
+        if self.rel_pos_bias is not None or self.cfg.rel_pos_bias:
+            raise ValueError("keep= (visible patches only) needs absolute positions: relative position "
+                             "bias tables are laid out for all 1+N tokens")
+        x = self.embed(x)                                           # (B, 1+N, D)
+        return torch.cat([x[:, :1], gather_tokens(x[:, 1:], keep)], dim=1)
+
+    def forward(self, x, mask=None, return_hiddens=False, keep=None, attn_maps=True):
         """(B, C, H, W) -> final-normed tokens (B, 1+N, D), or logits (B, classes) with a head.
 
         return_hiddens=True also returns a dict with, for l = 0..depth-1, 'hiddens'[l] = X^l
         (block l's input after its norm1, (B, 1+N, D)), 'attn'[l] (B, heads, 1+N, 1+N) and
         'attn_out'[l] (the attention branch added to the residual); 'hiddens' ends with the
         final-normed output, so it has depth + 1 entries (layer 0 = the initial embedding).
+        attn_maps=False records only 'hiddens' and 'residual' and keeps the fast SDPA attention.
+        keep (B, |V|) patch ids: the encoder runs on [cls] + those patches only (MAE), so every
+        N above becomes |V|; it cannot be combined with `mask`.
         """
-        x = self.embed(x, mask)
+        if keep is not None:
+            if mask is not None:
+                raise ValueError("give either mask (masked patches -> e_[M]) or keep (visible patches only)")
+            x = self.embed_visible(x, keep)
+        else:
+            x = self.embed(x, mask)
         shared_bias = self.rel_pos_bias() if self.rel_pos_bias is not None else None
-        record = {"hiddens": [], "attn": [], "attn_out": [], "residual": []} if return_hiddens else None
+        record = None
+        if return_hiddens:
+            record = ({"hiddens": [], "attn": [], "attn_out": [], "residual": []} if attn_maps
+                      else {"hiddens": [], "residual": []})
         for blk in self.blocks:
             if record is not None:
                 record["residual"].append(x)
@@ -389,6 +447,103 @@ class DistillStudent(nn.Module):
 
     def forward(self, x, mask):
         return self.head(self.encoder(x, mask)[:, 1:])  # (B, N, C)
+
+
+# -----------------------------------------------------------------------------
+# Pixel reconstruction: SimMIM and MAE (the MTO paper's baselines). Both forward(x, mask,
+# return_hiddens) -> pred (B, N, p*p*C) for every patch, and the per-layer tokens X^l
+# (B, 1+N, D') of the blocks that hold the mask tokens (None unless asked), for MTO.
+
+class SimMIM(nn.Module):
+    """Masked patches become e_[M] inside the encoder; one Linear predicts each patch's pixels.
+
+    SimMIM's ViT head is a 1x1 conv to p*p*3 channels + PixelShuffle(p): the same Linear per patch.
+    X^l = the encoder's hiddens (layer 0 = initial embedding, last = final-normed output).
+    """
+
+    def __init__(self, encoder: ViT):
+        super().__init__()
+        self.encoder = encoder
+        c = encoder.cfg
+        self.head = nn.Linear(c.embed_dim, c.patch_size ** 2 * c.in_chans)
+        nn.init.trunc_normal_(self.head.weight, std=0.02)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, x, mask, return_hiddens=False):
+        out = self.encoder(x, mask, return_hiddens=return_hiddens, attn_maps=False)
+        tokens, record = out if return_hiddens else (out, None)
+        pred = self.head(tokens[:, 1:])                                # (B, N, p*p*C)
+        return pred, (record["hiddens"] if record else None)
+
+
+class MAEDecoder(nn.Module):
+    """MAE's light decoder (MAE names): encoded visible tokens + mask tokens -> pixels per patch.
+
+    decoder_embed maps the encoder width D to the decoder width; every masked position gets
+    `mask_token`; all 1+N tokens get the fixed sin-cos `decoder_pos_embed`; `decoder_blocks`,
+    `decoder_norm`, `decoder_pred` (Linear to p*p*C). MAE ViT-B: 512 wide, 8 blocks, 16 heads.
+    """
+
+    def __init__(self, *, embed_dim: int, grid: int, patch_size: int, in_chans: int = 3,
+                 decoder_dim: int = 512, depth: int = 8, num_heads: int = 16, mlp_ratio: float = 4.0):
+        super().__init__()
+        if decoder_dim % num_heads or decoder_dim % 4:
+            raise ValueError(f"decoder_dim {decoder_dim} must be divisible by decoder_heads {num_heads} and by 4")
+        self.decoder_embed = nn.Linear(embed_dim, decoder_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
+        self.register_buffer("decoder_pos_embed", sincos_pos_embed(decoder_dim, grid).unsqueeze(0))
+        self.decoder_blocks = nn.ModuleList([
+            Block(decoder_dim, num_heads, mlp_ratio, True, None, 0.0, 0.0) for _ in range(depth)])
+        self.decoder_norm = nn.LayerNorm(decoder_dim, eps=1e-6)
+        self.decoder_pred = nn.Linear(decoder_dim, patch_size ** 2 * in_chans)
+        nn.init.normal_(self.mask_token, std=0.02)                     # MAE's init
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x, keep, return_hiddens=False):
+        """x: encoder output (B, 1+|V|, D) for the patches `keep` (B, |V|) -> pred (B, N, p*p*C).
+
+        return_hiddens=True also returns {'hiddens': [X^0, ..., X^depth]}, each (B, 1+N, D_dec):
+        X^l = block l's input after its norm1 (X^0: mask tokens + positions, the initial
+        embedding), the last = the decoder_norm output.
+        """
+        x = self.decoder_embed(x)                                      # (B, 1+|V|, Dd)
+        B, _, Dd = x.shape
+        N = self.decoder_pos_embed.shape[1] - 1
+        patches = self.mask_token.to(x.dtype).expand(B, N, Dd)         # every patch starts as e_[M] ...
+        patches = patches.scatter(1, keep.unsqueeze(-1).expand(-1, -1, Dd), x[:, 1:])  # ... visible put back
+        x = torch.cat([x[:, :1], patches], dim=1) + self.decoder_pos_embed.to(x.dtype)  # (B, 1+N, Dd)
+        record = {"hiddens": []} if return_hiddens else None
+        for blk in self.decoder_blocks:
+            x = blk(x, None, record)
+        x = self.decoder_norm(x)
+        if record is not None:
+            record["hiddens"].append(x)
+        pred = self.decoder_pred(x[:, 1:])                             # (B, N, p*p*C)
+        return (pred, record) if return_hiddens else pred
+
+
+class MAE(nn.Module):
+    """The encoder sees only the visible patches; the decoder fills in mask tokens and predicts.
+
+    X^l = the decoder's hiddens: MAE's mask tokens live only there (MTO paper, Sec. 5.2). The
+    encoder's own e_[M] is never used, so it is frozen (no gradient, no weight decay, no DDP
+    unused-parameter error); it stays in encoder.pth so the file loads into any ViT of this project.
+    """
+
+    def __init__(self, encoder: ViT, decoder: MAEDecoder):
+        super().__init__()
+        self.encoder, self.decoder = encoder, decoder
+        encoder.mask_token.requires_grad_(False)
+
+    def forward(self, x, mask, return_hiddens=False):
+        _, keep = mask_ids(mask)                                       # (B, |V|) visible patch ids
+        latent = self.encoder(x, keep=keep)                            # (B, 1+|V|, D)
+        out = self.decoder(latent, keep, return_hiddens=return_hiddens)
+        pred, record = out if return_hiddens else (out, None)
+        return pred, (record["hiddens"] if record else None)
 
 
 # -----------------------------------------------------------------------------

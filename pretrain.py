@@ -1,7 +1,10 @@
-"""Masked image modeling pre-training: distill a teacher into a ViT with Dynamic Token Morphing.
+"""Masked image modeling pre-training: DTM distillation, SimMIM or MAE, with or without MTO.
 
     # the default: a small ViT on Fashion-MNIST, EMA teacher, 2-core CPU, a few minutes
     python pretrain.py --config configs/fmnist_dtm.yaml
+    # SimMIM / MAE with Masked Token Optimization on Fashion-MNIST (CPU); without: *_simmim.yaml, *_mae.yaml
+    python pretrain.py --config configs/fmnist_simmim_mto.yaml
+    python pretrain.py --config configs/fmnist_mae_mto.yaml
     # one node, 8 GPUs, the DTM paper's ViT-B/16 recipe with a CLIP ViT-B/16 teacher
     torchrun --nproc_per_node=8 pretrain.py --config configs/in1k_vit_base_dtm.yaml data_path=/data/imagenet
     # several nodes: the same command on each node, plus --nnodes, --node_rank, --master_addr
@@ -10,17 +13,23 @@
 Per step: the teacher sees the full image and gives target tokens v (B, N, C); the student sees
 the same view with masked patches replaced by e_[M] and gives u = h(f(x^M)) (B, N, C); the loss
 morphs both with the morphing computed from v and compares them (losses.dtm_loss, Eqs. 1-5).
-A run directory holds config.yaml, log.jsonl, checkpoint.pth (resumed automatically) and
-encoder.pth (the encoder alone, for probe.py, finetune.py and the `checkpoint` teacher).
+framework=simmim|mae (MTO paper) replaces the teacher with pixel reconstruction of the masked
+patches (model.SimMIM, model.MAE; losses.pixel_loss, Eq. 1); mto=true adds the MTO terms
+(losses.mto_losses, Eqs. 3-5) over the blocks that hold the mask tokens: SimMIM's encoder, MAE's
+decoder. With mto=false the per-layer hidden states are not even collected.
+A run directory holds config.yaml, log.jsonl, checkpoint.pth (resumed automatically; with MAE's
+decoder) and encoder.pth (the encoder alone, for probe.py, finetune.py and the `checkpoint` teacher).
 """
 import contextlib
 import math
 import os
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import List
 
 import torch
+import torch.nn.functional as F
 import yaml
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
@@ -29,13 +38,17 @@ from tqdm import tqdm
 import data
 import losses
 import model as M
-from common import (ConfigError, NonFiniteLoss, all_reduce_mean, check_choice, config_dict, cosine_lr,
-                    load_checkpoint, log_json, param_groups, parse_config, print0, run_main, save_atomic,
-                    setup_distributed, split_batch)
+from common import (ConfigError, NonFiniteLoss, ShardSampler, all_reduce_mean, all_reduce_sum, check_choice,
+                    config_dict, cosine_lr, load_checkpoint, log_json, param_groups, parse_config, print0,
+                    run_main, save_atomic, setup_distributed, split_batch)
+
+FRAMEWORKS = ("distill", "simmim", "mae")
+MTO_TERMS = ("spa", "e", "r")  # L_spa (Eq. 3), L_e (Eq. 4), L_r (Eq. 5)
 
 
 @dataclass
 class Config:
+    framework: str = "distill"         # distill (teacher; DTM / token-wise) | simmim | mae (MTO paper)
     # data
     dataset: str = "fashion_mnist"     # fashion_mnist | imagefolder | cifar10 | cifar100
     data_path: str = "data"            # imagefolder: root with train/ (and val/); others: download dir
@@ -53,9 +66,10 @@ class Config:
     layer_scale: float = 0.1           # layer-scale init (0 = off); Table 12: 0.1 S/B, 1e-5 L
     drop_path: float = 0.0
     # masking
-    mask: str = "block"                # block (BEiT) | random (MAE)
-    mask_ratio: float = 0.4            # |M| = floor(r N); DTM: 75 of 196 patches
+    mask: str = "block"                # block (BEiT) | random (MAE) | simmim (random coarse cells)
+    mask_ratio: float = 0.4            # |M| = floor(r N); DTM: 75 of 196; simmim: ceil(r cells) cells
     mask_min_patches: int = 16         # smallest block of the block-wise mask
+    mask_patch_size: int = 32          # mask=simmim: side of a mask cell in pixels (SimMIM: 32 at 224)
     # teacher
     teacher: str = "ema"               # clip | checkpoint | ema
     teacher_model: str = "ViT-B-16-quickgelu"  # open_clip model name (teacher=clip)
@@ -68,6 +82,23 @@ class Config:
     dtm_levels: int = 2                # L
     dtm_max_iters: int = 14            # k ~ U{1..max}
     dtm_min_morphed: int = 1           # N_m ~ N - U{0..N - min}
+    # pixel reconstruction (framework simmim: L1; mae: L2), on the masked patches only
+    norm_pix_loss: bool = True         # mae: per-patch normalised pixel targets (MAE's default)
+    decoder_dim: int = 512             # mae decoder width (MAE ViT-B: 512)
+    decoder_depth: int = 8             # mae decoder blocks (MAE ViT-B: 8)
+    decoder_heads: int = 16            # mae decoder heads (MAE ViT-B: 16)
+    # Masked Token Optimization: loss = L_pixel + w_spa L_spa + w_e L_e + w_r L_r (NOTES.md: all 1)
+    mto: bool = False                  # on: simmim over the encoder blocks, mae over the decoder blocks
+    mto_spa: float = 1.0               # weight of L_spa, Eq. 3 (0 = off: Table 3's ablation)
+    mto_e: float = 1.0                 # weight of L_e, Eq. 4
+    mto_r: float = 1.0                 # weight of L_r, Eq. 5
+    mto_eps: float = 1e-6              # epsilon of L_e = 1 / (H^0 + eps)
+    mto_printed_sign: bool = False     # L_r as printed (H rising with depth); default falling (NOTES.md)
+    # k-NN accuracy per epoch on frozen features (an accuracy-vs-epoch curve for RAUC, Eq. 6)
+    eval_knn_every: int = 0            # epochs between evaluations (0 = never)
+    knn_bank: int = 5000               # training images in the memory bank (every process holds all)
+    knn_val: int = 1000                # validation images scored (sharded over processes)
+    knn_k: int = 20                    # neighbours voting, weighted by exp(cosine / 0.07) (DINO)
     # optimisation
     epochs: int = 10
     warmup_epochs: int = 1
@@ -75,6 +106,9 @@ class Config:
     accum_steps: int = 1               # gradient accumulation micro-steps per optimizer step
     blr: float = 1.5e-4                # lr = blr * batch_size / 256
     min_lr: float = 1e-6
+    lr_schedule: str = "cosine"        # cosine (to min_lr) | multistep (x lr_gamma at each lr_milestones epoch)
+    lr_milestones: List[int] = field(default_factory=list)  # multistep epochs (SimMIM ViT-B 800 ep: [700])
+    lr_gamma: float = 0.1
     weight_decay: float = 0.05
     beta2: float = 0.98                # AdamW betas (0.9, beta2)
     clip_grad: float = 3.0             # max gradient norm (0 = off)
@@ -88,14 +122,16 @@ class Config:
     compile: bool = False              # torch.compile the student
 
     def validate(self):
+        check_choice("framework", self.framework, FRAMEWORKS)
         check_choice("dataset", self.dataset, data.DATASETS)
         check_choice("model", self.model, M.VIT_SIZES)
         check_choice("pos_embed", self.pos_embed, ("learned", "sincos", "none"))
-        check_choice("mask", self.mask, ("block", "random"))
+        check_choice("mask", self.mask, data.MASKS)
         check_choice("teacher", self.teacher, ("clip", "checkpoint", "ema"))
         check_choice("loss", self.loss, ("dtm", "tokenwise", "fixed", "downsample"))
         check_choice("distance", self.distance, losses.DISTANCES)
         check_choice("device", self.device, ("auto", "cpu", "cuda"))
+        check_choice("lr_schedule", self.lr_schedule, ("cosine", "multistep"))
         if not 0 < self.mask_ratio < 1:
             raise ConfigError(f"config key 'mask_ratio' must be in (0, 1), got {self.mask_ratio}")
         if self.img_size % self.patch_size:
@@ -107,6 +143,92 @@ class Config:
         for key in ("epochs", "batch_size", "accum_steps", "dtm_levels", "dtm_max_iters", "log_every", "save_every"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"config key '{key}' must be >= 1, got {getattr(self, key)}")
+        self.validate_mim()
+
+    def validate_mim(self):
+        """The SimMIM / MAE / MTO / k-NN keys."""
+        if self.mask == "simmim" and (self.mask_patch_size % self.patch_size or self.img_size % self.mask_patch_size):
+            raise ConfigError(f"mask=simmim needs mask_patch_size ({self.mask_patch_size}) to be a multiple of "
+                              f"patch_size ({self.patch_size}) and to divide img_size ({self.img_size})")
+        if self.framework == "mae" and (self.rel_pos_bias or self.shared_rel_pos_bias or self.pos_embed == "none"):
+            raise ConfigError("framework=mae runs the encoder on the visible patches only: it needs pos_embed "
+                              "learned or sincos and no relative position bias")
+        if self.framework == "mae" and (self.decoder_dim % self.decoder_heads or self.decoder_dim % 4):
+            raise ConfigError(f"decoder_dim ({self.decoder_dim}) must be divisible by decoder_heads "
+                              f"({self.decoder_heads}) and by 4 (sin-cos positions)")
+        if self.mto and self.framework == "distill":
+            raise ConfigError("mto=true needs framework=simmim or framework=mae (MTO acts on the mask tokens "
+                              "of a pixel-reconstruction model)")
+        weights = [getattr(self, f"mto_{t}") for t in MTO_TERMS]
+        if min(weights) < 0:
+            raise ConfigError(f"the MTO weights mto_spa, mto_e, mto_r must be >= 0, got {weights}")
+        if self.mto and max(weights) == 0:
+            raise ConfigError("mto=true but mto_spa, mto_e and mto_r are all 0: switch mto off instead")
+        if self.eval_knn_every < 0:
+            raise ConfigError(f"config key 'eval_knn_every' must be >= 0, got {self.eval_knn_every}")
+        for key in ("knn_bank", "knn_val", "knn_k"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"config key '{key}' must be >= 1, got {getattr(self, key)}")
+
+
+def multistep_lr(step: int, warmup: int, base_lr: float, milestones: List[int], gamma: float) -> float:
+    """SimMIM's ViT-B schedule: linear warm-up, then base_lr x gamma^(milestones passed), in steps."""
+    if step < warmup:
+        return base_lr * step / warmup
+    return base_lr * gamma ** sum(step >= m for m in milestones)
+
+
+def build_encoder(cfg: Config) -> M.ViT:
+    return M.build_vit(cfg.model, img_size=cfg.img_size, patch_size=cfg.patch_size, pos_embed=cfg.pos_embed,
+                       rel_pos_bias=cfg.rel_pos_bias, shared_rel_pos_bias=cfg.shared_rel_pos_bias,
+                       layer_scale=cfg.layer_scale, drop_path=cfg.drop_path)
+
+
+def build_mim(cfg: Config, encoder: M.ViT) -> torch.nn.Module:
+    """framework simmim -> model.SimMIM; mae -> model.MAE with its decoder."""
+    if cfg.framework == "simmim":
+        return M.SimMIM(encoder)
+    decoder = M.MAEDecoder(embed_dim=encoder.cfg.embed_dim, grid=encoder.cfg.grid, patch_size=cfg.patch_size,
+                           decoder_dim=cfg.decoder_dim, depth=cfg.decoder_depth, num_heads=cfg.decoder_heads)
+    return M.MAE(encoder, decoder)
+
+
+def reconstruction_loss(cfg: Config, pred: torch.Tensor, img: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """L_pixel (MTO Eq. 1) on the masked patches only. Targets are the pixels of the (ImageNet-
+    normalised) input: SimMIM's L1 on them, MAE's MSE on them normalised per patch (norm_pix_loss)."""
+    target = M.patchify(img, cfg.patch_size)                      # (B, N, p*p*C)
+    if cfg.framework == "simmim":
+        return losses.pixel_loss(pred, target, mask, "l1")
+    target = losses.normalize_patches(target) if cfg.norm_pix_loss else target
+    return losses.pixel_loss(pred, target, mask, "l2")
+
+
+@torch.no_grad()
+def knn_top1(encoder: M.ViT, bank_loader, val_loader, device, k: int) -> float:
+    """Weighted k-NN top-1 (DINO: votes exp(cos / 0.07)) on the mean of the frozen encoder's final-
+    normed patch tokens. Every process holds the whole bank and scores its shard; counts are summed."""
+    was_training = encoder.training
+    encoder.eval()
+
+    def features(loader):  # -> (n, D) unit vectors, (n,) labels; n may be 0 on a rank with no shard
+        feats = [torch.zeros(0, encoder.cfg.embed_dim, device=device)]
+        labels = [torch.zeros(0, dtype=torch.long, device=device)]
+        for img, y in loader:
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                f = encoder(img.to(device))[:, 1:].mean(1)                 # (b, D), no mask
+            feats.append(F.normalize(f.float(), dim=1))
+            labels.append(y.to(device))
+        return torch.cat(feats), torch.cat(labels)
+
+    bank, bank_labels = features(bank_loader)
+    val, val_labels = features(val_loader)
+    sim, idx = (val @ bank.T).topk(min(k, len(bank)), dim=1)               # (n, k)
+    num_classes = int(bank_labels.max()) + 1
+    votes = val.new_zeros(len(val), num_classes).scatter_add_(1, bank_labels[idx], (sim / 0.07).exp())
+    correct = (votes.argmax(1) == val_labels).sum().float()
+    counts = all_reduce_sum(torch.stack([correct, torch.tensor(float(len(val)), device=device)]))
+    encoder.train(was_training)
+    return (counts[0] / counts[1]).item()
 
 
 def main(argv):
@@ -130,7 +252,11 @@ def main(argv):
     num_patches = grid * grid
     base = data.build_dataset(cfg.dataset, cfg.data_path, train=True, subset=cfg.subset,
                               transform=data.pretrain_transform(cfg.img_size, cfg.crop_scale_min, cfg.color_jitter))
-    dataset = data.MaskedImages(base, grid, cfg.mask_ratio, cfg.mask, cfg.mask_min_patches, cfg.seed)
+    dataset = data.MaskedImages(base, grid, cfg.mask_ratio, cfg.mask, cfg.mask_min_patches, cfg.seed,
+                                mask_cell=cfg.mask_patch_size // cfg.patch_size)
+    if cfg.framework != "distill" and not 0 < dataset.num_masked < num_patches:
+        raise ConfigError(f"mask_ratio {cfg.mask_ratio} masks {dataset.num_masked} of {num_patches} patches: "
+                          "pixel reconstruction needs both masked and visible patches")
     sampler = DistributedSampler(dataset, num_replicas=dist.world, rank=dist.rank, shuffle=True,
                                  seed=cfg.seed, drop_last=True)
     loader = DataLoader(dataset, batch_size=micro_batch, sampler=sampler, num_workers=cfg.num_workers,
@@ -143,18 +269,26 @@ def main(argv):
            f"{dataset.num_masked} masked, {steps_per_epoch} steps per epoch")
 
     # -------------------------------------------------------------------------
-    # Student, teacher, optimizer
-    encoder = M.build_vit(cfg.model, img_size=cfg.img_size, patch_size=cfg.patch_size, pos_embed=cfg.pos_embed,
-                          rel_pos_bias=cfg.rel_pos_bias, shared_rel_pos_bias=cfg.shared_rel_pos_bias,
-                          layer_scale=cfg.layer_scale, drop_path=cfg.drop_path)
-    teacher = M.build_teacher(cfg.teacher, encoder, cfg.teacher_model, cfg.teacher_pretrained)
-    if teacher.num_patches != num_patches:
-        raise ConfigError(f"the teacher gives {teacher.num_patches} tokens but the student has {num_patches} "
-                          "patches: match img_size/patch_size to the teacher's")
-    student = M.DistillStudent(encoder, teacher.out_dim).to(dist.device)
-    teacher = teacher.to(dist.device)
-    print0(f"student {cfg.model}: {sum(p.numel() for p in student.parameters()) / 1e6:.2f}M parameters; "
-           f"teacher {cfg.teacher} -> {teacher.out_dim}-d targets")
+    # Student (+ teacher for distill), optimizer
+    encoder = build_encoder(cfg)
+    teacher = None
+    if cfg.framework == "distill":
+        teacher = M.build_teacher(cfg.teacher, encoder, cfg.teacher_model, cfg.teacher_pretrained)
+        if teacher.num_patches != num_patches:
+            raise ConfigError(f"the teacher gives {teacher.num_patches} tokens but the student has {num_patches} "
+                              "patches: match img_size/patch_size to the teacher's")
+        student = M.DistillStudent(encoder, teacher.out_dim).to(dist.device)
+        teacher = teacher.to(dist.device)
+        print0(f"student {cfg.model}: {sum(p.numel() for p in student.parameters()) / 1e6:.2f}M parameters; "
+               f"teacher {cfg.teacher} -> {teacher.out_dim}-d targets")
+    else:
+        student = build_mim(cfg, encoder).to(dist.device)
+        where = {"simmim": "encoder", "mae": "decoder"}[cfg.framework]
+        note = (f"MTO over the {where} blocks (w_spa {cfg.mto_spa}, w_e {cfg.mto_e}, w_r {cfg.mto_r})"
+                if cfg.mto else "no MTO")
+        print0(f"{cfg.framework} {cfg.model}: {sum(p.numel() for p in student.parameters()) / 1e6:.2f}M "
+               f"parameters ({sum(p.numel() for p in encoder.parameters()) / 1e6:.2f}M encoder); {note}")
+    ema = teacher is not None and cfg.teacher == "ema"
     lr = cfg.blr * cfg.batch_size / 256
     optimizer = torch.optim.AdamW(param_groups(student, cfg.weight_decay), lr=lr, betas=(0.9, cfg.beta2),
                                   fused=dist.device.type == "cuda")
@@ -190,6 +324,34 @@ def main(argv):
             levels = losses.sample_levels(num_patches, cfg.dtm_levels, cfg.dtm_max_iters, cfg.dtm_min_morphed, rng)
         return losses.dtm_loss(u, v, levels, cfg.distance)
 
+    mto_weights = {t: getattr(cfg, f"mto_{t}") for t in MTO_TERMS}
+
+    def forward_loss(img, mask, v, step, micro):
+        """One micro-batch (inside autocast and DDP) -> loss, {term: detached value} for the log."""
+        if cfg.framework == "distill":
+            u = model(img, mask)                                  # (B, N, C) online tokens
+            return loss_fn(u, v, step, micro), {}
+        pred, hiddens = model(img, mask, return_hiddens=cfg.mto)  # (B, N, p*p*C); X^0..X^L or None
+        loss = reconstruction_loss(cfg, pred, img, mask)
+        terms = {"pixel": loss.detach()}
+        if cfg.mto:
+            mto = losses.mto_losses([h[:, 1:] for h in hiddens], mask, cfg.mto_printed_sign, cfg.mto_eps)
+            for name, w in mto_weights.items():
+                if w > 0:  # a switched-off term is still logged, never added (0 * inf would be nan)
+                    loss = loss + w * mto[name]
+                terms[name] = mto[name].detach()
+        return loss, terms
+
+    # k-NN accuracy per epoch (optional), small by design: every process embeds the whole bank
+    knn_loaders = None
+    if cfg.eval_knn_every:
+        tf = data.eval_transform(cfg.img_size)
+        bank_set = data.build_dataset(cfg.dataset, cfg.data_path, train=True, transform=tf, subset=cfg.knn_bank)
+        val_set = data.build_dataset(cfg.dataset, cfg.data_path, train=False, transform=tf, subset=cfg.knn_val)
+        knn_loaders = [DataLoader(ds, batch_size=micro_batch, sampler=s, num_workers=cfg.num_workers,
+                                  generator=torch.Generator())  # own generator: training randomness untouched
+                       for ds, s in ((bank_set, None), (val_set, ShardSampler(len(val_set), dist.rank, dist.world)))]
+
     # -------------------------------------------------------------------------
     # Training loop
     total_steps = cfg.epochs * steps_per_epoch
@@ -200,31 +362,37 @@ def main(argv):
         dataset.set_epoch(epoch)
         model.train()
         loss_sum = torch.zeros((), device=dist.device)
+        term_sums = {}                                            # simmim/mae: pixel and MTO terms
         loss_count, t0 = 0, time.time()
         bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not dist.main,
                    dynamic_ncols=True)
         it = iter(loader)
         for _ in range(steps_per_epoch):
-            lr_now = cosine_lr(step, total_steps, warmup_steps, lr, cfg.min_lr)
+            if cfg.lr_schedule == "cosine":
+                lr_now = cosine_lr(step, total_steps, warmup_steps, lr, cfg.min_lr)
+            else:
+                lr_now = multistep_lr(step, warmup_steps, lr, [e * steps_per_epoch for e in cfg.lr_milestones],
+                                      cfg.lr_gamma)
             for g in optimizer.param_groups:
                 g["lr"] = lr_now
             for micro in range(cfg.accum_steps):
                 img, mask, _ = next(it)
                 img = img.to(dist.device, non_blocking=True)
                 mask = mask.to(dist.device, non_blocking=True)
-                v = teacher(img)                                  # (B, N, C) targets, full image
+                v = teacher(img) if teacher is not None else None  # (B, N, C) targets, full image
                 sync = micro == cfg.accum_steps - 1 or dist.world == 1
                 with autocast, (contextlib.nullcontext() if sync else model.no_sync()):
-                    u = model(img, mask)                          # (B, N, C) online tokens
-                    loss = loss_fn(u, v, step, micro)
+                    loss, terms = forward_loss(img, mask, v, step, micro)
                     (loss / cfg.accum_steps).backward()
                 loss_sum += loss.detach()
+                for name, value in terms.items():
+                    term_sums[name] = term_sums.get(name, 0) + value
                 loss_count += 1
             if cfg.clip_grad > 0:
                 torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.clip_grad)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            if cfg.teacher == "ema":
+            if ema:
                 m = cfg.ema_momentum_end - (cfg.ema_momentum_end - cfg.ema_momentum) * \
                     (math.cos(math.pi * step / total_steps) + 1) / 2
                 teacher.update(student.encoder, m)
@@ -237,20 +405,31 @@ def main(argv):
                                         f"the last good checkpoint is {ckpt_path}: lower blr or check the data")
                 ips = loss_count * micro_batch * dist.world / (time.time() - t0)
                 bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr_now:.2e}", img_s=f"{ips:.0f}")
+                extra = {}
+                if term_sums:  # one reduction for all terms
+                    means = all_reduce_mean(torch.stack(list(term_sums.values())) / loss_count).tolist()
+                    extra = dict(zip(term_sums, means))
                 if dist.main:
                     log_json(log_path, {"epoch": epoch + 1, "step": step, "loss": mean_loss, "lr": lr_now,
-                                        "img_per_s": ips})
+                                        "img_per_s": ips, **extra})
                 loss_sum.zero_()
+                term_sums = {}
                 loss_count, t0 = 0, time.time()
         bar.close()
 
-        # ---------------------------------------------------------------------
-        # Checkpoint: the unwrapped student, optimizer, teacher (ema), position in the run
         done = epoch + 1
+        if knn_loaders and (done % cfg.eval_knn_every == 0 or done == cfg.epochs):
+            acc = knn_top1(student.encoder, *knn_loaders, dist.device, cfg.knn_k)
+            print0(f"epoch {done}: k-NN top-1 {acc:.4f}")
+            if dist.main:
+                log_json(log_path, {"epoch": done, "knn_top1": acc})
+
+        # ---------------------------------------------------------------------
+        # Checkpoint: the unwrapped student (+ MAE decoder), optimizer, teacher (ema), position in the run
         if dist.main and (done % cfg.save_every == 0 or done == cfg.epochs):
             state = {"model": student.state_dict(), "optimizer": optimizer.state_dict(), "epoch": done,
                      "step": step, "config": config_dict(cfg)}
-            if cfg.teacher == "ema":
+            if ema:
                 state["teacher"] = teacher.encoder.state_dict()
             save_atomic(state, ckpt_path)
             if cfg.keep_every and done % cfg.keep_every == 0:

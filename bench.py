@@ -1,0 +1,670 @@
+"""Speed of the pre-training step: variants side by side, all timed in one process.
+
+    python bench.py --device cpu                   # tiny models, about a minute on 2 cores
+    python bench.py --device cuda                  # ViT-S/B/L at 224 px, bf16, batch 256 (ViT-L 128)
+    python bench.py --device cuda --data jpeg      # + the step fed from decoded JPEGs in an image folder
+    python bench.py --device cuda --sections distill --profile   # where the time of one step goes
+    python bench.py --device cuda --models vit_base --batch 128 --no-compile drop_path=0.1  # key=value: Config
+
+Sections (rows). Every ratio compares variants timed in turn, one step each, in this run, so a
+busy machine slows both sides alike:
+  step     this project's ViT vs timm's VisionTransformer: same size, batch, precision and weights,
+           eager and torch.compile; a step is forward, backward, gradient clipping and AdamW
+  distill  pretrain.py's step: frozen CLIP-sized teacher + student + loss, token-wise vs DTM
+           (L levels, k <= max_iters, drawn per step), same student, teacher and optimizer
+  dtm      the DTM assignment alone (ms per batch) for N = 196 tokens and several (N_m, k); and
+           the loss alone (forward + backward), token-wise vs DTM: DTM's cost without step noise
+  data     the distill step fed from decoded JPEGs (DataLoader workers, pretrain.py's transform
+           and masks) vs from tensors already on the device, and the loader alone (--data jpeg)
+
+Student, masking, loss and AdamW settings come from a pre-training config (pretrain.Config:
+--config, then key=value overrides). The teacher is open_clip's visual tower with RANDOM weights
+(no download): timing only. FLOPs are counted analytically (vit_forward_flops); MFU =
+(3 x student forward + teacher forward FLOPs) x images/s / the device's dense bf16 peak.
+"""
+import argparse
+import json
+import multiprocessing
+import os
+import random
+import resource
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+from torch.profiler import record_function
+
+import data
+import losses
+import model as M
+import pretrain
+from common import param_groups, parse_config
+
+# Dense bf16 peak, TFLOP/s, of the devices we know (most specific names first); else --peak-tflops.
+PEAK_BF16_TFLOPS = {"H100 PCIe": 756, "H100 NVL": 835, "H100": 989, "H200": 989, "A100": 312}
+GPU_MODELS = "vit_small,vit_base,vit_large"  # the step section's default sizes on a GPU
+GPU_BATCH, GPU_BATCH_LARGE, CPU_BATCH = 256, 128, 16
+DTM_CASES = [(196, 1), (147, 2), (98, 1), (98, 7), (98, 14), (49, 14), (1, 1), (1, 14)]  # (N_m, k)
+TINY_CLIP = "bench-tiny-clip"  # the CPU teacher: an open_clip config registered at start-up
+PHASES = ("teacher", "student forward", "loss", "backward", "clip+adamw")  # profiler scopes of a step
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--config", help="pre-training config (default: configs/in1k_vit_base_dtm.yaml on cuda, "
+                                    "configs/fmnist_dtm.yaml on cpu)")
+    p.add_argument("--models", help=f"step section, comma-separated (default: cuda {GPU_MODELS}; cpu the "
+                                    "config's model)")
+    p.add_argument("--batch", type=int, default=0, help=f"batch per step (default: cuda {GPU_BATCH}, ViT-L "
+                                                        f"{GPU_BATCH_LARGE}; cpu {CPU_BATCH})")
+    p.add_argument("--teacher", help=f"open_clip model name (default: cuda the config's teacher_model; cpu "
+                                     f"{TINY_CLIP}, a ViT-Tiny-like tower)")
+    p.add_argument("--precision", choices=("bf16", "fp32"),
+                   help="autocast dtype of the student (default: bf16 on cuda, fp32 on cpu, as pretrain.py)")
+    p.add_argument("--steps", type=int, default=0, help="timed steps per variant (default: cuda 20, cpu 10)")
+    p.add_argument("--warmup", type=int, default=0, help="untimed steps per variant (default: cuda 5, cpu 2)")
+    p.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile rows")
+    p.add_argument("--compile-teacher", action="store_true",
+                   help="the compiled distill rows compile the teacher too (pretrain.py: the student only)")
+    p.add_argument("--sections", default="step,distill,dtm", help="comma-separated, of step, distill, dtm, data")
+    p.add_argument("--data", choices=("tensor", "jpeg"), default="tensor",
+                   help="jpeg: also run the data section (the same as adding it to --sections)")
+    p.add_argument("--jpeg-dir", default="", help="image folder to use, filled if short (default: a temporary one)")
+    p.add_argument("--jpeg-count", type=int, default=0, help="JPEGs to generate (default: cuda 4000, cpu 200)")
+    p.add_argument("--workers", type=int, default=-1, help="DataLoader workers, also JPEG writers (default: "
+                                                          "CPU cores - 2)")
+    p.add_argument("--peak-tflops", type=float, default=0.0, help="dense bf16 peak of this device, TFLOP/s")
+    p.add_argument("--profile", action="store_true", help="print torch.profiler tables of the eager distill steps")
+    p.add_argument("--json", default="", help="also write the rows and targets to this file")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of pretrain.Config")
+    args = p.parse_args(argv)
+    gpu = args.device == "cuda"
+    if gpu and not torch.cuda.is_available():
+        p.error("--device cuda but no CUDA device is visible")
+    args.config = args.config or ("configs/in1k_vit_base_dtm.yaml" if gpu else "configs/fmnist_dtm.yaml")
+    args.precision = args.precision or ("bf16" if gpu else "fp32")
+    args.steps = args.steps or (20 if gpu else 10)
+    args.warmup = args.warmup or (5 if gpu else 2)
+    args.jpeg_count = args.jpeg_count or (4000 if gpu else 200)
+    if args.workers < 0:
+        args.workers = max(1, len(os.sched_getaffinity(0)) - 2)
+    args.sections = [s for s in args.sections.split(",") if s]
+    unknown = set(args.sections) - {"step", "distill", "dtm", "data"}
+    if unknown:
+        p.error(f"unknown section(s) {sorted(unknown)}: choose from step, distill, dtm, data")
+    if args.data == "jpeg" and "data" not in args.sections:
+        args.sections.append("data")
+    return args
+
+
+def batch_for(args, name):
+    if args.batch:
+        return args.batch
+    if args.device != "cuda":
+        return CPU_BATCH
+    return GPU_BATCH_LARGE if name == "vit_large" else GPU_BATCH
+
+
+# -----------------------------------------------------------------------------
+# FLOPs, timing, memory
+
+def vit_forward_flops(depth, dim, num_patches, patch_size, out_dim=0, mlp_ratio=4.0, in_chans=3):
+    """Forward FLOPs per image of a ViT with T = 1 + N tokens (a multiply-add is 2 FLOPs):
+
+        depth * T * (24 D^2 + 4 T D)   per block and token: qkv 6 D^2, proj 2 D^2, MLP 16 D^2
+                                       (ratio 4); q k^T 2 T D, attention @ v 2 T D
+      + N * 2 * (3 p^2) * D            patch embedding
+      + N * 2 * D * C                  linear head / projection to C-d targets (if out_dim)
+    Norms, softmax, GELU, the loss and the optimizer are not counted.
+    """
+    assert mlp_ratio == 4.0, "the 24 D^2 term assumes an MLP ratio of 4"
+    T = 1 + num_patches
+    return (depth * T * (24 * dim ** 2 + 4 * T * dim) + num_patches * 2 * in_chans * patch_size ** 2 * dim
+            + num_patches * 2 * dim * out_dim)
+
+
+def device_peak_flops(args):
+    if args.peak_tflops:
+        return args.peak_tflops * 1e12
+    if args.device != "cuda":
+        return None
+    name = torch.cuda.get_device_name()
+    return next((tflops * 1e12 for key, tflops in PEAK_BF16_TFLOPS.items() if key in name), None)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_interleaved(fns, device, warmup, steps):
+    """Warm every variant up, then run `steps` rounds of one step of each variant in turn, each
+    step bracketed by device synchronisations. Returns {name: [seconds, ...]}."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(steps):
+        for name, fn in fns.items():
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def step_peak_bytes(fn, device, resident):
+    """Peak memory of one step of `fn` alone: what it allocates on top of what was there, plus
+    the bytes of the modules and optimizer states it keeps (`resident`). None on CPU."""
+    if device.type != "cuda":
+        return None
+    sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    fn()
+    sync(device)
+    return torch.cuda.max_memory_allocated(device) - before + resident
+
+
+def state_bytes(*objs):
+    """Bytes held by modules (parameters, buffers) and optimizers (their state tensors)."""
+    seen, total = set(), 0
+    for obj in objs:
+        if isinstance(obj, torch.nn.Module):
+            tensors = list(obj.parameters()) + list(obj.buffers())
+        else:
+            tensors = [t for s in obj.state.values() for t in s.values() if torch.is_tensor(t)]
+        for t in tensors:
+            if t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
+    return total
+
+
+def row(section, variant, batch, seconds, ref=None, vs=None, flops_per_image=None, peak=None, mem=None):
+    """A table row from per-step times: median ms, images/s, spread (half the interquartile range
+    over the median), MFU. `ratio` (against the row named `ref`, shown as `vs`) is filled in later."""
+    med = statistics.median(seconds)
+    q = statistics.quantiles(seconds, n=4) if len(seconds) > 1 else [med] * 3
+    ips = batch / med if batch else None
+    return {"section": section, "variant": variant, "batch": batch, "ms": 1e3 * med, "images_s": ips,
+            "spread": (q[2] - q[0]) / 2 / med, "seconds": list(seconds), "ref": ref, "vs": vs,
+            "ratio": None, "ratio_spread": None,
+            "mfu": flops_per_image * ips / peak if (flops_per_image and peak and ips) else None,
+            "peak_gib": mem / 2 ** 30 if mem is not None else None}
+
+
+# -----------------------------------------------------------------------------
+# Models and one training step
+
+def build_pair(name, cfg, device):
+    """Our ViT and timm's VisionTransformer of the same size, holding the same weights."""
+    from timm.models.vision_transformer import VisionTransformer
+    ours = M.build_vit(name, img_size=cfg.img_size, patch_size=cfg.patch_size, layer_scale=cfg.layer_scale)
+    size = M.VIT_SIZES[name]
+    ref = VisionTransformer(img_size=cfg.img_size, patch_size=cfg.patch_size, num_classes=0, global_pool="token",
+                            embed_dim=size["embed_dim"], depth=size["depth"], num_heads=size["num_heads"],
+                            init_values=cfg.layer_scale or None)
+    ref.load_state_dict(M.to_timm(ours.state_dict()), strict=True)  # the same network, parameter by parameter
+    return ours.to(device), ref.to(device)
+
+
+def random_clip_teacher(name):
+    """CLIPTeacher over open_clip's `name` with random weights, loaded through the real path (a file)."""
+    import open_clip
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "random_clip.pt")
+        torch.save(open_clip.create_model(name, device="cpu").state_dict(), path)
+        return M.CLIPTeacher(name, pretrained=path)
+
+
+def register_tiny_clip(cfg, folder):
+    """The CPU teacher: a ViT-Tiny-like open_clip tower (width 192, 6 blocks) at the config's size."""
+    import open_clip
+    spec = {"embed_dim": 64, "quick_gelu": True,
+            "vision_cfg": {"image_size": cfg.img_size, "patch_size": cfg.patch_size, "width": 192,
+                           "layers": 6, "head_width": 64},
+            "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1}}
+    path = os.path.join(folder, f"{TINY_CLIP}.json")
+    with open(path, "w") as f:
+        json.dump(spec, f)
+    open_clip.add_model_config(path)
+
+
+def make_optimizer(module, cfg, device):
+    return torch.optim.AdamW(param_groups(module, cfg.weight_decay), lr=cfg.blr, betas=(0.9, cfg.beta2),
+                             fused=device.type == "cuda")
+
+
+def train_step(loss_of, params, optimizer, autocast, clip_grad):
+    """loss_of() under autocast, then backward, gradient clipping and AdamW, as in pretrain.py."""
+    with autocast:
+        loss = loss_of()
+    with record_function("backward"):
+        loss.backward()
+    with record_function("clip+adamw"):
+        if clip_grad > 0:
+            torch.nn.utils.clip_grad_norm_(params, clip_grad)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+def make_loss(cfg, kind, num_patches):
+    """pretrain.py's loss: token-wise, or DTM with levels drawn per step from a seeded rng."""
+    if kind == "tokenwise":
+        return lambda u, v: losses.tokenwise_loss(u, v, cfg.distance)
+    rng = random.Random(cfg.seed)  # every DTM variant sees the same sequence of levels
+
+    def dtm(u, v):
+        levels = losses.sample_levels(num_patches, cfg.dtm_levels, cfg.dtm_max_iters, cfg.dtm_min_morphed, rng)
+        return losses.dtm_loss(u, v, levels, cfg.distance)
+    return dtm
+
+
+def batch_of_masks(cfg, batch, seed=0):
+    """(B, N) bool masks as pretrain.py's data set draws them."""
+    grid = cfg.img_size // cfg.patch_size
+    num_masked = data.num_masked_patches(grid * grid, cfg.mask_ratio)
+    rng = random.Random(seed)
+    return torch.stack([data.block_mask(grid, num_masked, cfg.mask_min_patches, rng=rng) if cfg.mask == "block"
+                        else data.random_mask(1, grid * grid, num_masked)[0] for _ in range(batch)])
+
+
+# -----------------------------------------------------------------------------
+# Section: our ViT vs timm's
+
+def bench_step(args, cfg, device, autocast, peak):
+    rows = []
+    names = (args.models or (GPU_MODELS if args.device == "cuda" else cfg.model)).split(",")
+    for name in names:
+        batch = batch_for(args, name)
+        ours, ref = build_pair(name, cfg, device)
+        x = torch.randn(batch, 3, cfg.img_size, cfg.img_size, device=device)
+        fns, kept = {}, {}
+        for who, module, forward in (("ours", ours, ours), ("timm", ref, ref.forward_features)):
+            opt = make_optimizer(module, cfg, device)
+            params = list(module.parameters())
+            modes = [("eager", forward)] + ([("compiled", torch.compile(forward))] if args.compile else [])
+            for mode, f in modes:  # eager and compiled share the module and its optimizer
+                fns[f"{who} {mode}"] = lambda f=f, params=params, opt=opt: train_step(
+                    lambda: f(x).float().square().mean(), params, opt, autocast, cfg.clip_grad)
+                kept[f"{who} {mode}"] = (module, opt)
+        print(f"  step {name}: batch {batch}, {list(fns)} ...", flush=True)
+        times = time_interleaved(fns, device, args.warmup, args.steps)
+        resident = {key: state_bytes(*objs) for key, objs in kept.items()}  # AdamW's state exists by now
+        c = ours.cfg
+        flops = 3 * vit_forward_flops(c.depth, c.embed_dim, c.num_patches, c.patch_size)
+        for key, fn in fns.items():
+            mode = key.split()[1]
+            rows.append(row("step", f"{name} {key}", batch, times[key], f"{name} timm {mode}", f"timm {mode}",
+                            flops, peak, step_peak_bytes(fn, device, resident[key])))
+        del ours, ref, fns, kept, x
+        free(device)
+    return rows
+
+
+# -----------------------------------------------------------------------------
+# Section: the distillation step, token-wise vs DTM
+
+def build_distill(args, cfg, device):
+    """pretrain.py's student and (random-weight) CLIP teacher for this config, AdamW, FLOPs per image."""
+    teacher_name = args.teacher or (cfg.teacher_model if args.device == "cuda" else TINY_CLIP)
+    teacher = random_clip_teacher(teacher_name).to(device)
+    encoder = M.build_vit(cfg.model, img_size=cfg.img_size, patch_size=cfg.patch_size, pos_embed=cfg.pos_embed,
+                          rel_pos_bias=cfg.rel_pos_bias, shared_rel_pos_bias=cfg.shared_rel_pos_bias,
+                          layer_scale=cfg.layer_scale, drop_path=cfg.drop_path)
+    if teacher.num_patches != encoder.num_patches:
+        raise SystemExit(f"error: teacher {teacher_name} gives {teacher.num_patches} tokens, the student has "
+                         f"{encoder.num_patches} patches: match img_size/patch_size")
+    student = M.DistillStudent(encoder, teacher.out_dim).to(device)
+    opt = make_optimizer(student, cfg, device)
+    e, v = encoder.cfg, teacher.visual
+    flops = 3 * vit_forward_flops(e.depth, e.embed_dim, e.num_patches, e.patch_size, teacher.out_dim) + \
+        vit_forward_flops(len(v.transformer.resblocks), v.transformer.width, teacher.num_patches,
+                          v.conv1.kernel_size[0], teacher.out_dim)
+    return teacher_name, teacher, student, opt, flops
+
+
+def distill_steps(args, cfg, autocast, student, teacher, opt):
+    """{variant: step(img, mask)}: pretrain.py's step with the token-wise or the DTM loss, eager and
+    compiled (the compiled student shares its weights and optimizer with the eager one)."""
+    params = list(student.parameters())
+    modes = [("eager", student, teacher)]
+    if args.compile:
+        modes.append(("compiled", torch.compile(student), torch.compile(teacher) if args.compile_teacher else teacher))
+    steps = {}
+    for mode, s, t in modes:
+        for kind in ("tokenwise", "dtm"):
+            loss_fn = make_loss(cfg, kind, student.encoder.num_patches)
+
+            def step(img, mask, s=s, t=t, loss_fn=loss_fn):
+                with record_function("teacher"):
+                    v = t(img)                                  # (B, N, C) targets, full image
+
+                def loss_of():
+                    with record_function("student forward"):
+                        u = s(img, mask)                        # (B, N, C) online tokens, masked image
+                    with record_function("loss"):
+                        return loss_fn(u, v)
+                train_step(loss_of, params, opt, autocast, cfg.clip_grad)
+            steps[f"{kind} {mode}"] = step
+    return steps
+
+
+def bench_distill(args, cfg, device, autocast, peak, setup, batch):
+    teacher_name, teacher, student, opt, flops = setup
+    img = torch.randn(batch, 3, cfg.img_size, cfg.img_size, device=device)
+    mask = batch_of_masks(cfg, batch).to(device)
+    steps = distill_steps(args, cfg, autocast, student, teacher, opt)
+    fns = {key: (lambda step=step: step(img, mask)) for key, step in steps.items()}
+    print(f"  distill {cfg.model} + {teacher_name}: batch {batch}, {list(fns)} ...", flush=True)
+    times = time_interleaved(fns, device, args.warmup, args.steps)
+    resident = state_bytes(student, teacher, opt)
+    name = f"{cfg.model}+{teacher_name}"
+    rows = [row("distill", f"{name} {key}", batch, times[key], f"{name} tokenwise {key.split()[1]}",
+                f"tokenwise {key.split()[1]}", flops, peak, step_peak_bytes(fns[key], device, resident))
+            for key in fns]
+    if args.profile:
+        profile({key: fn for key, fn in fns.items() if key.endswith("eager")}, device)
+    return rows, steps, fns
+
+
+# -----------------------------------------------------------------------------
+# Section: DTM alone
+
+def bench_dtm(args, cfg, device, autocast, out_dim, batch, num_patches):
+    """dtm_assignment on random targets (B, 196, C) for several (N_m, k) and for levels drawn as in
+    training; then the loss alone, forward + backward, token-wise vs DTM, at the student's N."""
+    N = 196
+    v = torch.randn(batch, N, out_dim, device=device)
+    fns = {f"assignment N=196 N_m={nm} k={k}": (lambda nm=nm, k=k: losses.dtm_assignment(v, nm, k))
+           for nm, k in DTM_CASES}
+    rng = random.Random(cfg.seed)
+
+    def sampled():  # what one DTM step computes: L levels drawn as in training
+        for nm, k in losses.sample_levels(N, cfg.dtm_levels, cfg.dtm_max_iters, cfg.dtm_min_morphed, rng):
+            losses.dtm_assignment(v, nm, k)
+    fns[f"assignment N=196, {cfg.dtm_levels} levels drawn"] = sampled
+
+    # the loss alone: u in the student head's output dtype, v in fp32 as the teacher gives it
+    u_dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    u_leaf = torch.randn(batch, num_patches, out_dim, device=device, requires_grad=True)
+    v_t = torch.randn(batch, num_patches, out_dim, device=device)
+    for kind in ("tokenwise", "dtm"):
+        loss_fn = make_loss(cfg, kind, num_patches)
+
+        def loss_step(loss_fn=loss_fn):
+            with autocast:
+                loss = loss_fn(u_leaf.to(u_dtype), v_t)
+            loss.backward()
+            u_leaf.grad = None
+        fns[f"loss fwd+bwd N={num_patches} {kind}"] = loss_step
+    print(f"  dtm: batch {batch}, C = {out_dim}, {len(fns)} cases ...", flush=True)
+    times = time_interleaved(fns, device, args.warmup, max(args.steps, 10))
+    rows = []
+    for key in fns:
+        dtm_loss = key.startswith("loss") and key.endswith(" dtm")
+        r = row("dtm", key, batch, times[key], key.replace(" dtm", " tokenwise") if dtm_loss else None,
+                "tokenwise loss" if dtm_loss else None)
+        r["images_s"] = None  # a part of a step, not a step
+        rows.append(r)
+    return rows
+
+
+# -----------------------------------------------------------------------------
+# Section: the data pipeline
+
+def make_jpegs(root, count, workers, seed=0, num_classes=10):
+    """An ImageNet-layout folder (root/train/classXXX/*.jpg) of `count` JPEGs of ImageNet's usual
+    sizes (about 500 x 375), smooth random content plus noise, quality 90 (~80 kB, ImageNet ~110 kB)."""
+    jobs = [(root, i, seed, num_classes) for i in range(count)]
+    with multiprocessing.get_context("fork").Pool(max(workers, 1)) as pool:
+        pool.map(_write_jpeg, jobs, chunksize=16)
+
+
+def _write_jpeg(job):
+    import numpy as np
+    from PIL import Image
+    root, i, seed, num_classes = job
+    rng = np.random.default_rng([seed, i])
+    w, h = [(500, 375), (500, 333), (375, 500), (500, 400), (333, 500)][rng.integers(5)]
+    low = rng.integers(0, 256, size=(h // 16 + 1, w // 16 + 1, 3), dtype=np.uint8)
+    smooth = np.asarray(Image.fromarray(low).resize((w, h), Image.BICUBIC), dtype=np.float32)
+    pixels = (smooth + rng.normal(0, 10, size=(h, w, 3))).clip(0, 255).astype(np.uint8)
+    folder = os.path.join(root, "train", f"class{i % num_classes:03d}")
+    os.makedirs(folder, exist_ok=True)
+    Image.fromarray(pixels).save(os.path.join(folder, f"{i:06d}.jpg"), quality=90)
+
+
+def bench_data(args, cfg, device, steps, on_device, batch, folder):
+    """The DTM step fed from a DataLoader over JPEGs vs on tensors already on the device.
+
+    steps: {variant: step(img, mask)}; on_device: {variant: the same step on fixed device tensors}.
+    Timed in blocks of back-to-back steps, not single steps: the loader keeps `workers x prefetch`
+    batches in flight, so each JPEG block first drains that queue, then times `steps` steps.
+    """
+    from torch.utils.data import DataLoader, RandomSampler
+    root = args.jpeg_dir or os.path.join(folder, "jpegs")
+    have = sum(len(files) for _, _, files in os.walk(os.path.join(root, "train")))
+    if have < args.jpeg_count:
+        t0 = time.time()
+        make_jpegs(root, args.jpeg_count, args.workers)
+        print(f"  data: wrote {args.jpeg_count} JPEGs to {root} in {time.time() - t0:.0f} s", flush=True)
+    base = data.build_dataset("imagefolder", root, train=True,
+                              transform=data.pretrain_transform(cfg.img_size, cfg.crop_scale_min, cfg.color_jitter))
+    dataset = data.MaskedImages(base, cfg.img_size // cfg.patch_size, cfg.mask_ratio, cfg.mask,
+                                cfg.mask_min_patches, cfg.seed)
+    sampler = RandomSampler(dataset, replacement=True, num_samples=10 ** 9,  # one endless epoch
+                            generator=torch.Generator().manual_seed(cfg.seed))
+    prefetch = 2  # DataLoader's default, as in pretrain.py (each batch in flight sits in /dev/shm)
+    loader = DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=args.workers,
+                        pin_memory=device.type == "cuda", drop_last=True, persistent_workers=args.workers > 0,
+                        prefetch_factor=prefetch if args.workers > 0 else None)
+    batches = iter(loader)
+    key = "dtm compiled" if "dtm compiled" in steps else "dtm eager"
+
+    def fed():
+        img, mask, _ = next(batches)
+        steps[key](img.to(device, non_blocking=True), mask.to(device, non_blocking=True))
+
+    queue = args.workers * prefetch  # batches in flight
+    print(f"  data: {args.workers} workers, batch {batch}, {queue} batches in flight, {key} ...", flush=True)
+    blocks = (("tensor", on_device[key], args.warmup), ("jpeg", fed, queue + args.warmup),
+              ("loader", lambda: next(batches), queue))
+    times = {name: [] for name, _, _ in blocks}
+    for _ in range(2):
+        for name, fn, warm in blocks:
+            for _ in range(warm):
+                fn()
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                fn()
+            sync(device)
+            times[name].append((time.perf_counter() - t0) / args.steps)  # one block: mean step time
+    del batches, loader
+    labels = {"tensor": f"{key}, tensors on device", "jpeg": f"{key}, fed from JPEGs",
+              "loader": "loader alone: decode, augment, mask, pin"}
+    return [row("data", labels[name], batch, times[name], *((None, None) if name == "tensor" else
+                                                            (labels["tensor"], "tensors on device")))
+            for name in times]
+
+
+# -----------------------------------------------------------------------------
+# Profiling
+
+def profile(fns, device, steps=3):
+    """torch.profiler over a few steps of each variant: time per phase of the step, then the ops."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    for name, fn in fns.items():
+        fn()
+        with torch_profile(activities=activities) as prof:
+            for _ in range(steps):
+                fn()
+            sync(device)
+        events = prof.key_averages()
+        print(f"\n--- profile: {name}, {steps} steps; per step: phase, CPU ms" + (", device ms" if cuda else ""))
+        for e in events:
+            if e.key in PHASES:
+                dev = f" {e.device_time_total / 1e3 / steps:9.2f}" if cuda else ""
+                print(f"    {e.key:16} {e.cpu_time_total / 1e3 / steps:9.2f}{dev}")
+        print(events.table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total", row_limit=20))
+
+
+def free(device):
+    """Let go of what a section built: compiled graphs, then cached device memory."""
+    import gc
+    torch._dynamo.reset()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# -----------------------------------------------------------------------------
+# Table and targets
+
+def fill_ratios(rows):
+    """ratio = median over rounds of (this step's time / the reference's time in the same round).
+
+    Variants ran in turn, one step each per round, so pairing by round cancels load changes slower
+    than a round. ratio_spread: half the interquartile range of those paired ratios.
+    """
+    by_name = {(r["section"], r["variant"]): r for r in rows}
+    for r in rows:
+        ref = by_name.get((r["section"], r["ref"]))
+        if ref is None:
+            continue
+        paired = [a / b for a, b in zip(r["seconds"], ref["seconds"])]
+        q = statistics.quantiles(paired, n=4) if len(paired) > 1 else [paired[0]] * 3
+        r["ratio"], r["ratio_spread"] = statistics.median(paired), (q[2] - q[0]) / 2
+        if ref is r:
+            r["vs"] = "(reference)"
+
+
+def noise(r):
+    """A ~95% band for a paired ratio: 2 standard errors of a median estimated from the
+    interquartile range (sigma ~ IQR / 1.35; SE of a median ~ 1.25 sigma / sqrt(n))."""
+    return 2 * 1.25 * (2 * r["ratio_spread"]) / 1.35 / len(r["seconds"]) ** 0.5
+
+
+def fmt(value, spec, none="n/a"):
+    return none if value is None else format(value, spec)
+
+
+def print_table(rows):
+    head = (f"{'section':8} {'variant':44} {'batch':>5} {'ms':>9} {'+-%':>5} {'img/s':>8} "
+            f"{'ratio':>6}  {'vs':22} {'MFU':>6} {'peak GiB':>8}")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        print(f"{r['section']:8} {r['variant']:44} {r['batch']:5d} {r['ms']:9.2f} {100 * r['spread']:5.1f} "
+              f"{fmt(r['images_s'], '8.1f'):>8} {fmt(r['ratio'], '6.3f', ''):>6}  {r['vs'] or '':22} "
+              f"{fmt(r['mfu'], '.1%'):>6} {fmt(r['peak_gib'], '8.2f'):>8}")
+
+
+def targets(rows, args, cfg, teacher_name):
+    """The issue's targets as (text, measured value, limit, noise band); limit < 0 means >= -limit."""
+    by_name = {(r["section"], r["variant"]): r for r in rows}
+    out = []
+    for r in rows:
+        ref = by_name.get((r["section"], r["ref"]))
+        if ref is None or ref is r or r["section"] == "dtm":
+            continue
+        text, limit = {"step": ("ours / timm", 1.00), "distill": ("DTM / token-wise", 1.02),
+                       "data": ("fed from JPEGs / from device tensors", 1.10)}[r["section"]]
+        if r["section"] != "data" or "JPEGs" in r["variant"]:
+            out.append((f"{r['variant']}: {text} <= {limit:.2f}", r["ratio"], limit, noise(r)))
+    # DTM's overhead from the loss timed alone (no step noise), over the token-wise eager step
+    n = cfg.img_size // cfg.patch_size
+    dtm, tok = (by_name.get(("dtm", f"loss fwd+bwd N={n * n} {k}")) for k in ("dtm", "tokenwise"))
+    step = next((r for r in rows if r["section"] == "distill" and r["variant"].endswith("tokenwise eager")), None)
+    if dtm and tok and step:
+        out.append(("(DTM loss - token-wise loss, timed alone) / token-wise eager step <= 0.02",
+                    (dtm["ms"] - tok["ms"]) / step["ms"], 0.02, 0.0))
+    headline = [r for r in rows if r["section"] == "distill" and " dtm " in r["variant"]]
+    if (headline and args.device == "cuda" and cfg.model == "vit_base" and teacher_name == "ViT-B-16-quickgelu"
+            and cfg.img_size == 224 and headline[0]["batch"] == 256):
+        best = max(headline, key=lambda r: r["images_s"])
+        out.append((f"{best['variant']}: images/s >= 2300", best["images_s"], -2300, 0.0))
+    return out
+
+
+def verdict(value, limit, band):
+    """limit > 0: value must be <= limit; limit < 0: value must be >= -limit."""
+    if (value <= limit) if limit > 0 else (value >= -limit):
+        return "ok"
+    return "noise" if limit > 0 and value <= limit + band else "MISS"
+
+
+# -----------------------------------------------------------------------------
+# Main
+
+def main(argv):
+    args = parse_args(argv)
+    cfg = parse_config(pretrain.Config, ["--config", args.config, *args.overrides])
+    device = torch.device(args.device)
+    torch.manual_seed(cfg.seed)
+    peak = device_peak_flops(args)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16 if args.precision == "bf16" else torch.float32,
+                              enabled=args.precision == "bf16")
+    import open_clip
+    import timm
+    where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"command: python bench.py {' '.join(argv)}")
+    print(f"device: {where}; torch {torch.__version__}, timm {timm.__version__}, open_clip {open_clip.__version__}")
+    print(f"config: {' '.join([args.config, *args.overrides])}; {args.precision}; {cfg.img_size} px, patch "
+          f"{cfg.patch_size}; {args.warmup} warm-up + {args.steps} timed steps per variant; dense bf16 peak "
+          f"{fmt(peak and peak / 1e12, '.0f')} TFLOP/s")
+    print("NOTE: the teacher's weights are RANDOM (open_clip architecture, no download): timing only.", flush=True)
+    rows, teacher_name, t_start = [], None, time.time()
+    batch = batch_for(args, cfg.model)
+    num_patches = (cfg.img_size // cfg.patch_size) ** 2
+    with tempfile.TemporaryDirectory() as folder:
+        if args.device == "cpu" and not args.teacher:
+            register_tiny_clip(cfg, folder)
+        if "step" in args.sections:
+            rows += bench_step(args, cfg, device, autocast, peak)
+        out_dim = 512 if args.device == "cuda" else 64
+        if "distill" in args.sections or "data" in args.sections:
+            setup = build_distill(args, cfg, device)
+            teacher_name, out_dim = setup[0], setup[1].out_dim
+            drows, steps, fns = bench_distill(args, cfg, device, autocast, peak, setup, batch)
+            rows += drows
+            if "data" in args.sections:
+                rows += bench_data(args, cfg, device, steps, fns, batch, folder)
+            del setup, steps, fns
+            free(device)
+        if "dtm" in args.sections:
+            rows += bench_dtm(args, cfg, device, autocast, out_dim, batch, num_patches)
+    fill_ratios(rows)
+    print(f"\nmeasured in {time.time() - t_start:.0f} s. ms: median step; +-%: half the interquartile range; "
+          "ratio: median of the per-round time ratios to the row named in vs")
+    print_table(rows)
+    if device.type == "cpu":
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+        print(f"peak memory: n/a per row on CPU; the process's max RSS was {rss:.2f} GiB")
+    if any(r["spread"] > 0.10 for r in rows if r["section"] != "dtm"):  # dtm: drawn levels vary by design
+        print("WARNING: some rows vary by more than 10% from step to step (a busy machine?): "
+              "trust the ratios, not the absolute times, or rerun")
+    checks = targets(rows, args, cfg, teacher_name)
+    if checks:
+        print("\ntargets (ok | noise: missed by less than the ~95% noise band of the paired ratio | MISS):")
+        for text, value, limit, band in checks:
+            print(f"  {verdict(value, limit, band):5} {text}: {value:.3f}" + (f" (band +-{band:.3f})" if band else ""))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"argv": argv, "device": where, "rows": rows,
+                       "targets": [{"target": t, "value": v, "verdict": verdict(v, lim, b)}
+                                   for t, v, lim, b in checks]}, f, indent=1)
+    return rows
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
