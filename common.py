@@ -16,6 +16,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 import yaml
+from tqdm import tqdm
 
 
 class ConfigError(ValueError):
@@ -212,6 +213,14 @@ def save_atomic(obj, path: str):
     os.replace(tmp, path)
 
 
+def remove_stale_temp_files(out_dir: str):
+    """Delete the half-written `*.tmp.PID` files a killed save_atomic leaves (the real files are intact)."""
+    for name in os.listdir(out_dir):
+        if ".tmp." in name:
+            os.remove(os.path.join(out_dir, name))
+            print0(f"removed {name}, left by a run killed while saving")
+
+
 def load_checkpoint(path: str):
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
@@ -225,53 +234,103 @@ def log_json(path: str, record: dict):
         f.write(json.dumps(record) + "\n")
 
 
+LOST_PEER = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "timed out", "Timed out",
+             "NCCL communicator was aborted", "watchdog")
+
+
 def run_main(main):
-    """Run a stage's main(); bad input becomes one line on stderr and exit code 2."""
+    """Run a stage's main(); bad input becomes one line on stderr and exit code 2, a failure
+    during the run (NaN loss, bad data, a lost process, an unreadable file) exit code 3."""
     try:
         main(sys.argv[1:])
     except (ConfigError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        cleanup_distributed()
-        sys.exit(2)
+        _fail(str(e), 2)
     except RuntimeError as e:
-        if isinstance(e, NonFiniteLoss) or "cannot be downloaded" in str(e) or "cannot read checkpoint" in str(e):
-            print(f"error: {e}", file=sys.stderr, flush=True)
-            cleanup_distributed()
-            sys.exit(3)
+        msg = str(e).strip()
+        if isinstance(e, (NonFiniteLoss, DataError)) or "cannot be downloaded" in msg or "cannot read checkpoint" in msg:
+            _fail(msg, 3)
+        if dist.is_initialized() and (isinstance(e, dist.DistError) or any(s in msg for s in LOST_PEER)):
+            first = msg.splitlines()[0] if msg else type(e).__name__
+            _fail(f"rank {dist.get_rank()} lost contact with another process ({first[:200]}): a process died or "
+                  "a node failed; rerun the same command to resume from the last checkpoint", 3)
         raise
     finally:
         cleanup_distributed()
+
+
+def _fail(message: str, code: int):
+    for bar in list(getattr(tqdm, "_instances", ())):  # end open progress bars: the error gets its own line
+        bar.close()
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    if code == 3 and dist.is_initialized():  # peers may be gone: do not wait for them in a barrier
+        os._exit(code)
+    cleanup_distributed()
+    sys.exit(code)
 
 
 class NonFiniteLoss(RuntimeError):
     pass
 
 
+class DataError(RuntimeError):
+    pass
+
+
+def check_corrupt(count: int, data_size: int, max_frac: float, device) -> int:
+    """Sum the corrupt images skipped by every rank; stop all ranks when more than max_frac of the
+    data set is corrupt. Every rank calls it at the same step (a collective)."""
+    total = int(all_reduce_sum(torch.tensor(float(count), device=device)).item())
+    if total > max_frac * data_size:
+        raise DataError(f"{total} of {data_size} images are corrupt (more than max_corrupt_frac={max_frac}); "
+                        "their paths are printed above: fix or remove them, or raise max_corrupt_frac")
+    return total
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """The torch seed for one optimisation step (drop path, ...): a function of (seed, step, rank),
+    so a resumed run draws exactly what an uninterrupted one draws, without saving RNG states."""
+    return ((seed * 1_000_003 + step) * 1009 + rank) % (2 ** 63)
+
+
 # -----------------------------------------------------------------------------
 # Preemption: SIGTERM (SLURM, torchrun) and SIGINT (Ctrl-C) ask for a checkpoint and a clean exit
 
 class StopRequest:
-    """Catch SIGTERM/SIGINT; the loop asks `should_stop()` at step boundaries, saves, exits.
+    """Catch SIGTERM/SIGINT; the loop asks `should_stop()` at log steps, saves a checkpoint, then
+    calls `exit()`: exit code 128 + signal (143 SIGTERM, 130 SIGINT), so `pretrain && finetune`
+    does not go on with an unfinished encoder, and SLURM requeue / a rerun resumes.
 
     All ranks must stop at the same step, so the flag is reduced across ranks (max) when asked.
     """
 
     def __init__(self):
-        self.flag = False
+        self.signum = 0
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handler)
 
     def _handler(self, signum, frame):
-        if self.flag:  # a second signal: stop now
+        if self.signum:  # a second signal: stop now
             raise KeyboardInterrupt
-        self.flag = True
-        print(f"signal {signal.Signals(signum).name}: saving a checkpoint at the next step boundary", flush=True)
+        self.signum = signum
+        print(f"signal {signal.Signals(signum).name}: saving a checkpoint at the next log step", flush=True)
 
     def should_stop(self, device) -> bool:
-        flag = torch.tensor(float(self.flag), device=device)
+        flag = torch.tensor(float(self.signum), device=device)
         if dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        self.signum = int(flag.item())
+        return self.signum > 0
+
+    def exit(self):
+        cleanup_distributed()
+        sys.exit(128 + self.signum)
+
+
+def ignore_stop_signals(worker_id: int = 0):
+    """DataLoader worker_init_fn: SLURM and Ctrl-C signal every process of the job; the loader
+    workers leave SIGTERM/SIGINT to the main process, which saves and exits (they follow it)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class SkipSampler(torch.utils.data.Sampler):

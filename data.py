@@ -11,8 +11,10 @@ number of loader workers, and after a resume.
 """
 import gzip
 import math
+import multiprocessing
 import os
 import random
+import sys
 from typing import Optional
 
 import numpy as np
@@ -114,7 +116,7 @@ def build_dataset(name: str, root: str, train: bool, transform=None, subset: int
         if not os.path.isdir(folder):
             raise FileNotFoundError(f"image folder '{folder}' does not exist: data_path must hold "
                                     "train/ and val/ with one sub-folder per class (ImageNet layout)")
-        ds = datasets.ImageFolder(folder, transform=transform)
+        ds = SafeImageFolder(folder, transform=transform)
         if len(ds) == 0:
             raise FileNotFoundError(f"image folder '{folder}' holds no images")
     elif name in ("cifar10", "cifar100"):
@@ -125,6 +127,47 @@ def build_dataset(name: str, root: str, train: bool, transform=None, subset: int
     if subset and subset < len(ds):
         ds = torch.utils.data.Subset(ds, range(subset))
     return ds
+
+
+class SafeImageFolder(datasets.ImageFolder):
+    """ImageFolder that reports a corrupt or truncated image (its path, on stderr) and returns the
+    next readable one instead, so one broken JPEG does not end a days-long run.
+
+    `num_corrupt` counts the skips in this process and its loader workers (shared memory); the
+    training loop reads it with `corrupt_count(ds)`, sums it over ranks and stops when it
+    exceeds the allowed fraction of the data set (config key max_corrupt_frac).
+    """
+
+    def __init__(self, root, transform=None):
+        super().__init__(root, transform=transform)
+        self.num_corrupt = multiprocessing.Value("l", 0)
+
+    def __getitem__(self, i):
+        for j in range(i, i + len(self)):
+            try:
+                return super().__getitem__(j % len(self))
+            except (OSError, ValueError, SyntaxError) as e:  # PIL: truncated, unidentified, bad header
+                with self.num_corrupt.get_lock():
+                    self.num_corrupt.value += 1
+                print(f"warning: skipping corrupt image {self.samples[j % len(self)][0]} "
+                      f"({type(e).__name__}: {e})", file=sys.stderr, flush=True)
+        raise OSError(f"no readable image in '{self.root}'")
+
+
+def corrupt_count(ds) -> int:
+    """Corrupt images skipped so far by the SafeImageFolder inside `ds` (0 for other data sets)."""
+    while not isinstance(ds, SafeImageFolder):
+        ds = getattr(ds, "dataset", None)  # Subset, MaskedImages
+        if ds is None:
+            return 0
+    return ds.num_corrupt.value
+
+
+def reset_corrupt_count(ds):
+    while ds is not None and not isinstance(ds, SafeImageFolder):
+        ds = getattr(ds, "dataset", None)
+    if ds is not None:
+        ds.num_corrupt.value = 0
 
 
 # -----------------------------------------------------------------------------
@@ -249,6 +292,26 @@ class MaskedImages(Dataset):
             else:
                 mask = random_mask(1, self.grid * self.grid, self.num_masked)[0]
         return plain(img), mask, label
+
+
+class SeededImages(Dataset):
+    """Wrap a dataset so each sample's random augmentation depends only on (seed, epoch, index),
+    as in MaskedImages: fine-tuning gives the same batches after a mid-epoch resume."""
+
+    def __init__(self, dataset, seed: int = 0):
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + i)
+            img, label = self.dataset[i]
+        return plain(img), label
 
 
 def plain(x):

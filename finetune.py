@@ -29,9 +29,10 @@ from tqdm import tqdm
 
 import data
 import model as M
-from common import (ConfigError, NonFiniteLoss, all_reduce_mean, all_reduce_sum, check_choice, config_dict,
-                    cosine_lr, load_checkpoint, log_json, parse_config, print0, run_main, save_atomic,
-                    setup_distributed, split_batch, ShardSampler)
+from common import (ConfigError, NonFiniteLoss, ShardSampler, SkipSampler, StopRequest, all_reduce_mean,
+                    all_reduce_sum, check_choice, check_corrupt, config_dict, cosine_lr, ignore_stop_signals,
+                    load_checkpoint, log_json, parse_config, print0, remove_stale_temp_files, run_main, save_atomic,
+                    setup_distributed, split_batch, step_seed)
 
 
 @dataclass
@@ -42,6 +43,7 @@ class Config:
     subset: int = 0                  # use only the first `subset` training images (0 = all)
     img_size: int = 28
     num_workers: int = 2
+    max_corrupt_frac: float = 0.01   # imagefolder: skip corrupt images, stop when more than this fraction
     # model: `init` is an encoder.pth of pretrain.py, a timm/MAE-format weights file, or "" (scratch)
     init: str = ""
     model: str = "vit_tiny"          # architecture when init is "" or a timm/MAE file
@@ -70,7 +72,8 @@ class Config:
     model_ema_decay: float = 0.9999
     # run
     out_dir: str = "runs/finetune"
-    log_every: int = 20
+    log_every: int = 20              # steps between log lines (loss reduced, SIGTERM/SIGINT checked)
+    dist_timeout_s: int = 1800       # a collective that waits longer fails the run (a lost process)
     seed: int = 0
     device: str = "auto"
 
@@ -229,29 +232,32 @@ def export_timm(model: M.ViT) -> dict:
 
 def main(argv):
     cfg = parse_config(Config, argv)
-    dist = setup_distributed(cfg.device)
+    dist = setup_distributed(cfg.device, cfg.dist_timeout_s)
+    stop = StopRequest()  # SIGTERM / SIGINT: checkpoint at the next log step, exit 128 + signal
     micro_batch = split_batch(cfg.batch_size, dist.world, cfg.accum_steps)
     print0(yaml.safe_dump(config_dict(cfg), sort_keys=False))
     os.makedirs(cfg.out_dir, exist_ok=True)
     ckpt_path = os.path.join(cfg.out_dir, "checkpoint.pth")
     log_path = os.path.join(cfg.out_dir, "log.jsonl")
+    if dist.main:
+        remove_stale_temp_files(cfg.out_dir)
 
     if cfg.init and not os.path.isfile(cfg.init):  # checked here, not in validate(): configs parse anywhere
         raise FileNotFoundError(f"config key 'init': file '{cfg.init}' does not exist (an encoder.pth of "
                                 "pretrain.py, a timm/MAE weights file, or init=\"\" to train from scratch)")
 
     # data
-    train_set = data.build_dataset(cfg.dataset, cfg.data_path, train=True, subset=cfg.subset,
-                                   transform=train_transform(cfg))
+    train_set = data.SeededImages(data.build_dataset(cfg.dataset, cfg.data_path, train=True, subset=cfg.subset,
+                                                     transform=train_transform(cfg)), cfg.seed)
     val_set = data.build_dataset(cfg.dataset, cfg.data_path, train=False, transform=data.eval_transform(cfg.img_size))
     num_classes = len(_classes(train_set))
-    sampler = DistributedSampler(train_set, num_replicas=dist.world, rank=dist.rank, shuffle=True,
-                                 seed=cfg.seed, drop_last=True)
+    sampler = SkipSampler(DistributedSampler(train_set, num_replicas=dist.world, rank=dist.rank, shuffle=True,
+                                             seed=cfg.seed, drop_last=True))  # skips what a resumed epoch has seen
     loader = DataLoader(train_set, batch_size=micro_batch, sampler=sampler, num_workers=cfg.num_workers,
-                        pin_memory=dist.device.type == "cuda", drop_last=True)
+                        pin_memory=dist.device.type == "cuda", drop_last=True, worker_init_fn=ignore_stop_signals)
     val_loader = DataLoader(val_set, batch_size=micro_batch, sampler=ShardSampler(len(val_set), dist.rank, dist.world),
                             num_workers=cfg.num_workers)
-    steps_per_epoch = len(loader) // cfg.accum_steps
+    steps_per_epoch = len(sampler) // micro_batch // cfg.accum_steps
     if steps_per_epoch == 0:
         raise ConfigError(f"{len(train_set)} training images are fewer than one global batch ({cfg.batch_size})")
     mix = mix_batch(cfg, num_classes)
@@ -266,29 +272,43 @@ def main(argv):
     print0(f"{len(train_set)} training / {len(val_set)} validation images, {num_classes} classes, "
            f"lr {lr:.2e}, {steps_per_epoch} steps per epoch")
 
-    start_epoch, step, best = 0, 0, 0.0
-    if os.path.isfile(ckpt_path):
+    step, best = 0, 0.0
+    if os.path.isfile(ckpt_path):  # auto-resume, also mid-epoch (after SIGTERM/SIGINT)
         ckpt = load_checkpoint(ckpt_path)
+        if ckpt.get("steps_per_epoch", steps_per_epoch) != steps_per_epoch:
+            raise ConfigError(f"{ckpt_path} was written with {ckpt['steps_per_epoch']} steps per epoch, this config "
+                              f"gives {steps_per_epoch}: resume with the same batch_size and subset, or a new out_dir")
         model.load_state_dict(ckpt["model"], strict=True)
         optimizer.load_state_dict(ckpt["optimizer"])
         if ema is not None and "ema" in ckpt:
             ema.load_state_dict(ckpt["ema"], strict=True)
-        start_epoch, step, best = ckpt["epoch"], ckpt["step"], ckpt["best"]
-        print0(f"resumed from {ckpt_path} at epoch {start_epoch}")
+        step, best = ckpt["step"], ckpt["best"]
+        print0(f"resumed from {ckpt_path} at epoch {step // steps_per_epoch}, step {step}")
 
-    torch.manual_seed(cfg.seed + dist.rank)
+    def save_checkpoint(epochs_done: int):
+        if dist.main:
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epochs_done,
+                     "step": step, "steps_per_epoch": steps_per_epoch, "best": best, "config": config_dict(cfg),
+                     "vit_config": asdict(model.cfg)}
+            if ema is not None:
+                state["ema"] = ema.state_dict()
+            save_atomic(state, ckpt_path)
+
     net = DDP(model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None) if dist.world > 1 else model
     total_steps, warmup_steps = cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dist.device.type == "cuda")
 
-    for epoch in range(start_epoch, cfg.epochs):
-        torch.manual_seed(cfg.seed * 1000 + epoch * 10 + dist.rank)  # augmentation and mixing of this epoch
-        sampler.set_epoch(epoch)
+    for epoch in range(step // steps_per_epoch, cfg.epochs):
+        done_steps = step - epoch * steps_per_epoch               # > 0 after a mid-epoch resume
+        sampler.set_epoch(epoch, skip=done_steps * cfg.accum_steps * micro_batch)
+        train_set.set_epoch(epoch)                                # augmentation seeded by (seed, epoch, index)
+        data.reset_corrupt_count(train_set)
         net.train()
-        loss_sum, seen, t0 = torch.zeros((), device=dist.device), 0, time.time()
+        loss_sum, seen, t0, stopping = torch.zeros((), device=dist.device), 0, time.time(), False
         it = iter(loader)
-        for _ in tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not dist.main,
-                      dynamic_ncols=True):
+        for _ in tqdm(range(done_steps, steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                      disable=not dist.main, dynamic_ncols=True):
+            torch.manual_seed(step_seed(cfg.seed, step, dist.rank))  # mixup / cutmix and drop path of this step
             lr_now = cosine_lr(step, total_steps, warmup_steps, lr, cfg.min_lr)
             for g in optimizer.param_groups:
                 g["lr"] = lr_now * g["lr_scale"]
@@ -309,16 +329,25 @@ def main(argv):
                     for pe, pm in zip(ema.parameters(), model.parameters()):
                         pe.lerp_(pm, 1 - cfg.model_ema_decay)
             step += 1
-            if step % cfg.log_every == 0:
-                mean_loss = all_reduce_mean(loss_sum / seen).item()
+            if step % cfg.log_every == 0 or step % steps_per_epoch == 0:
+                mean_loss = all_reduce_mean(loss_sum / seen).item()  # the only host sync
                 if not math.isfinite(mean_loss):
-                    raise NonFiniteLoss(f"loss is {mean_loss} at step {step}; the last good checkpoint is {ckpt_path}")
+                    raise NonFiniteLoss(f"loss is {mean_loss} at step {step}; the last good checkpoint is {ckpt_path}: "
+                                        "lower blr or check the data")
                 if dist.main:
                     log_json(log_path, {"epoch": epoch + 1, "step": step, "loss": mean_loss, "lr": lr_now,
                                         "img_per_s": seen * micro_batch * dist.world / (time.time() - t0)})
                 loss_sum.zero_()
                 seen, t0 = 0, time.time()
+                check_corrupt(data.corrupt_count(train_set), len(train_set), cfg.max_corrupt_frac, dist.device)
+                if stop.should_stop(dist.device):
+                    stopping = True
+                    break
 
+        if step < (epoch + 1) * steps_per_epoch:  # stopped mid-epoch: save where we are and leave
+            save_checkpoint(epoch)
+            print0(f"stopped by signal at step {step}; rerun the same command to resume")
+            stop.exit()
         # evaluation on every rank's shard, then checkpoints
         stats = evaluate(model, val_loader, dist.device, num_classes)
         record = {"epoch": epoch + 1, "step": step, **{f"val_{k}": v for k, v in stats.items()}}
@@ -326,25 +355,24 @@ def main(argv):
             record.update({f"ema_{k}": v for k, v in evaluate(ema, val_loader, dist.device, num_classes).items()})
         print0(f"epoch {epoch + 1}: top-1 {stats['top1']:.2f}  top-5 {stats['top5']:.2f}"
                + (f"  (EMA top-1 {record['ema_top1']:.2f})" if ema is not None else ""))
+        is_best = stats["top1"] > best
+        best = max(best, stats["top1"])
         if dist.main:
             log_json(log_path, record)
-            is_best = stats["top1"] > best
-            best = max(best, stats["top1"])
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
-                     "step": step, "best": best, "config": config_dict(cfg), "vit_config": asdict(model.cfg)}
-            if ema is not None:
-                state["ema"] = ema.state_dict()
-            save_atomic(state, ckpt_path)
             if is_best:
                 save_atomic({"config": asdict(model.cfg), "model": model.state_dict(), "top1": best},
                             os.path.join(cfg.out_dir, "best.pth"))
+        save_checkpoint(epoch + 1)
+        if stopping:
+            print0(f"stopped by signal after epoch {epoch + 1}; rerun the same command to resume")
+            stop.exit()
     if dist.main:
         save_atomic(export_timm(ema if ema is not None else model), os.path.join(cfg.out_dir, "model_timm.pth"))
         print0(f"best top-1 {best:.2f}; timm export in {cfg.out_dir}/model_timm.pth")
 
 
 def _classes(ds):
-    while isinstance(ds, torch.utils.data.Subset):
+    while not hasattr(ds, "classes"):  # Subset, SeededImages
         ds = ds.dataset
     return ds.classes
 

@@ -38,9 +38,10 @@ from tqdm import tqdm
 import data
 import losses
 import model as M
-from common import (ConfigError, NonFiniteLoss, ShardSampler, all_reduce_mean, all_reduce_sum, check_choice,
-                    config_dict, cosine_lr, load_checkpoint, log_json, param_groups, parse_config, print0,
-                    run_main, save_atomic, setup_distributed, split_batch)
+from common import (ConfigError, NonFiniteLoss, ShardSampler, SkipSampler, StopRequest, all_reduce_mean,
+                    all_reduce_sum, check_choice, check_corrupt, config_dict, cosine_lr, ignore_stop_signals,
+                    load_checkpoint, log_json, param_groups, parse_config, print0, remove_stale_temp_files, run_main,
+                    save_atomic, setup_distributed, split_batch, step_seed)
 
 FRAMEWORKS = ("distill", "simmim", "mae")
 MTO_TERMS = ("spa", "e", "r")  # L_spa (Eq. 3), L_e (Eq. 4), L_r (Eq. 5)
@@ -57,6 +58,7 @@ class Config:
     crop_scale_min: float = 0.2        # RandomResizedCrop scale lower bound (BEiT v2: 0.08 at 224)
     color_jitter: float = 0.4          # DTM Table 12
     num_workers: int = 2               # loader processes per GPU/process
+    max_corrupt_frac: float = 0.01     # imagefolder: skip corrupt images, stop when more than this fraction
     # student
     model: str = "vit_tiny"            # vit_micro | vit_tiny | vit_small | vit_base | vit_large
     patch_size: int = 4
@@ -116,7 +118,10 @@ class Config:
     out_dir: str = "runs/pretrain"
     save_every: int = 1                # epochs between checkpoints (and at the end)
     keep_every: int = 0                # also keep checkpoint-EPOCH.pth every this many epochs (0 = never)
-    log_every: int = 20                # optimizer steps between log lines (metrics reduced then)
+    log_every: int = 20                # optimizer steps between log lines (metrics reduced, SIGTERM checked)
+    skip_nonfinite: int = 0            # skip up to this many steps with a NaN/inf loss, then stop (0: stop at
+                                       # the first; > 0 checks every step: one host sync per step)
+    dist_timeout_s: int = 1800         # a collective that waits longer than this fails the run (lost process)
     seed: int = 0
     device: str = "auto"               # auto | cpu | cuda
     compile: bool = False              # torch.compile the student
@@ -140,7 +145,12 @@ class Config:
         if not 1 <= self.dtm_min_morphed <= num_patches:
             raise ConfigError(f"config key 'dtm_min_morphed' must be in [1, N = {num_patches}], "
                               f"got {self.dtm_min_morphed}")
-        for key in ("epochs", "batch_size", "accum_steps", "dtm_levels", "dtm_max_iters", "log_every", "save_every"):
+        if not 0 <= self.max_corrupt_frac <= 1:
+            raise ConfigError(f"config key 'max_corrupt_frac' must be in [0, 1], got {self.max_corrupt_frac}")
+        if self.skip_nonfinite < 0:
+            raise ConfigError(f"config key 'skip_nonfinite' must be >= 0, got {self.skip_nonfinite}")
+        for key in ("epochs", "batch_size", "accum_steps", "dtm_levels", "dtm_max_iters", "log_every", "save_every",
+                    "dist_timeout_s"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"config key '{key}' must be >= 1, got {getattr(self, key)}")
         self.validate_mim()
@@ -233,7 +243,8 @@ def knn_top1(encoder: M.ViT, bank_loader, val_loader, device, k: int) -> float:
 
 def main(argv):
     cfg = parse_config(Config, argv)
-    dist = setup_distributed(cfg.device)
+    dist = setup_distributed(cfg.device, cfg.dist_timeout_s)
+    stop = StopRequest()  # SIGTERM (SLURM, torchrun) / SIGINT (Ctrl-C): checkpoint at the next log step, exit
     micro_batch = split_batch(cfg.batch_size, dist.world, cfg.accum_steps)
     print0(yaml.safe_dump(config_dict(cfg), sort_keys=False))
     print0(f"world size {dist.world}, micro-batch {micro_batch} per process, "
@@ -242,6 +253,8 @@ def main(argv):
     os.makedirs(cfg.out_dir, exist_ok=True)
     ckpt_path = os.path.join(cfg.out_dir, "checkpoint.pth")
     log_path = os.path.join(cfg.out_dir, "log.jsonl")
+    if dist.main:
+        remove_stale_temp_files(cfg.out_dir)
     if dist.main:
         with open(os.path.join(cfg.out_dir, "config.yaml"), "w") as f:
             yaml.safe_dump(config_dict(cfg), f, sort_keys=False)
@@ -257,11 +270,11 @@ def main(argv):
     if cfg.framework != "distill" and not 0 < dataset.num_masked < num_patches:
         raise ConfigError(f"mask_ratio {cfg.mask_ratio} masks {dataset.num_masked} of {num_patches} patches: "
                           "pixel reconstruction needs both masked and visible patches")
-    sampler = DistributedSampler(dataset, num_replicas=dist.world, rank=dist.rank, shuffle=True,
-                                 seed=cfg.seed, drop_last=True)
+    sampler = SkipSampler(DistributedSampler(dataset, num_replicas=dist.world, rank=dist.rank, shuffle=True,
+                                             seed=cfg.seed, drop_last=True))  # skips what a resumed epoch has seen
     loader = DataLoader(dataset, batch_size=micro_batch, sampler=sampler, num_workers=cfg.num_workers,
-                        pin_memory=dist.device.type == "cuda", drop_last=True)
-    steps_per_epoch = len(loader) // cfg.accum_steps
+                        pin_memory=dist.device.type == "cuda", drop_last=True, worker_init_fn=ignore_stop_signals)
+    steps_per_epoch = len(sampler) // micro_batch // cfg.accum_steps
     if steps_per_epoch == 0:
         raise ConfigError(f"the data set has {len(dataset)} images, fewer than one global batch "
                           f"({cfg.batch_size}): lower batch_size")
@@ -293,18 +306,35 @@ def main(argv):
     optimizer = torch.optim.AdamW(param_groups(student, cfg.weight_decay), lr=lr, betas=(0.9, cfg.beta2),
                                   fused=dist.device.type == "cuda")
 
-    start_epoch, step = 0, 0
-    if os.path.isfile(ckpt_path):  # auto-resume
+    step, num_skipped = 0, 0
+    if os.path.isfile(ckpt_path):  # auto-resume, also mid-epoch (after SIGTERM/SIGINT)
         ckpt = load_checkpoint(ckpt_path)
+        if ckpt.get("steps_per_epoch", steps_per_epoch) != steps_per_epoch:
+            raise ConfigError(f"{ckpt_path} was written with {ckpt['steps_per_epoch']} steps per epoch, this config "
+                              f"gives {steps_per_epoch}: resume with the same batch_size and subset, or a new out_dir")
         student.load_state_dict(ckpt["model"], strict=True)
         optimizer.load_state_dict(ckpt["optimizer"])
         if "teacher" in ckpt:
             teacher.encoder.load_state_dict(ckpt["teacher"], strict=True)
-        start_epoch, step = ckpt["epoch"], ckpt["step"]
-        print0(f"resumed from {ckpt_path} at epoch {start_epoch}, step {step}")
+        step, num_skipped = ckpt["step"], ckpt.get("skipped_steps", 0)
+        print0(f"resumed from {ckpt_path} at epoch {step // steps_per_epoch}, step {step}")
         del ckpt
 
-    torch.manual_seed(cfg.seed + dist.rank)  # from here on, per-rank randomness (drop path)
+    def save_checkpoint(epochs_done: int, keep: bool):
+        """The unwrapped student (+ MAE decoder), optimizer, teacher (ema), position in the run."""
+        if not dist.main:
+            return
+        state = {"model": student.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epochs_done,
+                 "step": step, "steps_per_epoch": steps_per_epoch, "skipped_steps": num_skipped,
+                 "config": config_dict(cfg)}
+        if ema:
+            state["teacher"] = teacher.encoder.state_dict()
+        save_atomic(state, ckpt_path)
+        if keep:
+            save_atomic(state, os.path.join(cfg.out_dir, f"checkpoint-{epochs_done:04d}.pth"))
+        save_atomic(M.encoder_state(student.encoder), os.path.join(cfg.out_dir, "encoder.pth"))
+        print0(f"saved {ckpt_path} and encoder.pth at step {step} (epoch {step / steps_per_epoch:.2f})")
+
     model = student
     if cfg.compile:
         model = torch.compile(model)
@@ -352,22 +382,43 @@ def main(argv):
                                   generator=torch.Generator())  # own generator: training randomness untouched
                        for ds, s in ((bank_set, None), (val_set, ShardSampler(len(val_set), dist.rank, dist.world)))]
 
+    def log_step(epoch, step, lr_now, loss_sum, term_sums, loss_count, t0, bar):
+        """Reduce the metrics since the last log line (the only host sync of a step) and write them."""
+        if loss_count == 0:  # every step since the last line was skipped (skip_nonfinite)
+            return
+        mean_loss = all_reduce_mean(loss_sum / loss_count).item()
+        if not math.isfinite(mean_loss):
+            raise NonFiniteLoss(f"loss is {mean_loss} at step {step} (epoch {epoch + 1}); the last good "
+                                f"checkpoint is {ckpt_path}: lower blr, check the data, or set skip_nonfinite")
+        ips = loss_count * micro_batch * dist.world / (time.time() - t0)
+        bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr_now:.2e}", img_s=f"{ips:.0f}")
+        extra = {}
+        if term_sums:  # one reduction for all terms
+            means = all_reduce_mean(torch.stack(list(term_sums.values())) / loss_count).tolist()
+            extra = dict(zip(term_sums, means))
+        if dist.main:
+            log_json(log_path, {"epoch": epoch + 1, "step": step, "loss": mean_loss, "lr": lr_now,
+                                "img_per_s": ips, **extra})
+
     # -------------------------------------------------------------------------
     # Training loop
     total_steps = cfg.epochs * steps_per_epoch
     warmup_steps = cfg.warmup_epochs * steps_per_epoch
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dist.device.type == "cuda")
-    for epoch in range(start_epoch, cfg.epochs):
-        sampler.set_epoch(epoch)
+    for epoch in range(step // steps_per_epoch, cfg.epochs):
+        seen = step - epoch * steps_per_epoch                     # > 0 after a mid-epoch resume
+        sampler.set_epoch(epoch, skip=seen * cfg.accum_steps * micro_batch)
         dataset.set_epoch(epoch)
+        data.reset_corrupt_count(dataset)
         model.train()
         loss_sum = torch.zeros((), device=dist.device)
         term_sums = {}                                            # simmim/mae: pixel and MTO terms
-        loss_count, t0 = 0, time.time()
-        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not dist.main,
-                   dynamic_ncols=True)
+        loss_count, t0, stopping = 0, time.time(), False
+        bar = tqdm(total=steps_per_epoch, initial=seen, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                   disable=not dist.main, dynamic_ncols=True)
         it = iter(loader)
-        for _ in range(steps_per_epoch):
+        for _ in range(seen, steps_per_epoch):
+            torch.manual_seed(step_seed(cfg.seed, step, dist.rank))  # drop path: same draws after a resume
             if cfg.lr_schedule == "cosine":
                 lr_now = cosine_lr(step, total_steps, warmup_steps, lr, cfg.min_lr)
             else:
@@ -375,6 +426,8 @@ def main(argv):
                                       cfg.lr_gamma)
             for g in optimizer.param_groups:
                 g["lr"] = lr_now
+            step_loss = torch.zeros((), device=dist.device)
+            step_terms = {}
             for micro in range(cfg.accum_steps):
                 img, mask, _ = next(it)
                 img = img.to(dist.device, non_blocking=True)
@@ -384,58 +437,61 @@ def main(argv):
                 with autocast, (contextlib.nullcontext() if sync else model.no_sync()):
                     loss, terms = forward_loss(img, mask, v, step, micro)
                     (loss / cfg.accum_steps).backward()
-                loss_sum += loss.detach()
+                step_loss += loss.detach()
                 for name, value in terms.items():
+                    step_terms[name] = step_terms.get(name, 0) + value
+            if cfg.skip_nonfinite and not bool(all_reduce_sum(step_loss).isfinite()):  # host sync, opt-in
+                num_skipped += 1
+                if num_skipped > cfg.skip_nonfinite:
+                    raise NonFiniteLoss(f"loss is not finite at step {step} (epoch {epoch + 1}), {num_skipped} bad "
+                                        f"steps in all (skip_nonfinite={cfg.skip_nonfinite}); the last good "
+                                        f"checkpoint is {ckpt_path}: lower blr or check the data")
+                print0(f"warning: non-finite loss at step {step}: step skipped ({num_skipped}/{cfg.skip_nonfinite})")
+                optimizer.zero_grad(set_to_none=True)
+            else:
+                if cfg.clip_grad > 0:
+                    torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.clip_grad)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if ema:
+                    m = cfg.ema_momentum_end - (cfg.ema_momentum_end - cfg.ema_momentum) * \
+                        (math.cos(math.pi * step / total_steps) + 1) / 2
+                    teacher.update(student.encoder, m)
+                loss_sum += step_loss
+                for name, value in step_terms.items():
                     term_sums[name] = term_sums.get(name, 0) + value
-                loss_count += 1
-            if cfg.clip_grad > 0:
-                torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.clip_grad)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if ema:
-                m = cfg.ema_momentum_end - (cfg.ema_momentum_end - cfg.ema_momentum) * \
-                    (math.cos(math.pi * step / total_steps) + 1) / 2
-                teacher.update(student.encoder, m)
+                loss_count += cfg.accum_steps
             step += 1
             bar.update(1)
             if step % cfg.log_every == 0 or step % steps_per_epoch == 0:
-                mean_loss = all_reduce_mean(loss_sum / loss_count).item()  # the only host sync
-                if not math.isfinite(mean_loss):
-                    raise NonFiniteLoss(f"loss is {mean_loss} at step {step} (epoch {epoch + 1}); "
-                                        f"the last good checkpoint is {ckpt_path}: lower blr or check the data")
-                ips = loss_count * micro_batch * dist.world / (time.time() - t0)
-                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr_now:.2e}", img_s=f"{ips:.0f}")
-                extra = {}
-                if term_sums:  # one reduction for all terms
-                    means = all_reduce_mean(torch.stack(list(term_sums.values())) / loss_count).tolist()
-                    extra = dict(zip(term_sums, means))
-                if dist.main:
-                    log_json(log_path, {"epoch": epoch + 1, "step": step, "loss": mean_loss, "lr": lr_now,
-                                        "img_per_s": ips, **extra})
+                log_step(epoch, step, lr_now, loss_sum, term_sums, loss_count, t0, bar)
+                check_corrupt(data.corrupt_count(dataset), len(dataset), cfg.max_corrupt_frac, dist.device)
                 loss_sum.zero_()
                 term_sums = {}
                 loss_count, t0 = 0, time.time()
+                if stop.should_stop(dist.device):  # the same answer on every rank
+                    stopping = True
+                    break
         bar.close()
 
         done = epoch + 1
+        if step < done * steps_per_epoch:  # stopped mid-epoch: save where we are and leave
+            save_checkpoint(epoch, keep=False)
+            print0(f"stopped by signal at step {step}; rerun the same command to resume")
+            stop.exit()
+        skipped_images = check_corrupt(data.corrupt_count(dataset), len(dataset), cfg.max_corrupt_frac, dist.device)
+        if skipped_images:
+            print0(f"epoch {done}: skipped {skipped_images} corrupt image(s) (paths above)")
         if knn_loaders and (done % cfg.eval_knn_every == 0 or done == cfg.epochs):
             acc = knn_top1(student.encoder, *knn_loaders, dist.device, cfg.knn_k)
             print0(f"epoch {done}: k-NN top-1 {acc:.4f}")
             if dist.main:
                 log_json(log_path, {"epoch": done, "knn_top1": acc})
-
-        # ---------------------------------------------------------------------
-        # Checkpoint: the unwrapped student (+ MAE decoder), optimizer, teacher (ema), position in the run
-        if dist.main and (done % cfg.save_every == 0 or done == cfg.epochs):
-            state = {"model": student.state_dict(), "optimizer": optimizer.state_dict(), "epoch": done,
-                     "step": step, "config": config_dict(cfg)}
-            if ema:
-                state["teacher"] = teacher.encoder.state_dict()
-            save_atomic(state, ckpt_path)
-            if cfg.keep_every and done % cfg.keep_every == 0:
-                save_atomic(state, os.path.join(cfg.out_dir, f"checkpoint-{done:04d}.pth"))
-            save_atomic(M.encoder_state(student.encoder), os.path.join(cfg.out_dir, "encoder.pth"))
-            print0(f"saved {ckpt_path} and encoder.pth after epoch {done}")
+        if done % cfg.save_every == 0 or done == cfg.epochs or stopping:
+            save_checkpoint(done, keep=bool(cfg.keep_every) and done % cfg.keep_every == 0)
+        if stopping:
+            print0(f"stopped by signal after epoch {done}; rerun the same command to resume")
+            stop.exit()
     print0(f"done: {cfg.out_dir}/encoder.pth")
 
 

@@ -25,6 +25,7 @@ with every protocol choice).
 import argparse
 import contextlib
 import json
+import itertools
 import math
 import os
 from dataclasses import asdict, dataclass, field
@@ -40,8 +41,9 @@ from torchvision.transforms import v2 as T
 import data
 import losses
 import model as M
-from common import (ConfigError, NonFiniteLoss, all_reduce_mean, all_reduce_sum, check_choice, config_dict,
-                    cosine_lr, load_checkpoint, log_json, parse_config, print0, run_main, save_atomic,
+from common import (ConfigError, NonFiniteLoss, SkipSampler, StopRequest, all_reduce_mean, all_reduce_sum,
+                    check_choice, check_corrupt, config_dict, cosine_lr, ignore_stop_signals, load_checkpoint,
+                    log_json, parse_config, print0, remove_stale_temp_files, run_main, save_atomic,
                     setup_distributed, split_batch)
 
 
@@ -89,7 +91,9 @@ class Config:
     eval_only: bool = False            # no training: load heads_path and evaluate
     heads_path: str = ""               # eval_only: trained heads ('' = out_dir/heads.pth)
     eval_every: int = 10               # epochs between evaluations (and always after the last)
-    log_every: int = 50                # optimizer steps between log lines (metrics reduced then)
+    log_every: int = 50                # optimizer steps between log lines (metrics reduced, SIGTERM checked)
+    max_corrupt_frac: float = 0.01     # imagefolder: skip corrupt images, stop when more than this fraction
+    dist_timeout_s: int = 1800         # a collective that waits longer fails the run (a lost process)
     seed: int = 0
     device: str = "auto"               # auto | cpu | cuda
 
@@ -401,7 +405,8 @@ def protocol_of(cfg: Config, vit: M.ViT, cached: bool, lr: float, train_images: 
 
 def main(argv):
     cfg = parse_config(Config, argv)
-    dist = setup_distributed(cfg.device)
+    dist = setup_distributed(cfg.device, cfg.dist_timeout_s)
+    stop = StopRequest()  # SIGTERM / SIGINT: checkpoint at the next log step, exit 128 + signal
     device = dist.device
     micro_batch = split_batch(cfg.batch_size, dist.world, cfg.accum_steps)
     print0(yaml.safe_dump(config_dict(cfg), sort_keys=False))
@@ -411,6 +416,10 @@ def main(argv):
     ckpt_path = os.path.join(cfg.out_dir, "checkpoint.pth")
     heads_path = cfg.heads_path or os.path.join(cfg.out_dir, "heads.pth")
     log_path = os.path.join(cfg.out_dir, "log.jsonl")
+    if dist.main:
+        remove_stale_temp_files(cfg.out_dir)
+        with open(os.path.join(cfg.out_dir, "config.yaml"), "w") as f:
+            yaml.safe_dump(config_dict(cfg), f, sort_keys=False)
 
     # -------------------------------------------------------------------------
     # Backbone: frozen, eval mode, no grad; features = output of `block` (+ final norm if asked)
@@ -448,6 +457,8 @@ def main(argv):
         if not cfg.eval_only and cfg.heads:
             train_cache = extract(vit, train_eval_loader, train_valid, cfg, device)
         val_cache = extract(vit, val_loader, val_valid, cfg, device)
+        check_corrupt(data.corrupt_count(train_eval) + data.corrupt_count(val), len(train_eval) + len(val),
+                      cfg.max_corrupt_frac, device)
     else:
         print0(f"path: streaming - the backbone runs every step on RandomResizedCrop(scale=({cfg.crop_scale_min}, 1))"
                f" + flip views (a cache would take {cache_gb:.1f} GB > cache_max_gb={cfg.cache_max_gb})")
@@ -457,7 +468,7 @@ def main(argv):
     torch.manual_seed(cfg.seed)  # the same initial heads on every rank
     lr = cfg.blr * cfg.batch_size / 256
     train = bool(cfg.heads) and not cfg.eval_only
-    start_epoch, step = 0, 0
+    step = 0
     if cfg.heads and cfg.eval_only:
         heads = load_heads(heads_path, cfg, vit, num_classes).to(device)
         print0(f"eval_only: heads {list(heads)} from {heads_path}")
@@ -470,24 +481,26 @@ def main(argv):
             optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=cfg.weight_decay)
         print0(f"heads {list(heads)}: {sum(p.numel() for p in params) / 1e3:.1f}k parameters; "
                f"{cfg.optimizer}, lr {lr:.4g}")
-        if os.path.isfile(ckpt_path):  # auto-resume
+        if os.path.isfile(ckpt_path):  # auto-resume, also mid-epoch (after SIGTERM/SIGINT)
             ckpt = load_checkpoint(ckpt_path)
             heads.load_state_dict(ckpt["heads"], strict=True)
             optimizer.load_state_dict(ckpt["optimizer"])
-            start_epoch, step = ckpt["epoch"], ckpt["step"]
-            print0(f"resumed from {ckpt_path} at epoch {start_epoch}, step {step}")
+            step = ckpt["step"]
+            print0(f"resumed from {ckpt_path} at epoch {ckpt['epoch']}, step {step}")
         model = DDP(heads, device_ids=[dist.local_rank] if device.type == "cuda" else None) \
             if dist.world > 1 else heads
         if cached:
             steps_per_epoch = len(train_cache.labels) // micro_batch // cfg.accum_steps
         else:
-            train_ds = data.build_dataset(cfg.dataset, cfg.data_path, train=True, subset=cfg.subset,
-                                          transform=train_transform(img_size, cfg.crop_scale_min))
-            sampler = DistributedSampler(train_ds, num_replicas=dist.world, rank=dist.rank, shuffle=True,
-                                         seed=cfg.seed, drop_last=True)
+            train_ds = data.SeededImages(data.build_dataset(  # augmentation seeded by (seed, epoch, index)
+                cfg.dataset, cfg.data_path, train=True, subset=cfg.subset,
+                transform=train_transform(img_size, cfg.crop_scale_min)), cfg.seed)
+            sampler = SkipSampler(DistributedSampler(train_ds, num_replicas=dist.world, rank=dist.rank, shuffle=True,
+                                                     seed=cfg.seed, drop_last=True))
             train_loader = DataLoader(train_ds, batch_size=micro_batch, sampler=sampler, drop_last=True,
-                                      num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
-            steps_per_epoch = len(train_loader) // cfg.accum_steps
+                                      num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
+                                      worker_init_fn=ignore_stop_signals)
+            steps_per_epoch = len(sampler) // micro_batch // cfg.accum_steps
         if steps_per_epoch == 0:
             raise ConfigError(f"{len(train_eval)} training images are fewer than one global batch "
                               f"({cfg.batch_size}): lower batch_size")
@@ -497,17 +510,22 @@ def main(argv):
     # Training: every head on the same frozen tokens, one backward for all
     total_steps = cfg.epochs * steps_per_epoch if train else 0
     warmup_steps = cfg.warmup_epochs * steps_per_epoch if train else 0
+    start_epoch = step // steps_per_epoch if train else 0
     for epoch in range(start_epoch, cfg.epochs if train else 0):
         heads.train()
+        seen = step - epoch * steps_per_epoch                     # > 0 after a mid-epoch resume
         if cached:  # a new order each epoch, depending only on (seed, epoch, rank)
             gen = torch.Generator().manual_seed((cfg.seed * 1_000_003 + epoch) * 1009 + dist.rank)
-            batches = cached_train_batches(train_cache, micro_batch, gen)
+            batches = itertools.islice(cached_train_batches(train_cache, micro_batch, gen),
+                                       seen * cfg.accum_steps, None)
         else:
-            sampler.set_epoch(epoch)
+            sampler.set_epoch(epoch, skip=seen * cfg.accum_steps * micro_batch)
+            train_ds.set_epoch(epoch)
+            data.reset_corrupt_count(train_ds)
             batches = streaming_train_batches(vit, train_loader, cfg, device)
         loss_sum = torch.zeros(len(heads), device=device)
-        loss_count = 0
-        for _ in range(steps_per_epoch):
+        loss_count, stopping = 0, False
+        for _ in range(seen, steps_per_epoch):
             lr_now = cosine_lr(step, total_steps, warmup_steps, lr, cfg.min_lr)
             for g in optimizer.param_groups:
                 g["lr"] = lr_now
@@ -533,6 +551,15 @@ def main(argv):
                     log_json(log_path, record)
                 loss_sum.zero_()
                 loss_count = 0
+                if stop.should_stop(device):
+                    stopping = True
+                    break
+        if step < (epoch + 1) * steps_per_epoch:  # stopped mid-epoch: save where we are and leave
+            if dist.main:
+                save_atomic({"heads": heads.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                             "step": step, "config": config_dict(cfg)}, ckpt_path)
+            print0(f"stopped by signal at step {step}; rerun the same command to resume")
+            stop.exit()
         done = epoch + 1
         sync_bn_stats(heads)
         if done % cfg.eval_every == 0 and done < cfg.epochs:  # the last epoch is evaluated below
@@ -540,9 +567,14 @@ def main(argv):
             print0(f"epoch {done}: " + ", ".join(f"{n} {r['top1']:.2f}" for n, r in acc.items()))
             if dist.main:
                 log_json(log_path, {"epoch": done, **{f"val_top1_{n}": r["top1"] for n, r in acc.items()}})
+        if not cached:
+            check_corrupt(data.corrupt_count(train_ds), len(train_ds), cfg.max_corrupt_frac, device)
         if dist.main:  # checkpoint: the unwrapped heads, optimizer, position in the run
             save_atomic({"heads": heads.state_dict(), "optimizer": optimizer.state_dict(), "epoch": done,
                          "step": step, "config": config_dict(cfg)}, ckpt_path)
+        if stopping:
+            print0(f"stopped by signal after epoch {done}; rerun the same command to resume")
+            stop.exit()
     if train and dist.main:
         save_atomic({"heads": heads.state_dict(), "config": config_dict(cfg)}, heads_path)
 

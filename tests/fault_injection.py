@@ -1,0 +1,170 @@
+"""Fault injection: interrupt a tiny run, resume it, and compare with an uninterrupted run, bit for bit.
+
+    python tests/fault_injection.py --data DIR     # DIR: an ImageNet-layout folder (train/, val/)
+    python tests/fault_injection.py                # makes a tiny random one in a temporary folder
+
+Each fault is injected from inside the process under test, so it lands exactly where asked:
+this file, run as `fault_injection.py --inject FAULT SCRIPT ARGS...`, patches two functions and
+then runs SCRIPT (pretrain.py or finetune.py) as __main__:
+
+    kill-step:K   SIGKILL itself right after writing the log line of step K (a node dies)
+    kill-save:N   on the N-th checkpoint write, write half of the temporary file, then SIGKILL
+                  itself (a kill in the middle of saving)
+    term-step:K   SIGTERM itself after the log line of step K (SLURM preemption, Ctrl-C): the
+                  script must save at the next log step and exit with 143
+    nan-loss:K    the K-th call of the distillation loss returns NaN (pretrain.py)
+
+Then the same command is rerun without a fault until it finishes; the final encoder must equal
+the uninterrupted run's. The tests in test_faults.py call `interrupted_run` below.
+"""
+import argparse
+import json
+import os
+import random
+import runpy
+import signal
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# a tiny run: 32 images of 16 px, batch 8 -> 4 steps per epoch; a log line (and SIGTERM check) every step
+TINY = {
+    "pretrain.py": ["dataset=imagefolder", "model=vit_micro", "img_size=16", "patch_size=4", "mask_min_patches=2",
+                    "num_workers=0", "batch_size=8", "epochs=3", "warmup_epochs=1", "log_every=1", "blr=1e-3",
+                    "drop_path=0.1", "loss=dtm", "teacher=ema"],
+    "finetune.py": ["dataset=imagefolder", "model=vit_micro", "img_size=16", "patch_size=4", "init=",
+                    "num_workers=0", "batch_size=8", "epochs=3", "warmup_epochs=1", "log_every=1", "blr=1e-3",
+                    "drop_path=0.1"],
+    # probe.py also needs backbone=ENCODER; "never" caches: the streaming path, with its loader
+    "probe.py": ["dataset=imagefolder", "num_workers=0", "batch_size=8", "epochs=3", "warmup_epochs=1",
+                 "optimizer=sgd", "blr=0.5", "log_every=1", "eval_every=5", "knn=[]", "cache=never"],
+}
+FINAL = {"pretrain.py": "encoder.pth", "finetune.py": "model_timm.pth", "probe.py": "heads.pth"}
+
+
+# -----------------------------------------------------------------------------
+# Inside the process under test
+
+def inject(fault: str):
+    """Patch common.log_json / torch.save so that the process hurts itself at the chosen point."""
+    import torch
+    import common
+    kind, at = fault.split(":")
+    at = int(at)
+    if kind in ("kill-step", "term-step"):
+        sig = signal.SIGKILL if kind == "kill-step" else signal.SIGTERM
+        log_json = common.log_json
+
+        def log_and_signal(path, record):
+            log_json(path, record)
+            if record.get("step") == at and "lr" in record:  # a training-step line
+                os.kill(os.getpid(), sig)
+        common.log_json = log_and_signal
+    elif kind == "kill-save":
+        save, count = torch.save, [0]
+
+        def save_half_and_die(obj, f, *args, **kwargs):
+            save(obj, f, *args, **kwargs)
+            if isinstance(f, str) and ".tmp." in f and os.path.basename(f).startswith("checkpoint.pth"):
+                count[0] += 1
+                if count[0] == at:
+                    with open(f, "r+b") as fh:
+                        fh.truncate(os.path.getsize(f) // 2)
+                    os.kill(os.getpid(), signal.SIGKILL)
+        torch.save = save_half_and_die
+    elif kind == "nan-loss":
+        import losses
+        calls = [0]
+
+        def poisoned(loss_fn):
+            def wrapper(*args, **kwargs):
+                calls[0] += 1
+                loss = loss_fn(*args, **kwargs)
+                return loss * float("nan") if calls[0] == at else loss
+            return wrapper
+        losses.dtm_loss, losses.tokenwise_loss = poisoned(losses.dtm_loss), poisoned(losses.tokenwise_loss)
+    else:
+        raise SystemExit(f"unknown fault '{fault}'")
+
+
+# -----------------------------------------------------------------------------
+# Driving runs from outside
+
+def run(script: str, args: list, fault: str = "", timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, os.path.abspath(__file__), "--inject", fault, script] if fault else [sys.executable, script]
+    return subprocess.run(cmd + args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def tiny_args(script: str, data_dir: str, out_dir: str, backbone: str = "") -> list:
+    extra = [f"backbone={backbone}"] if script == "probe.py" else []
+    return [*TINY[script], f"data_path={data_dir}", f"out_dir={out_dir}", *extra]
+
+
+def interrupted_run(script: str, data_dir: str, out_dir: str, fault: str, backbone: str = "") -> dict:
+    """Run `script` with `fault`, then rerun until it finishes. -> what happened, for the caller to check."""
+    first = run(script, tiny_args(script, data_dir, out_dir, backbone), fault)
+    leftovers = sorted(f for f in os.listdir(out_dir) if ".tmp." in f) if os.path.isdir(out_dir) else []
+    second = run(script, tiny_args(script, data_dir, out_dir, backbone))
+    return {"fault": fault, "first_rc": first.returncode, "first_out": first.stdout + first.stderr,
+            "leftovers": leftovers, "second_rc": second.returncode, "second_out": second.stdout + second.stderr}
+
+
+def final_weights(script: str, out_dir: str) -> dict:
+    import torch
+    state = torch.load(os.path.join(out_dir, FINAL[script]), map_location="cpu", weights_only=True)
+    return state["heads"] if script == "probe.py" else state["model"]
+
+
+def same_weights(a: dict, b: dict) -> bool:
+    import torch
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def make_tiny_folder(root: str) -> str:
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 32), ("val", 8)):
+        for c in range(2):
+            os.makedirs(os.path.join(root, split, f"class{c}"), exist_ok=True)
+            for i in range(count // 2):
+                pixels = rng.integers(0, 256, size=(20, 20, 3), dtype=np.uint8)
+                pixels[..., c] //= 4
+                Image.fromarray(pixels).save(os.path.join(root, split, f"class{c}", f"{i}.png"))
+    return root
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", default="", help="an ImageNet-layout folder; default: a tiny random one")
+    p.add_argument("--seed", type=int, default=0, help="picks the random steps to kill at")
+    args = p.parse_args()
+    rng = random.Random(args.seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        data_dir = args.data or make_tiny_folder(os.path.join(tmp, "data"))
+        backbone = os.path.join(tmp, "pretrain.py", "reference", "encoder.pth")
+        for script in ("pretrain.py", "finetune.py", "probe.py"):
+            ref = os.path.join(tmp, script, "reference")
+            assert run(script, tiny_args(script, data_dir, ref, backbone)).returncode == 0
+            total = 12  # 3 epochs x 4 steps
+            for fault in (f"kill-step:{rng.randint(1, total - 1)}", "kill-save:2", f"term-step:{rng.randint(1, total - 1)}"):
+                out = os.path.join(tmp, script, fault.replace(":", "_"))
+                r = interrupted_run(script, data_dir, out, fault, backbone)
+                equal = r["second_rc"] == 0 and same_weights(final_weights(script, ref), final_weights(script, out))
+                print(json.dumps({"script": script, "fault": fault, "exit_code": r["first_rc"],
+                                  "leftover_temp_files": r["leftovers"], "resumed_exit_code": r["second_rc"],
+                                  "final_weights_equal": equal}))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 3 and sys.argv[1] == "--inject":
+        fault, script = sys.argv[2], sys.argv[3]
+        sys.argv = [script, *sys.argv[4:]]
+        sys.path.insert(0, ROOT)
+        inject(fault)
+        runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
+    else:
+        main()
