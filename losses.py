@@ -76,15 +76,16 @@ def fixed_levels(num_tokens: int, num_iters: int = 1) -> List[Tuple[int, int]]:
 # -----------------------------------------------------------------------------
 # Token morphing by iterative bipartite matching (Eq. 2)
 
-def _bipartite_merge(sums, sizes, r):
+def _bipartite_merge(sums, r):
     """One ToMe step on a batch of T current tokens: merge the r best A->B pairs.
 
-    sums (B, T, C): sum of the original target tokens each current token stands for;
-    sizes (B, T): how many. A = even positions, B = odd positions. Returns the new sums, sizes
-    and new_pos (B, T): where each current token goes in the new list of T - r tokens.
+    sums (B, T, C): sum of the original target tokens each current token stands for (the cosine
+    of a sum equals the cosine of the mean, so the group sizes are not needed). A = even
+    positions, B = odd positions. Returns the new sums and new_pos (B, T): where each current
+    token goes in the new list of T - r tokens.
     """
     Bsz, T, C = sums.shape
-    feats = F.normalize(sums / sizes.unsqueeze(-1), dim=-1)  # size-weighted means, unit norm
+    feats = F.normalize(sums, dim=-1)                        # directions of the group means
     a, b = feats[:, 0::2], feats[:, 1::2]                    # (B, Ta, C), (B, Tb, C)
     Ta, Tb = a.shape[1], b.shape[1]
     scores = a @ b.transpose(1, 2)                           # cosine similarity (B, Ta, Tb)
@@ -102,12 +103,9 @@ def _bipartite_merge(sums, sizes, r):
     new_pos[:, 1::2] = keep + torch.arange(Tb, device=sums.device)
 
     sums_a, sums_b = sums[:, 0::2], sums[:, 1::2]
-    sizes_a, sizes_b = sizes[:, 0::2], sizes[:, 1::2]
     sums_b = sums_b.scatter_add(1, dst.unsqueeze(-1).expand(-1, -1, C), sums_a.gather(1, src.unsqueeze(-1).expand(-1, -1, C)))
-    sizes_b = sizes_b.scatter_add(1, dst, sizes_a.gather(1, src))
     new_sums = torch.cat([sums_a.gather(1, unm.unsqueeze(-1).expand(-1, -1, C)), sums_b], dim=1)
-    new_sizes = torch.cat([sizes_a.gather(1, unm), sizes_b], dim=1)
-    return new_sums, new_sizes, new_pos
+    return new_sums, new_pos
 
 
 @torch.no_grad()
@@ -124,7 +122,6 @@ def dtm_assignment(target: torch.Tensor, num_morphed: int, num_iters: int) -> to
     if not 1 <= num_morphed <= N or num_iters < 1:
         raise ValueError(f"need 1 <= N_m <= N (= {N}) and k >= 1, got N_m={num_morphed}, k={num_iters}")
     sums = target.float()
-    sizes = torch.ones(B, N, device=target.device)
     assign = torch.arange(N, device=target.device).expand(B, N)  # current token of each original
     tokens, carry = N, 0
     schedule = morph_schedule(N, num_morphed, num_iters)
@@ -134,7 +131,7 @@ def dtm_assignment(target: torch.Tensor, num_morphed: int, num_iters: int) -> to
         carry = want - r
         if r == 0:
             continue
-        sums, sizes, new_pos = _bipartite_merge(sums, sizes, r)
+        sums, new_pos = _bipartite_merge(sums, r)
         assign = new_pos.gather(1, assign)
         tokens -= r
     return assign
