@@ -61,9 +61,10 @@ class ViTConfig:
         return self.grid ** 2
 
 
-# DTM paper, Table 12 (and a micro model for tests)
+# DTM paper, Table 12 (and a micro model for tests, a mini one for CPU experiments)
 VIT_SIZES = {
     "vit_micro": dict(embed_dim=32, depth=2, num_heads=2),
+    "vit_mini": dict(embed_dim=128, depth=6, num_heads=4),
     "vit_tiny": dict(embed_dim=192, depth=12, num_heads=3),
     "vit_small": dict(embed_dim=384, depth=12, num_heads=6),
     "vit_base": dict(embed_dim=768, depth=12, num_heads=12),

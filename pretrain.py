@@ -60,7 +60,7 @@ class Config:
     num_workers: int = 2               # loader processes per GPU/process
     max_corrupt_frac: float = 0.01     # imagefolder: skip corrupt images, stop when more than this fraction
     # student
-    model: str = "vit_tiny"            # vit_micro | vit_tiny | vit_small | vit_base | vit_large
+    model: str = "vit_tiny"            # vit_micro | vit_mini | vit_tiny | vit_small | vit_base | vit_large
     patch_size: int = 4
     pos_embed: str = "learned"         # learned | sincos | none
     rel_pos_bias: bool = False         # BEiT relative position bias in every block
