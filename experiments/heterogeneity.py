@@ -115,6 +115,19 @@ def layer_heterogeneity(net, images: torch.Tensor, masks: torch.Tensor, batch_si
     return torch.cat(per_batch, dim=1)
 
 
+def run_heterogeneity(path: str, cfg: Config, device="cpu"):
+    """One run's checkpoint.pth or encoder.pth -> (H^l per layer and image (L+1, num_images), log |V|,
+    a one-line description). The images and masks are as the run's pre-training draws them."""
+    net, run = load_run(path)
+    vit = net.encoder if isinstance(net, M.MAE) else net
+    images, masks = masked_images(run, cfg, vit.cfg.img_size, vit.cfg.grid)
+    curve = layer_heterogeneity(net.to(device), images.to(device), masks.to(device), cfg.batch_size).cpu()
+    where = "decoder" if isinstance(net, M.MAE) else "encoder"
+    note = (f"{run.framework}, H^l over the {where} blocks, {len(images)} images, "
+            f"|M| = {int(masks[0].sum())}, |V| = {int((~masks[0]).sum())}")
+    return curve, math.log(int((~masks[0]).sum())), note
+
+
 # -----------------------------------------------------------------------------
 # Files
 
@@ -131,12 +144,10 @@ def write_csv(curves: dict, path: str):
             writer.writerow(row)
 
 
-def plot(curves: dict, log_visible: dict, path: str):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def draw(ax, curves: dict, log_visible: dict, title: str = "mask vs visible tokens, Eq. 2"):
+    """H^l against depth on a matplotlib axis: one line per run (curves {label: (L+1, n)}), and
+    dashed lines at log |V| (log_visible {label: value}), the maximum."""
     from matplotlib.ticker import MaxNLocator
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for label, h in curves.items():
         ax.plot(range(h.shape[0]), h.mean(1).numpy(), marker="o", label=label)
     for i, value in enumerate(sorted(set(log_visible.values()))):
@@ -144,8 +155,16 @@ def plot(curves: dict, log_visible: dict, path: str):
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("layer depth (0 = initial embedding)")
     ax.set_ylabel("heterogeneity H (nats)")
-    ax.set_title("mask vs visible tokens, Eq. 2")
+    ax.set_title(title)
     ax.legend(fontsize=8)
+
+
+def plot(curves: dict, log_visible: dict, path: str):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    draw(ax, curves, log_visible)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -158,14 +177,8 @@ def main(argv):
     labels = cfg.labels or [os.path.basename(os.path.dirname(os.path.abspath(p))) for p in cfg.checkpoints]
     curves, log_visible = {}, {}
     for label, path in zip(labels, cfg.checkpoints):
-        net, run = load_run(path)
-        vit = net.encoder if isinstance(net, M.MAE) else net
-        images, masks = masked_images(run, cfg, vit.cfg.img_size, vit.cfg.grid)
-        curves[label] = layer_heterogeneity(net.to(device), images.to(device), masks.to(device), cfg.batch_size).cpu()
-        log_visible[label] = math.log(int((~masks[0]).sum()))
-        where = "decoder" if isinstance(net, M.MAE) else "encoder"
-        print0(f"{label}: {path} ({run.framework}, H^l over the {where} blocks), {len(images)} images, "
-               f"|M| = {int(masks[0].sum())}, |V| = {int((~masks[0]).sum())}")
+        curves[label], log_visible[label], note = run_heterogeneity(path, cfg, device)
+        print0(f"{label}: {path} ({note})")
     write_csv(curves, os.path.join(cfg.out_dir, "heterogeneity.csv"))
     plot(curves, log_visible, os.path.join(cfg.out_dir, "heterogeneity.png"))
     print0("layer " + " ".join(f"{label:>14}" for label in curves))
