@@ -672,8 +672,8 @@ def build_teacher(kind: str, student_encoder: Optional[ViT] = None, clip_model: 
     this project) or 'ema' (a momentum copy of `student_encoder`)."""
     if kind == "clip":
         return CLIPTeacher(clip_model, pretrained)
-    if kind == "checkpoint":
-        return ViTTeacher(load_encoder(pretrained))
+    if kind == "checkpoint":  # a fine-tuned classifier (finetune.py's best.pth) works too: its head is dropped
+        return ViTTeacher(load_encoder(pretrained, num_classes=0))
     if kind == "ema":
         return EMATeacher(student_encoder)
     raise ValueError(f"unknown teacher '{kind}': choose 'clip', 'checkpoint' or 'ema'")

@@ -329,6 +329,19 @@ def test_checkpoint_teacher(tmp_path):
         build_teacher("dino")
 
 
+def test_checkpoint_teacher_from_a_classifier_drops_the_head(tmp_path):
+    """finetune.py's best.pth holds a ViT with a head; as a teacher it must give patch tokens."""
+    clf = randomise(tiny(num_classes=4)).eval()
+    path = tmp_path / "best.pth"
+    torch.save(encoder_state(clf), path)
+    x = images()
+    t = build_teacher("checkpoint", pretrained=str(path))(x)
+    assert t.shape == (2, N, D)
+    with torch.no_grad():
+        _, record = clf(x, return_hiddens=True)
+    close(t, record["hiddens"][-1][:, 1:])  # the classifier's final-normed patch tokens
+
+
 # -----------------------------------------------------------------------------
 # 6. build_vit errors
 
