@@ -1,0 +1,45 @@
+"""Pinned runs: short pre-training runs whose final encoder weights must not change by a bit.
+
+A refactor of the stage scripts must keep behaviour; these checksums were recorded before one.
+If a change is meant to alter training (a new default, a fixed bug), update the checksum in the
+same commit and say why in its message. One CPU thread: the sums are exact on any x86 CPU with
+the same torch build, not across torch versions (the test names the version it was pinned on).
+"""
+import hashlib
+import os
+
+import pytest
+import torch
+
+from test_pretrain import ROOT, TINY, run
+
+PINNED_TORCH = "2.14"
+RUNS = {  # name: (overrides, sha256 of the encoder's tensors in key order)
+    "dtm_ema": (["loss=dtm", "teacher=ema"],
+                "dfa5dd24587173f21d35ab91d10b11996203431d0c6de7de8d4d6d2d5c55a7ad"),
+    "simmim_mto": (["framework=simmim", "mask=random", "mto=true"],
+                   "7df2948940b14abbeec3724831019069657a4ac582c6b360346e394e78744341"),
+    "mae_mto": (["framework=mae", "mask=random", "mto=true", "decoder_dim=32",
+                 "decoder_depth=1", "decoder_heads=2"],
+                "eee6f0048e398fca0044870d84d0caf55b0ed27758ed561244001f2a15febbfa"),
+}
+
+
+def encoder_sha256(out_dir: str) -> str:
+    state = torch.load(os.path.join(out_dir, "encoder.pth"), weights_only=True)["model"]
+    h = hashlib.sha256()
+    for key in sorted(state):
+        h.update(key.encode())
+        h.update(state[key].detach().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+@pytest.mark.skipif(not torch.__version__.startswith(PINNED_TORCH),
+                    reason=f"checksums were recorded with torch {PINNED_TORCH}")
+@pytest.mark.parametrize("name", sorted(RUNS))
+def test_pinned_run_weights(tiny_imagefolder, tmp_path, name):
+    overrides, expected = RUNS[name]
+    out = str(tmp_path / name)
+    run([*TINY, f"data_path={tiny_imagefolder}", f"out_dir={out}", "epochs=1", "seed=3",
+         "blr=1e-3", "min_lr=1e-6", "warmup_epochs=1", *overrides])
+    assert encoder_sha256(out) == expected, f"{name}: the final weights changed"
