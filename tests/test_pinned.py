@@ -18,10 +18,10 @@ RUNS = {  # name: (overrides, sha256 of the encoder's tensors in key order)
     "dtm_ema": (["loss=dtm", "teacher=ema"],
                 "dfa5dd24587173f21d35ab91d10b11996203431d0c6de7de8d4d6d2d5c55a7ad"),
     "simmim_mto": (["framework=simmim", "mask=random", "mto=true"],
-                   "7df2948940b14abbeec3724831019069657a4ac582c6b360346e394e78744341"),
+                   "eee6f0048e398fca0044870d84d0caf55b0ed27758ed561244001f2a15febbfa"),
     "mae_mto": (["framework=mae", "mask=random", "mto=true", "decoder_dim=32",
                  "decoder_depth=1", "decoder_heads=2"],
-                "eee6f0048e398fca0044870d84d0caf55b0ed27758ed561244001f2a15febbfa"),
+                "7df2948940b14abbeec3724831019069657a4ac582c6b360346e394e78744341"),
 }
 
 
