@@ -2,13 +2,19 @@
 
 Nothing about the methods lives here; read the stage scripts for that.
 """
+import atexit
+import contextlib
 import dataclasses
 import difflib
+import itertools
 import json
 import math
-import itertools
 import os
+import pickle
+import re
+import shutil
 import signal
+import socket
 import sys
 import typing
 from datetime import timedelta
@@ -21,6 +27,10 @@ from tqdm import tqdm
 
 class ConfigError(ValueError):
     """A bad config key or value: the scripts print it as one line and exit with code 2."""
+
+
+class RunError(RuntimeError):
+    """A fault during the run (a full disk, an unreadable checkpoint): one line, exit code 3."""
 
 
 # -----------------------------------------------------------------------------
@@ -46,8 +56,13 @@ def parse_config(cls, argv):
 def _read_yaml(path):
     if not os.path.isfile(path):
         raise ConfigError(f"config file '{path}' does not exist")
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" at line {where.line + 1}" if where else ""
+        raise ConfigError(f"config file '{path}' is not valid YAML{at}: write one 'key: value' per line") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file '{path}' must hold a mapping of key: value")
     return data
@@ -65,6 +80,7 @@ def make_config(cls, values: dict):
             raise ConfigError(f"unknown config key '{key}'{hint}; see the Config class for the allowed keys")
         kwargs[key] = _check_type(key, value, hints[key])
     cfg = cls(**kwargs)
+    check_ranges(cfg)
     if hasattr(cfg, "validate"):
         cfg.validate()
     return cfg
@@ -81,6 +97,8 @@ def _check_type(key, value, kind):
     if kind in (int, float, str, bool):
         if type(value) is not kind:
             raise ConfigError(f"config key '{key}' must be {kind.__name__}, got {value!r}")
+        if kind is float and not math.isfinite(value):
+            raise ConfigError(f"config key '{key}' must be a finite number, got {value!r}")
         return value
     origin = typing.get_origin(kind)
     if origin in (list, tuple):
@@ -89,6 +107,27 @@ def _check_type(key, value, kind):
         (item,) = set(typing.get_args(kind)) - {Ellipsis} or {object}
         return origin(_check_type(key, v, item) if item in (int, float, str, bool) else v for v in value)
     return value
+
+
+# lower bounds of keys the stage configs share (a config without the key skips it); each
+# Config.validate() checks its own keys
+POSITIVE = ("blr",)
+AT_LEAST_ONE = ("patch_size", "epochs", "batch_size", "accum_steps", "log_every", "dist_timeout_s")
+AT_LEAST_ZERO = ("min_lr", "weight_decay", "warmup_epochs", "num_workers", "subset", "val_subset", "drop_path",
+                 "layer_scale", "label_smoothing", "mixup", "cutmix", "reprob", "randaug_ops", "img_size")
+
+
+def check_ranges(cfg):
+    """Reject values no run can use (blr <= 0, patch_size=0, num_workers=-1) before any work."""
+    for key in POSITIVE + AT_LEAST_ONE + AT_LEAST_ZERO:
+        value = getattr(cfg, key, None)
+        if value is None:
+            continue
+        if key in POSITIVE and value <= 0:
+            raise ConfigError(f"config key '{key}' must be > 0, got {value}")
+        low = 1 if key in AT_LEAST_ONE else 0
+        if value < low:
+            raise ConfigError(f"config key '{key}' must be >= {low}, got {value}")
 
 
 def check_choice(key, value, allowed):
@@ -207,26 +246,313 @@ def param_groups(model: torch.nn.Module, weight_decay: float):
 # Checkpoints and logs
 
 def save_atomic(obj, path: str):
-    """torch.save to a temporary file, then rename: a kill mid-write leaves the old file intact."""
+    """torch.save to `<path>.tmp.<pid>`, then rename: a kill mid-write leaves the old file intact.
+    A failed write (a full disk) removes the temporary file and stops the run with one line."""
     tmp = f"{path}.tmp.{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0][:120]
+        raise RunError(f"cannot write '{path}' ({reason}; {free / 2**20:.1f} MiB free there): free space or "
+                       "fix the folder, then rerun the same command to resume (the previous file is intact)") from e
+
+
+TEMP_FILE = re.compile(r"^(?P<name>.+)\.tmp\.(?P<pid>\d+)$")  # save_atomic's `<name>.tmp.<pid>`
 
 
 def remove_stale_temp_files(out_dir: str):
-    """Delete the half-written `*.tmp.PID` files a killed save_atomic leaves (the real files are intact)."""
-    for name in os.listdir(out_dir):
-        if ".tmp." in name:
+    """Delete the half-written `<name>.tmp.<pid>` files of save_atomic whose writer is gone (the
+    real files are intact). Other files, e.g. a user's notes.tmp.txt, are never touched."""
+    for name in sorted(os.listdir(out_dir)):
+        match = TEMP_FILE.match(name)
+        if match and not pid_alive(int(match["pid"])):
             os.remove(os.path.join(out_dir, name))
             print0(f"removed {name}, left by a run killed while saving")
 
 
-def load_checkpoint(path: str):
+def pid_alive(pid: int) -> bool:
+    """Is process `pid` running on this host (a zombie counts as gone)?"""
+    if pid == os.getpid():
+        return True
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # a truncated or foreign file
-        raise RuntimeError(f"cannot read checkpoint '{path}' ({type(e).__name__}: {e}); "
-                           "delete it to start over or point resume= at another file") from e
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def read_torch_file(path: str, safe_globals=()) -> dict:
+    """torch.load with weights_only=True: tensors and plain values (and the classes in
+    `safe_globals`) only, never code. Raises ValueError with the reason in a few words."""
+    try:
+        with torch.serialization.safe_globals(list(safe_globals)):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "GLOBAL" in str(e):
+            raise ValueError("it holds Python objects other than tensors and plain values, which are "
+                             "never loaded (they could run code)") from None
+        raise ValueError("it is not a file written by torch.save") from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise ValueError(f"it is truncated or not a torch file ({str(e).splitlines()[0][:80]})") from None
+
+
+def load_checkpoint(path: str) -> dict:
+    """A run's own checkpoint.pth (auto-resume); an unreadable one stops the run with one line."""
+    try:
+        ckpt = read_torch_file(path)
+    except ValueError as e:
+        raise RunError(f"cannot read checkpoint '{path}': {e}; delete it to start over, or use a new "
+                       "out_dir") from None
+    if not isinstance(ckpt, dict) or "step" not in ckpt:
+        raise RunError(f"cannot read checkpoint '{path}': it is not a checkpoint of this project; delete "
+                       "it to start over, or use a new out_dir")
+    return ckpt
+
+
+def read_weights(path: str, key: str, safe_globals=()) -> dict:
+    """A weights file named by config key `key` (init, backbone, teacher_pretrained): loaded with
+    weights_only=True; missing, unreadable, or a training checkpoint -> one line (exit 2)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config key '{key}': file '{path}' does not exist")
+    try:
+        state = read_torch_file(path, safe_globals)
+    except ValueError as e:
+        raise ConfigError(f"config key '{key}': cannot read '{path}': {e}") from None
+    if not isinstance(state, dict):
+        raise ConfigError(f"config key '{key}': '{path}' holds a {type(state).__name__}, not weights")
+    if "optimizer" in state and "step" in state:  # this project's checkpoint.pth
+        raise ConfigError(f"config key '{key}': '{path}' is a training checkpoint, not weights: give the "
+                          "encoder.pth (pretrain.py) or model_timm.pth (finetune.py) of that run")
+    return state
+
+
+def load_state(module: torch.nn.Module, state: dict, source: str):
+    """module.load_state_dict(state, strict=True); a mismatch is one line naming the keys."""
+    own = module.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    wrong = [k for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        raise ConfigError(f"'{source}' does not fit this model: missing {missing[:3]}, unexpected "
+                          f"{unexpected[:3]}, wrong shape {wrong[:3]}; use the settings it was written with")
+    module.load_state_dict(state, strict=True)
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, state: dict, source: str):
+    """optimizer.load_state_dict(state); parameter groups that do not match are one line."""
+    try:
+        optimizer.load_state_dict(state)
+    except (ValueError, KeyError) as e:
+        raise ConfigError(f"the optimizer state in '{source}' does not fit this model ({first_line(e)}): "
+                          "resume with the settings and code version it was written with") from None
+
+
+# -----------------------------------------------------------------------------
+# Run directories: one run per folder, config.yaml after the resume check, outputs before "done"
+
+LOCK_FILE = ".lock"
+_held_locks = []
+
+
+def open_run_dir(out_dir: str):
+    """Create out_dir, lock it for this run (rank 0 takes out_dir/.lock, released at exit) and
+    remove the temp files of a killed save. A folder in use by another run stops every rank
+    with one line (exit 2). Call it once, before reading or writing anything in out_dir."""
+    make_run_dir(out_dir)
+    problem = ""
+    if is_main():
+        try:
+            lock_run_dir(out_dir)
+            remove_stale_temp_files(out_dir)
+        except ConfigError as e:
+            problem = str(e)
+    if dist.is_initialized():  # every rank stops if rank 0 could not take the folder
+        box = [problem]
+        dist.broadcast_object_list(box, src=0)
+        problem = box[0]
+    if problem and is_main():
+        raise ConfigError(problem)
+    if problem:
+        sys.exit(2)  # rank 0 says why
+
+
+def make_run_dir(out_dir: str):
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ConfigError(f"out_dir '{out_dir}' is a file, not a folder: choose another out_dir")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot create out_dir '{out_dir}' ({e.strerror}): choose another out_dir") from None
+    if not os.access(out_dir, os.W_OK | os.X_OK):
+        raise ConfigError(f"out_dir '{out_dir}' is not writable: choose another out_dir")
+
+
+def lock_run_dir(out_dir: str):
+    """Take out_dir/.lock ({pid, host, start}) for this process; released at exit (atexit), taken
+    over with a notice when its holder on this host is gone; otherwise ConfigError naming it."""
+    path = os.path.join(out_dir, LOCK_FILE)
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "start": _start_time(os.getpid())}
+    for _ in range(3):
+        if _create_exclusive(path, json.dumps(me)):
+            _held_locks.append((path, me["pid"]))
+            if len(_held_locks) == 1:
+                atexit.register(release_run_dirs)
+            return
+        holder = _read_lock(path)
+        if _holder_alive(holder, me):
+            raise ConfigError(_busy_message(out_dir, path, holder, me))
+        print0(f"note: taking over {path}: its run (PID {holder['pid']} on {holder['host']}) is gone")
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+    raise ConfigError(f"cannot lock out_dir '{out_dir}': another run keeps taking {path}")
+
+
+def _create_exclusive(path: str, text: str) -> bool:
+    """Write `text` to a new file `path` in one step (link of a complete temp file); False if it exists."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    except OSError as e:
+        raise ConfigError(f"cannot write in out_dir '{os.path.dirname(path)}' ({e.strerror}): "
+                          "choose another out_dir") from None
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+
+
+def _read_lock(path: str) -> dict:
+    try:
+        with open(path) as f:
+            holder = json.load(f)
+        return {"pid": int(holder["pid"]), "host": str(holder["host"]), "start": holder.get("start")}
+    except FileNotFoundError:
+        return {"pid": -1, "host": socket.gethostname(), "start": None}  # just released
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ConfigError(f"the lock file '{path}' is unreadable: delete it if no run uses this folder") from None
+
+
+def _holder_alive(holder: dict, me: dict) -> bool:
+    if holder["host"] != me["host"]:
+        return True  # cannot check another machine's processes
+    if holder["pid"] < 0 or holder["pid"] == me["pid"]:
+        return False  # released, or a dead run whose PID this process reuses (containers)
+    if not pid_alive(holder["pid"]):
+        return False
+    start = _start_time(holder["pid"])
+    return holder["start"] is None or start is None or start == holder["start"]  # else a reused PID
+
+
+def _busy_message(out_dir: str, path: str, holder: dict, me: dict) -> str:
+    where = "" if holder["host"] == me["host"] else " (another machine: this one cannot tell if it still runs)"
+    return (f"out_dir '{out_dir}' is in use by PID {holder['pid']} on {holder['host']}{where}: wait for it, "
+            f"stop it, or choose another out_dir (if that run is gone, delete {path})")
+
+
+def _start_time(pid: int):
+    """The process start time in clock ticks since boot (/proc), None where there is no /proc."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def release_run_dirs():
+    """Remove the locks this process holds (atexit; also before a hard exit)."""
+    while _held_locks:
+        path, pid = _held_locks.pop()
+        with contextlib.suppress(FileNotFoundError, ConfigError):
+            if _read_lock(path)["pid"] == pid:
+                os.remove(path)
+
+
+def is_main() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def check_resume_config(saved: dict, current: dict, keys, path: str):
+    """Resuming checkpoint `path` (config `saved`) with config `current`: the keys that shape the
+    model or its data must agree, else one line listing each difference (exit 2)."""
+    diff = [f"{k}={saved[k]!r} (now {current[k]!r})" for k in keys
+            if k in saved and k in current and saved[k] != current[k]]
+    if diff:
+        raise ConfigError(f"{path} was written with {', '.join(diff)}: resume with the same settings, "
+                          "or choose a new out_dir")
+
+
+def write_config(out_dir: str, cfg):
+    """out_dir/config.yaml, the resolved config (rank 0; call it after the resume check)."""
+    if is_main():
+        with open(os.path.join(out_dir, "config.yaml"), "w") as f:
+            yaml.safe_dump(config_dict(cfg), f, sort_keys=False)
+
+
+def trim_log(path: str, step: int, epochs_done: int):
+    """Resuming at `step` (`epochs_done` whole epochs): drop the log lines a killed run wrote after
+    its checkpoint, which the resumed run writes again. Lines with a step compare the step, lines
+    without one (per-epoch evaluations) the epoch; a half-written last line goes too. Rank 0."""
+    if not is_main() or not os.path.isfile(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    keep = [line for line in lines if _before(line, step, epochs_done)]
+    if len(keep) < len(lines):
+        tmp = f"{path}.tmp.{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.writelines(keep)
+        os.replace(tmp, path)
+        print0(f"log: dropped {len(lines) - len(keep)} line(s) written after the checkpoint's step {step}")
+
+
+def _before(line: str, step: int, epochs_done: int) -> bool:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return False
+    if "step" in record:
+        return record["step"] <= step
+    return record.get("epoch", 0) <= epochs_done
+
+
+def save_run(ckpt_path: str, state: dict, outputs: dict):
+    """Save the outputs the next stage reads ({path: obj}, each tagged with state['step']) first,
+    then the checkpoint: a checkpoint never says a step is done whose outputs are not on disk."""
+    for path, obj in outputs.items():
+        save_atomic({**obj, "step": state["step"]}, path)
+    save_atomic(state, ckpt_path)
+
+
+def ensure_outputs(outputs: dict, step: int) -> list:
+    """A resumed, finished run: rewrite each output ({path: obj}) that is missing, unreadable or
+    from another step than the checkpoint's. -> the paths rewritten (rank 0 only)."""
+    rewritten = []
+    for path, obj in outputs.items():
+        if is_main() and _output_step(path) != step:
+            save_atomic({**obj, "step": step}, path)
+            print0(f"rewrote {path}: it was missing or older than the checkpoint (step {step})")
+            rewritten.append(path)
+    return rewritten
+
+
+def _output_step(path: str):
+    try:
+        return read_torch_file(path).get("step")
+    except (ValueError, FileNotFoundError, AttributeError):
+        return None
 
 
 def log_json(path: str, record: dict):
@@ -240,22 +566,35 @@ LOST_PEER = ("Connection closed by peer", "Connection reset by peer", "Broken pi
 
 def run_main(main):
     """Run a stage's main(); bad input becomes one line on stderr and exit code 2, a failure
-    during the run (NaN loss, bad data, a lost process, an unreadable file) exit code 3."""
+    during the run (NaN loss, bad data, a lost process, a full disk, an unreadable file) exit code 3."""
     try:
         main(sys.argv[1:])
     except (ConfigError, FileNotFoundError) as e:
         _fail(str(e), 2)
+    except (pickle.UnpicklingError, EOFError) as e:  # a weights file read outside read_weights
+        _fail(f"a weights file named in the config is not readable ({first_line(e)}): check init, backbone "
+              "and teacher_pretrained", 2)
+    except OSError as e:
+        where = f" '{e.filename}'" if e.filename else ""
+        _fail(f"{e.strerror or first_line(e)}{where}: fix it, then rerun the same command to resume", 3)
     except RuntimeError as e:
         msg = str(e).strip()
-        if isinstance(e, (NonFiniteLoss, DataError)) or "cannot be downloaded" in msg or "cannot read checkpoint" in msg:
+        if isinstance(e, RunError) or "cannot be downloaded" in msg:
             _fail(msg, 3)
         if dist.is_initialized() and (isinstance(e, dist.DistError) or any(s in msg for s in LOST_PEER)):
-            first = msg.splitlines()[0] if msg else type(e).__name__
-            _fail(f"rank {dist.get_rank()} lost contact with another process ({first[:200]}): a process died or "
-                  "a node failed; rerun the same command to resume from the last checkpoint", 3)
+            _fail(f"rank {dist.get_rank()} lost contact with another process ({first_line(e)[:200]}): a process "
+                  "died or a node failed; rerun the same command to resume from the last checkpoint", 3)
+        if "PytorchStreamReader" in msg:  # a truncated weights file read outside read_weights
+            _fail(f"a weights file named in the config is truncated ({first_line(e)[:120]}): check init, "
+                  "backbone and teacher_pretrained", 2)
         raise
     finally:
         cleanup_distributed()
+
+
+def first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _fail(message: str, code: int):
@@ -263,16 +602,17 @@ def _fail(message: str, code: int):
         bar.close()
     print(f"error: {message}", file=sys.stderr, flush=True)
     if code == 3 and dist.is_initialized():  # peers may be gone: do not wait for them in a barrier
+        release_run_dirs()  # os._exit skips atexit
         os._exit(code)
     cleanup_distributed()
     sys.exit(code)
 
 
-class NonFiniteLoss(RuntimeError):
+class NonFiniteLoss(RunError):
     pass
 
 
-class DataError(RuntimeError):
+class DataError(RunError):
     pass
 
 

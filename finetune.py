@@ -30,9 +30,10 @@ from tqdm import tqdm
 import data
 import model as M
 from common import (ConfigError, NonFiniteLoss, ShardSampler, SkipSampler, StopRequest, all_reduce_mean,
-                    all_reduce_sum, check_choice, check_corrupt, config_dict, cosine_lr, ignore_stop_signals,
-                    load_checkpoint, log_json, parse_config, print0, remove_stale_temp_files, run_main, save_atomic,
-                    setup_distributed, split_batch, step_seed)
+                    all_reduce_sum, check_choice, check_corrupt, check_resume_config, config_dict, cosine_lr,
+                    ensure_outputs, ignore_stop_signals, load_checkpoint, load_optimizer, load_state, log_json,
+                    open_run_dir, parse_config, print0, read_weights, run_main, save_atomic, save_run,
+                    setup_distributed, split_batch, step_seed, trim_log, write_config)
 
 
 @dataclass
@@ -109,7 +110,7 @@ def build_model(cfg: Config, num_classes: int) -> M.ViT:
                    pos_embed=cfg.pos_embed, rel_pos_bias=cfg.rel_pos_bias, layer_scale=cfg.layer_scale)
     state = None
     if cfg.init:
-        ckpt = torch.load(cfg.init, map_location="cpu", weights_only=True)
+        ckpt = read_weights(cfg.init, "init")
         if "config" in ckpt and "model" in ckpt:        # an encoder of this project
             vit_cfg = dict(ckpt["config"])
             state = dict(ckpt["model"])
@@ -119,17 +120,28 @@ def build_model(cfg: Config, num_classes: int) -> M.ViT:
         else:                                           # timm / MAE format
             state = M.from_timm(ckpt)
     vit_cfg.update(num_classes=num_classes, drop_path=cfg.drop_path)
-    model = M.ViT(M.ViTConfig(**vit_cfg))
+    try:
+        model = M.ViT(M.ViTConfig(**vit_cfg))
+    except TypeError as e:
+        raise ConfigError(f"config key 'init': '{cfg.init}' holds an unknown architecture ({e})") from None
     if state is not None:
         fresh = model.state_dict()
         state = {k: v for k, v in state.items() if not k.startswith("head.")}
         new = [k for k in fresh if k not in state]      # head (and mask token for timm files)
         state.update({k: fresh[k] for k in new})
-        model.load_state_dict(state, strict=True)
+        load_state(model, state, cfg.init)
         print0(f"loaded {cfg.init}; newly initialised: {new}")
     torch.nn.init.trunc_normal_(model.head.weight, std=2e-5)  # MAE: a near-zero head at the start
     torch.nn.init.zeros_(model.head.bias)
+    # a classifier never masks: without a gradient DDP does not wait for the mask token's (it
+    # would stop at step 2 with "parameters that were not used"); kept in the state dict
+    model.mask_token.requires_grad_(False)
     return model
+
+
+# the settings that shape the classifier or its data: a resume must keep them
+RESUME_KEYS = ("dataset", "subset", "img_size", "model", "patch_size", "pos_embed", "rel_pos_bias",
+               "layer_scale", "model_ema")
 
 
 def layer_id(name: str, depth: int) -> int:
@@ -236,11 +248,10 @@ def main(argv):
     stop = StopRequest()  # SIGTERM / SIGINT: checkpoint at the next log step, exit 128 + signal
     micro_batch = split_batch(cfg.batch_size, dist.world, cfg.accum_steps)
     print0(yaml.safe_dump(config_dict(cfg), sort_keys=False))
-    os.makedirs(cfg.out_dir, exist_ok=True)
+    open_run_dir(cfg.out_dir)  # one run per folder (a lock), temp files of a killed save removed
     ckpt_path = os.path.join(cfg.out_dir, "checkpoint.pth")
     log_path = os.path.join(cfg.out_dir, "log.jsonl")
-    if dist.main:
-        remove_stale_temp_files(cfg.out_dir)
+    timm_path = os.path.join(cfg.out_dir, "model_timm.pth")
 
     if cfg.init and not os.path.isfile(cfg.init):  # checked here, not in validate(): configs parse anywhere
         raise FileNotFoundError(f"config key 'init': file '{cfg.init}' does not exist (an encoder.pth of "
@@ -275,24 +286,32 @@ def main(argv):
     step, best = 0, 0.0
     if os.path.isfile(ckpt_path):  # auto-resume, also mid-epoch (after SIGTERM/SIGINT)
         ckpt = load_checkpoint(ckpt_path)
+        check_resume_config(ckpt["config"], config_dict(cfg), RESUME_KEYS, ckpt_path)
         if ckpt.get("steps_per_epoch", steps_per_epoch) != steps_per_epoch:
             raise ConfigError(f"{ckpt_path} was written with {ckpt['steps_per_epoch']} steps per epoch, this config "
                               f"gives {steps_per_epoch}: resume with the same batch_size and subset, or a new out_dir")
-        model.load_state_dict(ckpt["model"], strict=True)
-        optimizer.load_state_dict(ckpt["optimizer"])
+        load_state(model, ckpt["model"], ckpt_path)
+        load_optimizer(optimizer, ckpt["optimizer"], ckpt_path)
         if ema is not None and "ema" in ckpt:
-            ema.load_state_dict(ckpt["ema"], strict=True)
+            load_state(ema, ckpt["ema"], ckpt_path)
         step, best = ckpt["step"], ckpt["best"]
         print0(f"resumed from {ckpt_path} at epoch {step // steps_per_epoch}, step {step}")
+    trim_log(log_path, step, step // steps_per_epoch)  # lines a killed run wrote after its checkpoint
+    write_config(cfg.out_dir, cfg)
 
-    def save_checkpoint(epochs_done: int):
+    def final_outputs() -> dict:
+        """What the next stage reads: the (EMA) model in timm's format."""
+        return {timm_path: export_timm(ema if ema is not None else model)}
+
+    def save_checkpoint(epochs_done: int, outputs: dict):
+        """Outputs first, then the checkpoint that says how far the run got (rank 0)."""
         if dist.main:
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epochs_done,
                      "step": step, "steps_per_epoch": steps_per_epoch, "best": best, "config": config_dict(cfg),
                      "vit_config": asdict(model.cfg)}
             if ema is not None:
                 state["ema"] = ema.state_dict()
-            save_atomic(state, ckpt_path)
+            save_run(ckpt_path, state, outputs)
 
     net = DDP(model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None) if dist.world > 1 else model
     total_steps, warmup_steps = cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch
@@ -345,7 +364,7 @@ def main(argv):
                     break
 
         if step < (epoch + 1) * steps_per_epoch:  # stopped mid-epoch: save where we are and leave
-            save_checkpoint(epoch)
+            save_checkpoint(epoch, {})
             print0(f"stopped by signal at step {step}; rerun the same command to resume")
             stop.exit()
         # evaluation on every rank's shard, then checkpoints
@@ -362,13 +381,13 @@ def main(argv):
             if is_best:
                 save_atomic({"config": asdict(model.cfg), "model": model.state_dict(), "top1": best},
                             os.path.join(cfg.out_dir, "best.pth"))
-        save_checkpoint(epoch + 1)
+        save_checkpoint(epoch + 1, final_outputs() if epoch + 1 == cfg.epochs else {})
         if stopping:
             print0(f"stopped by signal after epoch {epoch + 1}; rerun the same command to resume")
             stop.exit()
     if dist.main:
-        save_atomic(export_timm(ema if ema is not None else model), os.path.join(cfg.out_dir, "model_timm.pth"))
-        print0(f"best top-1 {best:.2f}; timm export in {cfg.out_dir}/model_timm.pth")
+        ensure_outputs(final_outputs(), step)  # a resumed finished run: rewrite what is missing
+    print0(f"best top-1 {best:.2f}; timm export in {timm_path}")
 
 
 def _classes(ds):

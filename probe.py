@@ -41,10 +41,11 @@ from torchvision.transforms import v2 as T
 import data
 import losses
 import model as M
-from common import (ConfigError, NonFiniteLoss, SkipSampler, StopRequest, all_reduce_mean, all_reduce_sum,
-                    check_choice, check_corrupt, config_dict, cosine_lr, ignore_stop_signals, load_checkpoint,
-                    log_json, parse_config, print0, remove_stale_temp_files, run_main, save_atomic,
-                    setup_distributed, split_batch)
+from common import (ConfigError, NonFiniteLoss, SkipSampler, StopRequest, all_reduce_mean,
+                    all_reduce_sum, check_choice, check_corrupt, check_resume_config, config_dict, cosine_lr,
+                    ensure_outputs, first_line, ignore_stop_signals, load_checkpoint, load_optimizer,
+                    load_state, log_json, open_run_dir, parse_config, print0, read_weights, run_main,
+                    save_run, setup_distributed, split_batch, trim_log, write_config)
 
 
 @dataclass
@@ -130,10 +131,12 @@ def load_backbone(cfg: Config) -> M.ViT:
         raise FileNotFoundError(f"backbone file '{cfg.backbone}' does not exist: give the encoder.pth that "
                                 "pretrain.py wrote, or a timm / MAE weights file with backbone_format=timm")
     if cfg.backbone_format == "project":
+        read_weights(cfg.backbone, "backbone")  # unreadable, unsafe or a checkpoint.pth: one line
         try:
             vit = M.load_encoder(cfg.backbone)
-        except ValueError as e:
-            raise ConfigError(f"{e}; for timm or MAE weights set backbone_format=timm") from e
+        except (ValueError, TypeError, RuntimeError) as e:
+            raise ConfigError(f"backbone '{cfg.backbone}': {first_line(e)}; for timm or MAE weights set "
+                              "backbone_format=timm") from None
         if cfg.img_size and cfg.img_size != vit.cfg.img_size:
             raise ConfigError(f"img_size={cfg.img_size} but the encoder was trained at {vit.cfg.img_size} and "
                               "position embeddings are not resized here: set img_size=0")
@@ -151,8 +154,7 @@ def load_timm_weights(vit: M.ViT, path: str):
         from safetensors.torch import load_file
         raw = load_file(path)
     else:  # MAE's training checkpoints also hold their argparse.Namespace
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            raw = torch.load(path, map_location="cpu", weights_only=True)
+        raw = read_weights(path, "backbone", safe_globals=[argparse.Namespace])
     sd = {k: v for k, v in M.from_timm(raw).items() if not k.startswith("head.")}
     own = vit.state_dict()
     if "mask_token" not in sd or sd["mask_token"].shape != own["mask_token"].shape:
@@ -301,6 +303,22 @@ def load_heads(path: str, cfg: Config, vit: M.ViT, num_classes: int) -> losses.P
     return heads
 
 
+# the settings that shape the heads or their features: a resume must keep them
+RESUME_KEYS = ("backbone", "backbone_format", "model", "patch_size", "layer_scale", "img_size", "dataset",
+               "subset", *HEAD_KEYS)
+
+
+def resume(ckpt: dict, path: str, heads, optimizer, steps_per_epoch: int) -> int:
+    """Load a checkpoint.pth of this run into the heads and optimizer -> the step it reached."""
+    if ckpt.get("steps_per_epoch", steps_per_epoch) != steps_per_epoch:
+        raise ConfigError(f"{path} was written with {ckpt['steps_per_epoch']} steps per epoch, this config "
+                          f"gives {steps_per_epoch}: resume with the same batch_size and cache, or a new out_dir")
+    load_state(heads, ckpt["heads"], path)
+    load_optimizer(optimizer, ckpt["optimizer"], path)
+    print0(f"resumed from {path} at epoch {ckpt['epoch']}, step {ckpt['step']}")
+    return ckpt["step"]
+
+
 class LARS(torch.optim.Optimizer):
     """LARS (You et al., 2017) as in MAE's linear probe: SGD with momentum where the update of each
     weight matrix is scaled by trust_coefficient * ||w|| / ||g||; 1-d parameters are plain SGD."""
@@ -412,14 +430,15 @@ def main(argv):
     print0(yaml.safe_dump(config_dict(cfg), sort_keys=False))
     print0(f"world size {dist.world}, micro-batch {micro_batch} per process, "
            f"{cfg.accum_steps} accumulation step(s), global batch {cfg.batch_size}")
-    os.makedirs(cfg.out_dir, exist_ok=True)
+    open_run_dir(cfg.out_dir)  # one run per folder (a lock), temp files of a killed save removed
     ckpt_path = os.path.join(cfg.out_dir, "checkpoint.pth")
     heads_path = cfg.heads_path or os.path.join(cfg.out_dir, "heads.pth")
     log_path = os.path.join(cfg.out_dir, "log.jsonl")
-    if dist.main:
-        remove_stale_temp_files(cfg.out_dir)
-        with open(os.path.join(cfg.out_dir, "config.yaml"), "w") as f:
-            yaml.safe_dump(config_dict(cfg), f, sort_keys=False)
+    ckpt = None
+    if cfg.heads and not cfg.eval_only and os.path.isfile(ckpt_path):  # auto-resume: checked before any work
+        ckpt = load_checkpoint(ckpt_path)
+        check_resume_config(ckpt["config"], config_dict(cfg), RESUME_KEYS, ckpt_path)
+    write_config(cfg.out_dir, cfg)
 
     # -------------------------------------------------------------------------
     # Backbone: frozen, eval mode, no grad; features = output of `block` (+ final norm if asked)
@@ -481,12 +500,6 @@ def main(argv):
             optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=cfg.weight_decay)
         print0(f"heads {list(heads)}: {sum(p.numel() for p in params) / 1e3:.1f}k parameters; "
                f"{cfg.optimizer}, lr {lr:.4g}")
-        if os.path.isfile(ckpt_path):  # auto-resume, also mid-epoch (after SIGTERM/SIGINT)
-            ckpt = load_checkpoint(ckpt_path)
-            heads.load_state_dict(ckpt["heads"], strict=True)
-            optimizer.load_state_dict(ckpt["optimizer"])
-            step = ckpt["step"]
-            print0(f"resumed from {ckpt_path} at epoch {ckpt['epoch']}, step {step}")
         model = DDP(heads, device_ids=[dist.local_rank] if device.type == "cuda" else None) \
             if dist.world > 1 else heads
         if cached:
@@ -504,7 +517,21 @@ def main(argv):
         if steps_per_epoch == 0:
             raise ConfigError(f"{len(train_eval)} training images are fewer than one global batch "
                               f"({cfg.batch_size}): lower batch_size")
+        if ckpt is not None:  # also mid-epoch (after SIGTERM/SIGINT)
+            step = resume(ckpt, ckpt_path, heads, optimizer, steps_per_epoch)
+        trim_log(log_path, step, step // steps_per_epoch)  # lines a killed run wrote after its checkpoint
     val_source = val_cache if cached else val_loader
+
+    def heads_output() -> dict:
+        return {"heads": heads.state_dict(), "config": config_dict(cfg)}
+
+    def save_checkpoint(epochs_done: int, outputs: dict):
+        """The outputs (heads.pth after the last epoch) first, then the checkpoint: the unwrapped
+        heads, optimizer, position in the run (rank 0)."""
+        if dist.main:
+            save_run(ckpt_path, {"heads": heads.state_dict(), "optimizer": optimizer.state_dict(),
+                                 "epoch": epochs_done, "step": step, "steps_per_epoch": steps_per_epoch,
+                                 "config": config_dict(cfg)}, outputs)
 
     # -------------------------------------------------------------------------
     # Training: every head on the same frozen tokens, one backward for all
@@ -555,9 +582,7 @@ def main(argv):
                     stopping = True
                     break
         if step < (epoch + 1) * steps_per_epoch:  # stopped mid-epoch: save where we are and leave
-            if dist.main:
-                save_atomic({"heads": heads.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                             "step": step, "config": config_dict(cfg)}, ckpt_path)
+            save_checkpoint(epoch, {})
             print0(f"stopped by signal at step {step}; rerun the same command to resume")
             stop.exit()
         done = epoch + 1
@@ -569,14 +594,12 @@ def main(argv):
                 log_json(log_path, {"epoch": done, **{f"val_top1_{n}": r["top1"] for n, r in acc.items()}})
         if not cached:
             check_corrupt(data.corrupt_count(train_ds), len(train_ds), cfg.max_corrupt_frac, device)
-        if dist.main:  # checkpoint: the unwrapped heads, optimizer, position in the run
-            save_atomic({"heads": heads.state_dict(), "optimizer": optimizer.state_dict(), "epoch": done,
-                         "step": step, "config": config_dict(cfg)}, ckpt_path)
+        save_checkpoint(done, {heads_path: heads_output()} if done == cfg.epochs else {})
         if stopping:
             print0(f"stopped by signal after epoch {done}; rerun the same command to resume")
             stop.exit()
     if train and dist.main:
-        save_atomic({"heads": heads.state_dict(), "config": config_dict(cfg)}, heads_path)
+        ensure_outputs({heads_path: heads_output()}, step)  # a resumed finished run: rewrite what is missing
 
     # -------------------------------------------------------------------------
     # Evaluation: every rank its shard, counts summed; then k-NN against the gathered train bank

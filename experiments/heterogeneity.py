@@ -35,7 +35,8 @@ import data  # noqa: E402
 import losses  # noqa: E402
 import model as M  # noqa: E402
 import pretrain  # noqa: E402
-from common import ConfigError, make_config, parse_config, print0, run_main, setup_distributed  # noqa: E402
+from common import (ConfigError, make_config, parse_config, print0, read_torch_file, run_main,  # noqa: E402
+                    setup_distributed)
 
 
 @dataclass
@@ -69,7 +70,7 @@ def load_run(path: str):
     or an MAE (mask tokens in the decoder), in eval mode."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"'{path}' does not exist: give a checkpoint.pth or encoder.pth written by pretrain.py")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = read_weights_or_checkpoint(path)
     if "optimizer" in ckpt:  # a full checkpoint: the run's config is inside
         run = make_config(pretrain.Config, ckpt["config"])
         encoder = pretrain.build_encoder(run)
@@ -90,6 +91,14 @@ def load_run(path: str):
         raise ConfigError(f"'{path}' is the encoder of an MAE run, which never sees mask tokens: "
                           "give the run's checkpoint.pth (its decoder holds them)")
     return M.load_encoder(path).eval(), run
+
+
+def read_weights_or_checkpoint(path: str) -> dict:
+    """torch.load with weights_only=True (tensors and plain values, never code); one line if not."""
+    try:
+        return read_torch_file(path)
+    except ValueError as e:
+        raise ConfigError(f"cannot read '{path}': {e}") from None
 
 
 def masked_images(run, cfg: Config, img_size: int, grid: int):

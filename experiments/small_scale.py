@@ -42,7 +42,7 @@ import heterogeneity  # noqa: E402
 import losses  # noqa: E402
 import model as M  # noqa: E402
 import rauc as rauc_tool  # noqa: E402
-from common import save_atomic  # noqa: E402
+from common import load_checkpoint, save_atomic  # noqa: E402
 
 
 # -----------------------------------------------------------------------------
@@ -205,7 +205,7 @@ def teacher_encoder(finetune_dir: str) -> str:
     an encoder file {'config', 'model'} without the head, which pretrain.py's teacher=checkpoint reads
     (with the head, the ViT would return logits instead of patch tokens). The last epoch's weights,
     not best.pth: that one is chosen on the test set."""
-    ckpt = torch.load(os.path.join(finetune_dir, "checkpoint.pth"), map_location="cpu", weights_only=False)
+    ckpt = load_checkpoint(os.path.join(finetune_dir, "checkpoint.pth"))
     config = dict(ckpt["vit_config"], num_classes=0, drop_path=0.0)
     state = {k: v for k, v in ckpt["model"].items() if not k.startswith("head.")}
     path = os.path.join(finetune_dir, "encoder.pth")
