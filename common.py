@@ -87,13 +87,9 @@ def make_config(cls, values: dict):
 
 
 def _check_type(key, value, kind):
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if kind is float and isinstance(value, str):  # YAML reads 1e-3 (no dot) as a string
-        try:
-            return float(value)
-        except ValueError:
-            pass
+    if kind is float and isinstance(value, (int, str)) and not isinstance(value, bool):
+        with contextlib.suppress(ValueError):  # YAML reads 1e-3 (no dot) as a string
+            value = float(value)
     if kind in (int, float, str, bool):
         if type(value) is not kind:
             raise ConfigError(f"config key '{key}' must be {kind.__name__}, got {value!r}")
@@ -297,13 +293,15 @@ def read_torch_file(path: str, safe_globals=()) -> dict:
     try:
         with torch.serialization.safe_globals(list(safe_globals)):
             return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
     except pickle.UnpicklingError as e:
         if "GLOBAL" in str(e):
             raise ValueError("it holds Python objects other than tensors and plain values, which are "
                              "never loaded (they could run code)") from None
         raise ValueError("it is not a file written by torch.save") from None
-    except (RuntimeError, EOFError, OSError) as e:
-        raise ValueError(f"it is truncated or not a torch file ({str(e).splitlines()[0][:80]})") from None
+    except Exception as e:  # noqa: BLE001 - random bytes fail anywhere in the unpickler
+        raise ValueError(f"it is truncated or not a torch file ({first_line(e)[:80]})") from None
 
 
 def load_checkpoint(path: str) -> dict:

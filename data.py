@@ -19,6 +19,7 @@ from typing import Optional
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import datasets
 from torchvision import tv_tensors
@@ -136,11 +137,29 @@ class SafeImageFolder(datasets.ImageFolder):
     `num_corrupt` counts the skips in this process and its loader workers (shared memory); the
     training loop reads it with `corrupt_count(ds)`, sums it over ranks and stops when it
     exceeds the allowed fraction of the data set (config key max_corrupt_frac).
+    Images are read by `load_image` (16-bit and transparent images converted, said once); folder
+    links that lead back into the tree are not followed; the image count per class is printed.
     """
 
     def __init__(self, root, transform=None):
-        super().__init__(root, transform=transform)
+        super().__init__(root, transform=transform, loader=load_image)
         self.num_corrupt = multiprocessing.Value("l", 0)
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(class_counts(self.root, self.classes, self.targets), flush=True)
+
+    @staticmethod
+    def make_dataset(directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
+        """(path, class index) for every image under directory/<class>/, as torchvision's, but
+        without following folder links back into the tree (a loop would repeat images)."""
+        valid = is_valid_file or (lambda p: p.lower().endswith(tuple(extensions)))
+        tree, seen, samples = os.path.realpath(directory), set(), []
+        for name in sorted(class_to_idx):
+            found = [(p, class_to_idx[name]) for p in walk_files(os.path.join(directory, name), tree, seen)
+                     if valid(p)]
+            if not found and not allow_empty:
+                raise FileNotFoundError(f"class folder '{os.path.join(directory, name)}' holds no images")
+            samples += found
+        return samples
 
     def __getitem__(self, i):
         for j in range(i, i + len(self)):
@@ -152,6 +171,74 @@ class SafeImageFolder(datasets.ImageFolder):
                 print(f"warning: skipping corrupt image {self.samples[j % len(self)][0]} "
                       f"({type(e).__name__}: {e})", file=sys.stderr, flush=True)
         raise OSError(f"no readable image in '{self.root}'")
+
+
+def walk_files(folder: str, tree: str, seen: set):
+    """Every file under `folder`, following folder links except those that lead back into (or
+    above) `tree`, the data root, or to a folder already walked: each is skipped with a warning."""
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        seen.add(os.path.realpath(root))
+        keep = []
+        for d in sorted(dirs):
+            path = os.path.join(root, d)
+            target = os.path.realpath(path)
+            if target in seen or (os.path.islink(path) and (_inside(target, tree) or _inside(tree, target))):
+                print(f"warning: not following the folder link {path} -> {target}: it leads back into "
+                      "the data (a loop would repeat images)", file=sys.stderr, flush=True)
+                continue
+            keep.append(d)
+        dirs[:] = keep
+        yield from (os.path.join(root, f) for f in sorted(files))
+
+
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def class_counts(root: str, classes: list, targets: list) -> str:
+    """One line: the images per class (all of them up to 20 classes, else the fewest and most)."""
+    counts = np.bincount(np.asarray(targets, dtype=np.int64), minlength=len(classes))
+    head = f"{root}: {len(targets)} images in {len(classes)} classes"
+    if len(classes) <= 20:
+        return head + ": " + ", ".join(f"{c} {n}" for c, n in zip(classes, counts))
+    lo, hi = int(counts.argmin()), int(counts.argmax())
+    return head + f"; fewest: {classes[lo]} {counts[lo]}, most: {classes[hi]} {counts[hi]}"
+
+
+_said = set()
+
+
+def _say_once(kind: str, message: str):
+    """A note on stderr the first time a conversion happens in this process."""
+    if kind not in _said:
+        _said.add(kind)
+        print(f"note: {message} (said once)", file=sys.stderr, flush=True)
+
+
+def load_image(path: str) -> Image.Image:
+    """An image file -> 8-bit RGB. PIL's convert('RGB') alone clips 16-bit grey to white and
+    keeps the colour under alpha 0 (often black): here 16-bit values are scaled by 255/65535
+    and transparent images are composited onto white. Float or 32-bit pixels are refused."""
+    with open(path, "rb") as f:
+        img = Image.open(f)
+        img.load()
+    if img.mode in ("F", "I") or img.mode.startswith("I;16"):
+        return _from_16_bit(img, path)
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+        _say_once("alpha", f"{path} has transparency: composited onto white, as are all such images")
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def _from_16_bit(img: Image.Image, path: str) -> Image.Image:
+    pixels = np.asarray(img)
+    if img.mode == "F" or pixels.min() < 0 or pixels.max() > 65535:
+        raise ValueError(f"{path} has {img.mode} pixels outside 0..65535: save it with 8 or 16 bits per channel")
+    _say_once("16-bit", f"{path} is 16-bit: scaled to 8 bits (x 255/65535), as are all such images")
+    grey = np.round(pixels.astype(np.float64) * (255 / 65535)).astype(np.uint8)
+    return Image.fromarray(grey, "L").convert("RGB")
 
 
 def corrupt_count(ds) -> int:

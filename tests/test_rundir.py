@@ -1,0 +1,263 @@
+"""Run directories (common.py): weights_only loads, the out_dir lock, stale temp files, outputs
+before the checkpoint, the resume check, log trimming, and config errors as one line."""
+import errno
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import common
+import finetune
+import pretrain
+import probe
+from common import ConfigError, RunError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class Payload:
+    """Unpickling this runs `touch MARKER`: what a hostile checkpoint.pth would do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def malicious_checkpoint(path, marker):
+    """A checkpoint that looks valid, with the payload hidden in one value."""
+    torch.save({"model": {}, "optimizer": {}, "step": 0, "config": {}, "extra": Payload(marker)}, path)
+
+
+def dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+# -----------------------------------------------------------------------------
+# Loading files: tensors and plain values only
+
+def test_malicious_checkpoint_is_refused_and_its_code_never_runs(tmp_path):
+    marker = tmp_path / "marker"
+    malicious_checkpoint(tmp_path / "checkpoint.pth", marker)
+    with pytest.raises(RunError, match="Python objects other than tensors"):
+        common.load_checkpoint(str(tmp_path / "checkpoint.pth"))
+    with pytest.raises(ConfigError, match="config key 'init'.*Python objects other than tensors"):
+        common.read_weights(str(tmp_path / "checkpoint.pth"), "init")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("content, message", [
+    ("random", "not a file written by torch.save|truncated or not a torch file"),
+    ("truncated", "truncated or not a torch file"),
+    ("checkpoint", "is a training checkpoint, not weights"),
+])
+def test_unreadable_weights_are_one_clear_error(tmp_path, content, message):
+    path = tmp_path / "w.pth"
+    if content == "truncated":
+        torch.save({"model": {"w": torch.zeros(1000)}}, path)
+        path.write_bytes(path.read_bytes()[:3000])
+    elif content == "checkpoint":
+        torch.save({"model": {}, "optimizer": {}, "step": 4, "config": {}}, path)
+    else:
+        path.write_bytes(os.urandom(2000))
+    with pytest.raises(ConfigError, match=message):
+        common.read_weights(str(path), "backbone")
+
+
+def test_load_state_mismatch_names_the_keys():
+    a, b = torch.nn.Linear(3, 4), torch.nn.Linear(3, 5)
+    with pytest.raises(ConfigError, match=r"'ckpt' does not fit this model: missing \[\], unexpected \[\], "
+                                          r"wrong shape \['weight', 'bias'\]"):
+        common.load_state(a, b.state_dict(), "ckpt")
+
+
+# -----------------------------------------------------------------------------
+# The lock: one run per out_dir
+
+HOLD = "import sys, time; sys.path.insert(0, {root!r}); import common; common.lock_run_dir({d!r}); " \
+       "print('locked', flush=True); {then}"
+
+
+def holder(out_dir, then="time.sleep(60)"):
+    p = subprocess.Popen([sys.executable, "-c", HOLD.format(root=ROOT, d=str(out_dir), then=then)],
+                         stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "locked"
+    return p
+
+
+def test_a_busy_out_dir_is_refused_naming_the_holder(tmp_path):
+    p = holder(tmp_path)
+    try:
+        with pytest.raises(ConfigError) as e:
+            common.lock_run_dir(str(tmp_path))
+        msg = str(e.value)
+        assert f"is in use by PID {p.pid} on {socket.gethostname()}" in msg and "\n" not in msg
+    finally:
+        p.kill()
+        p.wait()
+
+
+def test_a_lock_whose_holder_is_gone_is_taken_over(tmp_path, capsys):
+    p = holder(tmp_path)
+    p.kill()  # SIGKILL: no atexit, the lock stays behind
+    p.wait()
+    assert json.loads((tmp_path / ".lock").read_text())["pid"] == p.pid
+    common.lock_run_dir(str(tmp_path))
+    try:
+        assert f"taking over {tmp_path / '.lock'}: its run (PID {p.pid}" in capsys.readouterr().out
+        assert json.loads((tmp_path / ".lock").read_text())["pid"] == os.getpid()
+    finally:
+        common.release_run_dirs()
+    assert not (tmp_path / ".lock").exists()
+
+
+@pytest.mark.parametrize("then", ["pass", "raise ValueError('boom')", "sys.exit(143)"])
+def test_the_lock_is_released_at_exit(tmp_path, then):
+    p = holder(tmp_path, then)
+    p.wait()
+    assert not (tmp_path / ".lock").exists()
+
+
+def test_a_lock_from_another_machine_is_not_taken_over(tmp_path):
+    (tmp_path / ".lock").write_text(json.dumps({"pid": dead_pid(), "host": "elsewhere", "start": 1}))
+    with pytest.raises(ConfigError, match="in use by PID .* on elsewhere .another machine"):
+        common.lock_run_dir(str(tmp_path))
+
+
+def test_out_dir_that_is_a_file_is_one_line(tmp_path):
+    (tmp_path / "f").write_text("")
+    with pytest.raises(ConfigError, match="is a file, not a folder"):
+        common.open_run_dir(str(tmp_path / "f"))
+    with pytest.raises(ConfigError, match="cannot create out_dir"):
+        common.open_run_dir(str(tmp_path / "f" / "run"))
+
+
+# -----------------------------------------------------------------------------
+# Temp files: only save_atomic's own, only when their writer is gone
+
+def test_only_temp_files_of_dead_writers_are_removed(tmp_path):
+    gone, alive = dead_pid(), os.getpid()
+    names = ["notes.tmp.txt", f"checkpoint.pth.tmp.{gone}", f"checkpoint.pth.tmp.{alive}", "encoder.pth.tmp.x1",
+             f"my.tmp.{gone}.bak"]
+    for name in names:
+        (tmp_path / name).write_text("x")
+    common.remove_stale_temp_files(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == sorted(n for n in names if n != f"checkpoint.pth.tmp.{gone}")
+
+
+def test_a_failed_save_is_one_line_and_keeps_the_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pth"
+    common.save_atomic({"step": 1}, str(path))
+    save = torch.save
+
+    def full_disk(obj, f, *args, **kwargs):
+        save(obj, f, *args, **kwargs)  # a partial file is left, then the write fails
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(RunError, match="cannot write .*checkpoint.pth' .No space left on device") as e:
+        common.save_atomic({"step": 2}, str(path))
+    assert "\n" not in str(e.value)
+    assert os.listdir(tmp_path) == ["checkpoint.pth"]
+    assert common.load_checkpoint(str(path))["step"] == 1
+
+
+def test_a_full_tmpfs_is_one_line(tmp_path):
+    folder = tmp_path / "small"
+    folder.mkdir()
+    p = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(folder)], capture_output=True)
+    if p.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({p.stderr.decode().strip() or 'not root'})")
+    try:
+        with pytest.raises(RunError, match="cannot write .*MiB free there"):
+            common.save_atomic({"w": torch.zeros(100_000)}, str(folder / "checkpoint.pth"))
+        assert os.listdir(folder) == []
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+# -----------------------------------------------------------------------------
+# Outputs before "done", resume check, log trimming
+
+def test_save_run_writes_the_outputs_before_the_checkpoint(tmp_path, monkeypatch):
+    order = []
+    save = common.save_atomic
+    monkeypatch.setattr(common, "save_atomic", lambda obj, path: (order.append(os.path.basename(path)),
+                                                                  save(obj, path)))
+    common.save_run(str(tmp_path / "checkpoint.pth"), {"step": 8}, {str(tmp_path / "encoder.pth"): {"model": {}}})
+    assert order == ["encoder.pth", "checkpoint.pth"]
+    assert common.read_torch_file(str(tmp_path / "encoder.pth"))["step"] == 8
+
+
+def test_ensure_outputs_rewrites_only_missing_or_stale_files(tmp_path):
+    fresh, stale, missing = (str(tmp_path / n) for n in ("fresh.pth", "stale.pth", "missing.pth"))
+    common.save_atomic({"model": 1, "step": 8}, fresh)
+    common.save_atomic({"model": 1, "step": 4}, stale)
+    before = os.stat(fresh).st_mtime_ns
+    outputs = {p: {"model": 2} for p in (fresh, stale, missing)}
+    assert common.ensure_outputs(outputs, 8) == [stale, missing]
+    assert os.stat(fresh).st_mtime_ns == before
+    assert common.read_torch_file(missing) == {"model": 2, "step": 8}
+
+
+def test_check_resume_config_lists_every_difference():
+    saved = {"model": "vit_micro", "patch_size": 4, "blr": 1e-3}
+    with pytest.raises(ConfigError) as e:
+        common.check_resume_config(saved, {"model": "vit_tiny", "patch_size": 2, "blr": 5e-3},
+                                   ("model", "patch_size"), "run/checkpoint.pth")
+    assert str(e.value).startswith("run/checkpoint.pth was written with model='vit_micro' (now 'vit_tiny'), "
+                                   "patch_size=4 (now 2)")
+    common.check_resume_config(saved, dict(saved, blr=1.0), ("model", "patch_size"), "x")  # blr may change
+
+
+def test_trim_log_drops_what_was_written_after_the_checkpoint(tmp_path):
+    log = tmp_path / "log.jsonl"
+    lines = [{"epoch": 1, "step": s, "loss": 1.0} for s in (1, 2, 3, 4)] + [{"epoch": 1, "val_top1": 5.0}]
+    lines += [{"epoch": 2, "step": s, "loss": 1.0} for s in (5, 6, 7)]
+    log.write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"epoch": 2, "st')  # killed mid-line
+    common.trim_log(str(log), 6, 1)
+    kept = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r.get("step") for r in kept] == [1, 2, 3, 4, None, 5, 6]
+    common.trim_log(str(log), 4, 1)
+    assert len(log.read_text().splitlines()) == 5
+
+
+# -----------------------------------------------------------------------------
+# Config errors: one line before any work, for every stage
+
+@pytest.mark.parametrize("cls", [pretrain.Config, finetune.Config, probe.Config])
+@pytest.mark.parametrize("args, message", [
+    (["blr=-1e-3"], "config key 'blr' must be > 0, got -0.001"),
+    (["blr=nan"], "config key 'blr' must be a finite number, got nan"),
+    (["min_lr=.inf"], "config key 'min_lr' must be a finite number"),
+    (["patch_size=0"], "config key 'patch_size' must be >= 1, got 0"),
+    (["num_workers=-1"], "config key 'num_workers' must be >= 0, got -1"),
+    (["epochs=0"], "config key 'epochs' must be >= 1, got 0"),
+])
+def test_values_no_run_can_use_are_config_errors(cls, args, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        common.parse_config(cls, args)
+
+
+@pytest.mark.parametrize("content", [b"model: [vit_tiny\nblr: 1\n", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe",
+                                     b"a: 1\n b: 2\n"])
+def test_a_config_file_that_is_not_yaml_is_one_line(tmp_path, content):
+    path = tmp_path / "bad.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError, match=f"config file '{path}' is not valid YAML"):
+        common.parse_config(finetune.Config, ["--config", str(path)])
+
+
+def test_every_checkpoint_field_is_a_plain_value(tmp_path):
+    """What the stage scripts put in a checkpoint besides tensors: configs are plain values."""
+    for cls in (pretrain.Config, finetune.Config, probe.Config):
+        path = tmp_path / "c.pth"
+        torch.save({"config": common.config_dict(cls()), "step": 0, "time": time.time()}, path)
+        assert common.load_checkpoint(str(path))["config"] == common.config_dict(cls())
