@@ -1,4 +1,6 @@
-"""Tests of the Dynamic Token Morphing losses (losses.py; DTM paper Sec. 4, Eqs. 1-5; NOTES.md 1).
+"""Tests of the Dynamic Token Morphing losses (losses.py; DTM paper Sec. 4, Eqs. 1-5, Table 11).
+
+The decisions these tests hold are written in DECISIONS.md.
 
 Every test is CPU-only, seeded and small. The values marked "by hand" were worked out on paper
 from the equations, not by running the code under test.
@@ -22,6 +24,8 @@ from losses import (  # noqa: E402
     distance,
     downsample_assignment,
     dtm_assignment,
+    dtm_assignment_loop,
+    kmeans_assignment,
     dtm_loss,
     fixed_levels,
     morph,
@@ -136,49 +140,31 @@ def test_assignment_is_invariant_to_a_positive_rescaling_of_the_target():
         assert torch.equal(dtm_assignment(target, n_m, k), dtm_assignment(4.0 * target, n_m, k))
 
 
-def _reference_assignment(tokens, num_morphed, num_iters):
-    """A slow, loop-based ToMe morphing of ONE image (N, C), written from NOTES.md 1 alone.
-
-    Current tokens are clusters of original tokens. Each round: A = even positions, B = odd;
-    each A picks the B whose mean is most cosine-similar; the r best-scoring A merge into their
-    partners; the new list is [unmerged A in descending score order, then all B] (ToMe's order).
-    At most |A| merges per round; the rest carries over to later rounds.
-    """
-    clusters = [[j] for j in range(tokens.shape[0])]
-    sums = [tokens[j].double() for j in range(tokens.shape[0])]
-    schedule = morph_schedule(tokens.shape[0], num_morphed, num_iters)
-    carry = 0
-    while schedule or carry:
-        want = (schedule.pop(0) if schedule else 0) + carry
-        r = min(want, (len(clusters) + 1) // 2)
-        carry = want - r
-        if r == 0:
-            continue
-        a_idx, b_idx = list(range(0, len(clusters), 2)), list(range(1, len(clusters), 2))
-        best = []
-        for ia in a_idx:
-            sims = [float(F.cosine_similarity(sums[ia], sums[ib], dim=0)) for ib in b_idx]
-            jb = max(range(len(b_idx)), key=lambda t: sims[t])
-            best.append((sims[jb], ia, b_idx[jb]))
-        best.sort(key=lambda t: -t[0])
-        new_b = {ib: (list(clusters[ib]), sums[ib].clone()) for ib in b_idx}
-        for _, ia, ib in best[:r]:
-            new_b[ib][0].extend(clusters[ia])
-            new_b[ib] = (new_b[ib][0], new_b[ib][1] + sums[ia])
-        kept = [(clusters[ia], sums[ia]) for _, ia, _ in best[r:]]
-        merged = kept + [new_b[ib] for ib in b_idx]
-        clusters, sums = [c for c, _ in merged], [s for _, s in merged]
-    assert len(clusters) == num_morphed
-    return {frozenset(c) for c in clusters}
-
-
-def test_assignment_matches_a_loop_reference_of_tome_matching():
+def test_batched_assignment_equals_the_readable_loop_version():
+    # losses.dtm_assignment_loop is ToMe's matching written as plain loops over one image, in
+    # float64: the batched version must give the same partition, and the same ids (clusters
+    # in the same order: staying A tokens by score, then the B tokens).
     g = gen(6)
-    for n, n_m, k in [(9, 4, 1), (9, 4, 2), (12, 1, 1), (12, 5, 3), (16, 3, 14), (17, 8, 2), (20, 2, 40)]:
+    cases = [(9, 4, 1), (9, 4, 2), (12, 1, 1), (12, 5, 3), (16, 3, 14), (17, 8, 2), (20, 2, 40),
+             (49, 20, 7), (49, 1, 14), (50, 49, 1)]
+    for n, n_m, k in cases:
         target = torch.randn(3, n, 5, generator=g)
         assign = dtm_assignment(target, n_m, k)
         for b in range(3):
-            assert partition(assign[b]) == _reference_assignment(target[b], n_m, k), (n, n_m, k, b)
+            loop = dtm_assignment_loop(target[b], n_m, k)
+            assert partition(assign[b]) == partition(loop), (n, n_m, k, b)
+            assert torch.equal(assign[b], loop), (n, n_m, k, b)
+            assert_valid_partition(loop.unsqueeze(0), n_m)
+
+
+def test_loop_version_on_the_hand_worked_example():
+    # the example in dtm_assignment_loop's docstring, and the N_m = 2 case by hand: both A
+    # tokens merge into B token 1 (token 2's cosine to 1 is 0 > -1 to 3)
+    v = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, -1.0]])
+    assert dtm_assignment_loop(v, 3, 1).tolist() == [1, 1, 0, 2]
+    assert partition(dtm_assignment_loop(v, 2, 1)) == {frozenset({0, 1, 2}), frozenset({3})}
+    with pytest.raises(ValueError):
+        dtm_assignment_loop(v, 5, 1)
 
 
 # -----------------------------------------------------------------------------
@@ -550,3 +536,109 @@ def test_unknown_distance_raises():
         dtm_loss(u, u, [(2, 1)], kind="cos")
     with pytest.raises(ValueError):
         tokenwise_loss(u, u, kind="L2")
+
+
+# -----------------------------------------------------------------------------
+# 11. The K-Means variant of the morphing (Table 11)
+
+def _kmeans_reference(tokens, num_clusters, num_iters):
+    """Slow spherical K-Means of ONE image (N, C) in float64, loops over tokens and clusters,
+    written from kmeans_assignment's docstring: farthest-point seeds from token 0; each step
+    assigns every token to its most similar centre (ties: lowest id), then fills each empty
+    cluster (ascending id) with the worst-fitting token that is not its cluster's keeper (the
+    best-fitting member, lowest index among ties), worst first; centres = normalised means."""
+    n = tokens.shape[0]
+    feats = [t / t.norm().clamp(min=1e-12) for t in tokens.double()]
+    seeds = [0]
+    while len(seeds) < num_clusters:
+        nearest = [max(float(f @ feats[s]) for s in seeds) for f in feats]
+        seeds.append(min(range(n), key=lambda j: (nearest[j], j)))
+    centres = [feats[s] for s in seeds]
+    for step in range(num_iters):
+        assign, score = [], []
+        for f in feats:
+            sims = [float(f @ c) for c in centres]
+            best = max(range(num_clusters), key=lambda i: (sims[i], -i))
+            assign.append(best)
+            score.append(sims[best])
+        members = {i: [j for j in range(n) if assign[j] == i] for i in range(num_clusters)}
+        empty = [i for i in range(num_clusters) if not members[i]]
+        keepers = {min(m, key=lambda j: (-score[j], j)) for m in members.values() if m}
+        movable = sorted((j for j in range(n) if j not in keepers), key=lambda j: (score[j], j))
+        for cluster, j in zip(empty, movable):
+            assign[j] = cluster
+        if step < num_iters - 1:
+            sums = [sum(feats[j] for j in range(n) if assign[j] == i) for i in range(num_clusters)]
+            centres = [s / s.norm().clamp(min=1e-12) for s in sums]
+    return torch.tensor(assign)
+
+
+def test_kmeans_equals_a_slow_per_image_reference():
+    g = gen(21)
+    for n, n_m, k in [(9, 3, 1), (12, 4, 3), (16, 16, 2), (16, 1, 2), (20, 7, 5), (49, 12, 14)]:
+        target = torch.randn(4, n, 6, generator=g)
+        assign = kmeans_assignment(target, n_m, k)
+        for b in range(4):
+            assert torch.equal(assign[b], _kmeans_reference(target[b], n_m, k)), (n, n_m, k, b)
+
+
+def test_kmeans_empty_clusters_are_filled_by_hand():
+    # Four identical tokens, K = 2: both seeds are token 0 (every similarity is 1 and argmin
+    # takes the first); every token ties between the two centres and goes to cluster 0, so
+    # cluster 1 is empty. Cluster 0's keeper is token 0 (lowest index among the best); the
+    # others all fit equally, so the lowest index, token 1, moves to cluster 1.
+    v = torch.tensor([[[1.0, 0.0]] * 4])
+    assert kmeans_assignment(v, 2, 1).tolist() == [[0, 1, 0, 0]]
+    assert kmeans_assignment(v, 2, 3).tolist() == [[0, 1, 0, 0]]
+    # three clusters of four identical tokens: one token in each of clusters 1 and 2
+    assert kmeans_assignment(torch.ones(1, 4, 2), 3, 2).tolist() == [[0, 1, 2, 0]]
+    # two directions, K = 2, by hand: seed 0 = (1, 0); the token least similar to it is token 1
+    v = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [0.0, 2.0], [3.0, 0.6]]])
+    assert kmeans_assignment(v, 2, 2).tolist() == [[0, 1, 1, 0]]
+
+
+def test_kmeans_is_a_partition_into_exactly_n_m_clusters():
+    rng = random.Random(22)
+    g = gen(22)
+    cases = [(n, n_m, k) for n in (1, 2, 5, 16) for n_m in {1, max(n // 2, 1), n} for k in (1, 4)]
+    for _ in range(60):
+        n = rng.randint(2, 40)
+        cases.append((n, rng.randint(1, n), rng.randint(1, 14)))
+    for n, n_m, k in cases:
+        for target in (torch.randn(3, n, 6, generator=g),
+                       torch.randn(3, 1, 6, generator=g).expand(3, n, 6),   # all tokens equal
+                       torch.randint(0, 2, (3, n, 2), generator=g).float() + 0.5):  # many ties
+            assign = kmeans_assignment(target, n_m, k)
+            assert assign.shape == (3, n) and assign.dtype == torch.long
+            assert_valid_partition(assign, n_m)
+    with pytest.raises(ValueError):
+        kmeans_assignment(torch.randn(1, 8, 3), 9, 1)
+
+
+@pytest.mark.parametrize("num_clusters", [4, 8])
+def test_kmeans_recovers_well_separated_clusters(num_clusters):
+    tokens, labels = _clustered_tokens(11, 16, 64, num_clusters)
+    for k in (1, 3, 14):
+        assign = kmeans_assignment(tokens, num_clusters, k)
+        for b in range(16):
+            assert partition(assign[b]) == partition(labels[b]), (k, b)
+
+
+def test_kmeans_batched_equals_image_by_image_and_in_the_loss():
+    g = gen(23)
+    target = torch.randn(5, 30, 8, generator=g)
+    for n_m, k in [(1, 1), (6, 3), (29, 2), (30, 1)]:
+        batched = kmeans_assignment(target, n_m, k)
+        single = torch.cat([kmeans_assignment(target[b:b + 1], n_m, k) for b in range(5)])
+        assert torch.equal(batched, single)
+    u = torch.randn(5, 30, 8, generator=g)
+    levels = [(6, 3), (11, 2)]
+    expected = sum(morphed_distance(u, target, kmeans_assignment(target, n_m, k), n_m)
+                   for n_m, k in levels)
+    assert torch.allclose(dtm_loss(u, target, levels, matching="kmeans"), expected, atol=1e-6)
+    # N_m = N: every token its own cluster (distinct directions), so the token-wise loss
+    assert torch.equal(kmeans_assignment(target, 30, 2).sort(1).values, torch.arange(30).expand(5, 30))
+    assert torch.allclose(dtm_loss(u, target, [(30, 2)], matching="kmeans"), tokenwise_loss(u, target),
+                          atol=1e-6)
+    with pytest.raises(ValueError, match="unknown matching"):
+        dtm_loss(u, target, levels, matching="kmedoids")

@@ -90,6 +90,49 @@ def test_sparsity_loss_hand_computed():
     assert losses.sparsity_loss(x, mask).item() == pytest.approx(sum(map(entropy, rows)) / 2, abs=1e-6)
 
 
+def test_sparsity_loss_without_the_diagonal_hand_computed():
+    # the same 3 tokens; each visible row leaves out its own column:
+    # token 1 sees tokens 0 and 2 (logits s, 0); token 2 sees tokens 0 and 1 (logits 0, 0)
+    x = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]])
+    mask = torch.tensor([[True, False, False]])
+    s = 1 / math.sqrt(2)
+    expected = (entropy(softmax([s, 0.0])) + math.log(2)) / 2
+    got = losses.sparsity_loss(x, mask, exclude_self=True).item()
+    assert got == pytest.approx(expected, abs=1e-6)
+    assert expected == pytest.approx((0.634347 + 0.693147) / 2, abs=1e-6)
+    # the switch does not touch the default: the printed formula keeps the diagonal
+    rows = [softmax([s, s, 0.0]), softmax([0.0, 0.0, s])]
+    default = losses.sparsity_loss(x, mask).item()
+    assert default == pytest.approx(sum(map(entropy, rows)) / 2, abs=1e-6)
+
+
+def test_sparsity_loss_self_weight_dominates_normed_tokens_unless_excluded():
+    # Issue 13.5: with LayerNorm'd tokens the self logit is sqrt(D) (= 13.9 at D = 192) and the
+    # others are ~N(0, 1), so each row's softmax sits on itself and L_spa ~ 0 from the start.
+    # Without the diagonal the rows spread over the other N - 1 tokens (entropy near log(N - 1)).
+    torch.manual_seed(0)
+    B, N, D = 4, 49, 192
+    x = F.layer_norm(torch.randn(B, N, D), (D,))
+    mask = exact_mask(B, N, 19)
+    with_self = losses.sparsity_loss(x, mask).item()
+    without = losses.sparsity_loss(x, mask, exclude_self=True).item()
+    assert with_self < 0.01
+    assert 0.5 * math.log(N - 1) < without <= math.log(N - 1)
+
+
+def test_sparsity_loss_without_the_diagonal_has_finite_gradients_and_reaches_mto_losses():
+    torch.manual_seed(2)
+    B, N, D = 2, 16, 8
+    mask = exact_mask(B, N, 9)
+    hiddens = [torch.randn(B, N, D, requires_grad=True) for _ in range(3)]
+    terms = losses.mto_losses(hiddens, mask, exclude_self=True)
+    spa = losses.sparsity_loss(hiddens[0], mask, exclude_self=True)
+    assert terms["spa"].item() == pytest.approx(spa.item(), rel=1e-6)
+    assert terms["spa"].item() != pytest.approx(losses.sparsity_loss(hiddens[0], mask).item())
+    terms["spa"].backward()
+    assert torch.isfinite(hiddens[0].grad).all() and hiddens[0].grad.abs().sum() > 0
+
+
 def test_entropy_and_ranking_loss_on_hand_made_sequences():
     H = torch.tensor([[2.0, 1.0], [1.5, 1.0], [1.7, 0.5]])            # (L+1, B): H^0..H^2 of 2 images
     assert losses.entropy_loss(H[0]).item() == pytest.approx((1 / (2 + 1e-6) + 1 / (1 + 1e-6)) / 2, rel=1e-6)
@@ -159,6 +202,30 @@ def test_rauc_trapezoid_values_and_errors():
         losses.rauc([(1, 0.5), (3, 0.5)], s2, 1, 3)
     with pytest.raises(ValueError, match="E1 < E2"):
         losses.rauc(s1, s2, 3, 1)
+
+
+# The MTO paper's Table 2: linear-probe top-1 at 400 and 800 epochs, (S1, S2) = (baseline,
+# + MTO), and the RAUC(S1, S2; 400, 800) the paper prints for them.
+TABLE_2 = {
+    "MAE ViT-L": ([(400, 68.5), (800, 72.7)], [(400, 72.8), (800, 74.1)], 1.20),
+    "MAE ViT-B": ([(400, 57.4), (800, 63.9)], [(400, 63.6), (800, 64.8)], 1.23),
+    "BootMAE ViT-B": ([(400, 63.8), (800, 65.4)], [(400, 66.1), (800, 66.8)], 1.22),
+    "ConMIM ViT-B": ([(400, 32.2), (800, 39.2)], [(400, 38.7), (800, 40.3)], 1.20),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TABLE_2))
+def test_rauc_on_the_papers_own_table_2_points_is_not_the_printed_value(name):
+    # The finding in DECISIONS.md: Eq. 6 as printed, with the curve linear between its two
+    # points, gives (mean(S2) - S1(400)) / (mean(S1) - S1(400)); by hand for MAE ViT-L:
+    # (73.45 - 68.5) / (70.6 - 68.5) = 2.357, where the paper prints 1.20.
+    s1, s2, printed = TABLE_2[name]
+    by_hand = ((s2[0][1] + s2[1][1]) / 2 - s1[0][1]) / ((s1[0][1] + s1[1][1]) / 2 - s1[0][1])
+    value = losses.rauc(s1, s2, 400, 800)
+    assert value == pytest.approx(by_hand, rel=1e-12)
+    assert round(value, 2) == {"MAE ViT-L": 2.36, "MAE ViT-B": 2.09, "BootMAE ViT-B": 3.31,
+                               "ConMIM ViT-B": 2.09}[name]
+    assert value > 1.5 * printed
 
 
 def test_rauc_command(tmp_path, capsys):
