@@ -1,15 +1,21 @@
-"""RAUC (MTO paper, Eq. 6): how much more area a method's accuracy-vs-epoch curve has than a baseline's.
+"""RAUC (MTO paper, Eq. 6): how much more area a method's accuracy curve has than a baseline's.
 
-    python pretrain.py --config configs/fmnist_simmim.yaml       # eval_knn_every: 1 logs k-NN top-1
+MTO paper: "Emerging Property of Masked Token for Effective Pre-training", Hyesong Choi et al.,
+arXiv:2404.08330.
+
+    python pretrain.py --config configs/fmnist_simmim.yaml     # eval_knn_every: 1 logs k-NN top-1
     python pretrain.py --config configs/fmnist_simmim_mto.yaml
-    python experiments/rauc.py baseline=runs/fmnist_simmim/log.jsonl method=runs/fmnist_simmim_mto/log.jsonl
+    python experiments/rauc.py baseline=runs/fmnist_simmim/log.jsonl \
+        method=runs/fmnist_simmim_mto/log.jsonl
 
 Reads, from each JSON-lines log, the lines that have both "epoch" and `key` (default knn_top1,
 which pretrain.py writes with eval_knn_every > 0; any per-epoch accuracy works, e.g. fine-tuning
 top-1 of checkpoints kept every few epochs). A repeated epoch (a resumed run) counts once, the
 last value. E1/E2 default to the first/last epoch both curves have. Prints both curves and
-RAUC(S1, S2; E1, E2) = losses.rauc: 1 = no gain over the baseline, 1.47 = 47% more area
-(Table 1 reports SimMIM + MTO at 1.47 over (100, 400)).
+RAUC(S1, S2; E1, E2) = losses.rauc: 1 = no gain over the baseline, 1.47 = 47% more area.
+Every RAUC printed here comes with CAVEAT: Eq. 6 as printed, applied to the paper's own Table 2
+points, gives 2.36 / 2.09 / 3.31 / 2.09 where the paper prints 1.20 / 1.23 / 1.22 / 1.20, so the
+paper's RAUC values are not on this scale (DECISIONS.md, "RAUC").
 """
 import json
 import os
@@ -22,6 +28,10 @@ if ROOT not in sys.path:
 
 import losses  # noqa: E402
 from common import ConfigError, parse_config, run_main  # noqa: E402
+
+CAVEAT = ("note: RAUC is Eq. 6 as printed; it is not comparable with the MTO paper's RAUC "
+          "values (on the paper's own Table 2 points it gives 2.36 / 2.09 / 3.31 / 2.09 where "
+          "the paper prints 1.20 / 1.23 / 1.22 / 1.20; see DECISIONS.md)")
 
 
 @dataclass
@@ -48,8 +58,8 @@ def read_curve(path: str, key: str) -> list:
             if key in record and "epoch" in record:
                 points[float(record["epoch"])] = float(record[key])
     if not points:
-        raise ConfigError(f"'{path}' has no lines with 'epoch' and '{key}': pre-train with eval_knn_every > 0 "
-                          "or give key=<your accuracy field>")
+        raise ConfigError(f"'{path}' has no lines with 'epoch' and '{key}': pre-train with "
+                          "eval_knn_every > 0 or give key=<your accuracy field>")
     return sorted(points.items())
 
 
@@ -65,8 +75,9 @@ def main(argv):
     for name, curve in (("S1 baseline", s1), ("S2 method", s2)):
         print(f"{name:>12}: " + ", ".join(f"{e:g}: {v:.4f}" for e, v in curve))
     print(f"RAUC(S1, S2; {e1:g}, {e2:g}) = {value:.4f}")
-    print(json.dumps({"baseline": cfg.baseline, "method": cfg.method, "key": cfg.key, "e1": e1, "e2": e2,
-                      "rauc": value}))
+    print(CAVEAT)
+    print(json.dumps({"baseline": cfg.baseline, "method": cfg.method, "key": cfg.key, "e1": e1,
+                      "e2": e2, "rauc": value, "note": CAVEAT}))
 
 
 if __name__ == "__main__":

@@ -236,8 +236,11 @@ def test_rauc_command(tmp_path, capsys):
                 f.write(json.dumps({"epoch": e, "step": 10 * e, "loss": 1.0}) + "\n")
                 f.write(json.dumps({"epoch": e, "knn_top1": acc}) + "\n")
     tool.main([f"baseline={tmp_path / 'a.jsonl'}", f"method={tmp_path / 'b.jsonl'}"])
-    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    lines = capsys.readouterr().out.strip().splitlines()
+    result = json.loads(lines[-1])
     assert result["rauc"] == pytest.approx(1.575) and (result["e1"], result["e2"]) == (1, 3)
+    # every printed RAUC says it is not on the paper's scale
+    assert lines[-2] == tool.CAVEAT == result["note"] and "not comparable" in tool.CAVEAT
 
 
 # -----------------------------------------------------------------------------
