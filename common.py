@@ -6,6 +6,7 @@ import atexit
 import contextlib
 import dataclasses
 import difflib
+import errno
 import itertools
 import json
 import math
@@ -249,10 +250,13 @@ def save_atomic(obj, path: str):
         torch.save(obj, tmp)
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        folder = os.path.dirname(os.path.abspath(path))
+        full = shutil.disk_usage(folder).free < 2**20
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0][:120]
+        free = shutil.disk_usage(folder).free
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else first_line(e)[:120]
+        reason = os.strerror(errno.ENOSPC) if full and isinstance(e, RuntimeError) else reason
         raise RunError(f"cannot write '{path}' ({reason}; {free / 2**20:.1f} MiB free there): free space or "
                        "fix the folder, then rerun the same command to resume (the previous file is intact)") from e
 

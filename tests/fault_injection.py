@@ -13,11 +13,18 @@ then runs SCRIPT (pretrain.py or finetune.py) as __main__:
     term-step:K   SIGTERM itself after the log line of step K (SLURM preemption, Ctrl-C): the
                   script must save at the next log step and exit with 143
     nan-loss:K    the K-th call of the distillation loss returns NaN (pretrain.py)
+    full-disk:F   writing file F (e.g. model_timm.pth) fails with "No space left on device"
+
+Two faults come from outside: a second run started into the out_dir of a running one
+(`concurrent_run`: it must stop at once, naming the holder), and a run whose out_dir is a small
+tmpfs that fills up (`full_disk_run`: one line, exit 3, no temp file left; skipped with the
+reason where `mount -t tmpfs` is not allowed).
 
 Then the same command is rerun without a fault until it finishes; the final encoder must equal
 the uninterrupted run's. The tests in test_faults.py call `interrupted_run` below.
 """
 import argparse
+import errno
 import json
 import os
 import random
@@ -26,6 +33,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -52,7 +60,7 @@ def inject(fault: str):
     import torch
     import common
     kind, at = fault.split(":")
-    at = int(at)
+    at = at if kind == "full-disk" else int(at)
     if kind in ("kill-step", "term-step"):
         sig = signal.SIGKILL if kind == "kill-step" else signal.SIGTERM
         log_json = common.log_json
@@ -85,6 +93,16 @@ def inject(fault: str):
                 return loss * float("nan") if calls[0] == at else loss
             return wrapper
         losses.dtm_loss, losses.tokenwise_loss = poisoned(losses.dtm_loss), poisoned(losses.tokenwise_loss)
+    elif kind == "full-disk":
+        save = torch.save
+
+        def save_or_fail(obj, f, *args, **kwargs):
+            if isinstance(f, str) and os.path.basename(f).startswith(f"{at}.tmp."):
+                with open(f, "wb") as fh:  # a partial file, then the disk is full
+                    fh.write(b"PK")
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f)
+            save(obj, f, *args, **kwargs)
+        torch.save = save_or_fail
     else:
         raise SystemExit(f"unknown fault '{fault}'")
 
@@ -110,6 +128,45 @@ def interrupted_run(script: str, data_dir: str, out_dir: str, fault: str, backbo
     second = run(script, tiny_args(script, data_dir, out_dir, backbone))
     return {"fault": fault, "first_rc": first.returncode, "first_out": first.stdout + first.stderr,
             "leftovers": leftovers, "second_rc": second.returncode, "second_out": second.stdout + second.stderr}
+
+
+def concurrent_run(script: str, data_dir: str, out_dir: str, backbone: str = "") -> dict:
+    """Start a long run, then a second one into the same out_dir while the first trains."""
+    args = tiny_args(script, data_dir, out_dir, backbone) + ["epochs=200"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    first = subprocess.Popen([sys.executable, script, *args], cwd=ROOT, env=env, text=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        log = os.path.join(out_dir, "log.jsonl")
+        deadline = time.time() + 120
+        while not (os.path.isfile(log) and os.path.getsize(log) > 0):
+            assert time.time() < deadline and first.poll() is None, "the first run did not start"
+            time.sleep(0.1)
+        t0 = time.time()
+        second = run(script, args)
+        seconds = time.time() - t0
+        first_alive = first.poll() is None
+        first.terminate()  # SIGTERM: it saves, exits 143 and releases the lock
+        first.wait(timeout=120)
+    finally:
+        first.kill()
+    return {"second_rc": second.returncode, "second_err": second.stderr, "second_s": seconds,
+            "first_pid": first.pid, "first_alive": first_alive, "first_rc": first.returncode,
+            "lock_left": os.path.exists(os.path.join(out_dir, ".lock"))}
+
+
+def full_disk_run(script: str, data_dir: str, out_dir: str, backbone: str = "", size: str = "256k"):
+    """Run with out_dir on a tmpfs of `size`: -> what happened, or a string: why it was skipped."""
+    os.makedirs(out_dir, exist_ok=True)
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", out_dir],
+                           capture_output=True, text=True)
+    if mount.returncode != 0:
+        return f"cannot mount a tmpfs here ({mount.stderr.strip() or 'needs root'})"
+    try:
+        p = run(script, tiny_args(script, data_dir, out_dir, backbone))
+        return {"rc": p.returncode, "stderr": p.stderr, "files": sorted(os.listdir(out_dir))}
+    finally:
+        subprocess.run(["umount", out_dir], check=True)
 
 
 def final_weights(script: str, out_dir: str) -> dict:
@@ -157,6 +214,14 @@ def main():
                 print(json.dumps({"script": script, "fault": fault, "exit_code": r["first_rc"],
                                   "leftover_temp_files": r["leftovers"], "resumed_exit_code": r["second_rc"],
                                   "final_weights_equal": equal}))
+            c = concurrent_run(script, data_dir, os.path.join(tmp, script, "concurrent"), backbone)
+            print(json.dumps({"script": script, "fault": "concurrent", "second_exit_code": c["second_rc"],
+                              "second_error": c["second_err"].strip()[-300:], "first_exit_code": c["first_rc"],
+                              "lock_left": c["lock_left"]}))
+            d = full_disk_run(script, data_dir, os.path.join(tmp, script, "full_disk"), backbone)
+            print(json.dumps({"script": script, "fault": "full-disk", "skipped": d} if isinstance(d, str) else
+                             {"script": script, "fault": "full-disk", "exit_code": d["rc"],
+                              "error": d["stderr"].strip()[-300:], "files_left": d["files"]}))
 
 
 if __name__ == "__main__":

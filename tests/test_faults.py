@@ -2,6 +2,7 @@
 bit for bit; NaN losses, corrupt images and a lost process stop with one clear line and leave
 the last good checkpoint as it was."""
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -48,6 +49,13 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(references, tiny_image
     assert "resumed from" in r["second_out"]
     assert not [f for f in os.listdir(tmp_path / "run") if ".tmp." in f]  # the resumed run removed the leftover
     assert F.same_weights(F.final_weights(script, references[script]), F.final_weights(script, str(tmp_path / "run")))
+    if script != "pretrain.py":  # the replayed steps are logged once (pretrain: when it calls trim_log)
+        assert logged_steps(tmp_path / "run") == logged_steps(references[script])
+
+
+def logged_steps(out_dir) -> list:
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return [json.loads(line).get("step") for line in f]
 
 
 def digest(path):
@@ -155,3 +163,95 @@ def test_losing_one_of_two_processes_fails_the_other_with_a_clear_message(tiny_i
         for p in procs:
             p.kill()
             p.wait()
+
+
+# -----------------------------------------------------------------------------
+# Run directories: no code from a checkpoint, one run per folder, outputs before "done"
+
+@pytest.mark.parametrize("script", ["pretrain.py", "finetune.py", "probe.py"])
+def test_a_malicious_checkpoint_never_runs_its_code(references, tiny_imagefolder, tmp_path, script):
+    """A checkpoint.pth whose pickle runs `touch MARKER` when loaded with weights_only=False."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from test_rundir import malicious_checkpoint
+    out, marker = tmp_path / "run", tmp_path / "marker"
+    out.mkdir()
+    malicious_checkpoint(out / "checkpoint.pth", marker)
+    p = F.run(script, F.tiny_args(script, tiny_imagefolder, str(out), backbone_of(references)))
+    errors = p.stderr.strip().splitlines()
+    assert p.returncode == 3 and len(errors) == 1, p.stderr[-2000:]
+    assert errors[0].startswith(f"error: cannot read checkpoint '{out / 'checkpoint.pth'}': it holds Python objects")
+    assert not marker.exists()
+
+
+def test_a_second_run_into_a_busy_out_dir_stops_at_once(tiny_imagefolder, tmp_path):
+    r = F.concurrent_run("finetune.py", tiny_imagefolder, str(tmp_path / "run"))
+    errors = r["second_err"].strip().splitlines()
+    assert r["second_rc"] == 2 and len(errors) == 1, r["second_err"][-2000:]
+    assert errors[0].startswith(f"error: out_dir '{tmp_path / 'run'}' is in use by PID {r['first_pid']} on ")
+    assert r["second_s"] < 30 and r["first_alive"]  # it stopped before any work; the first kept training
+    assert r["first_rc"] == 128 + signal.SIGTERM and not r["lock_left"]  # released on the way out
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_temp_file(tiny_imagefolder, tmp_path):
+    r = F.full_disk_run("finetune.py", tiny_imagefolder, str(tmp_path / "run"))
+    if isinstance(r, str):
+        pytest.skip(r)
+    errors = [line for line in r["stderr"].splitlines() if line.startswith("error: ")]
+    assert r["rc"] == 3 and len(errors) == 1 and "No space left on device" in errors[0], r["stderr"][-2000:]
+    assert not [f for f in r["files"] if ".tmp." in f], r["files"]
+
+
+FINAL_OUTPUT = {"finetune.py": "model_timm.pth", "probe.py": "heads.pth"}
+
+
+@pytest.mark.parametrize("script", ["finetune.py", "probe.py"])
+def test_a_failed_final_write_is_not_reported_done_and_the_rerun_writes_it(references, tiny_imagefolder,
+                                                                          tmp_path, script):
+    out, name = str(tmp_path / "run"), FINAL_OUTPUT[script]
+    args = F.tiny_args(script, tiny_imagefolder, out, backbone_of(references))
+    p = F.run(script, args, fault=f"full-disk:{name}")
+    assert p.returncode == 3 and f"cannot write '{os.path.join(out, name)}' (No space left" in p.stderr
+    assert torch.load(os.path.join(out, "checkpoint.pth"), weights_only=True)["step"] == 8  # not the final 12
+    p = F.run(script, args)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert F.same_weights(F.final_weights(script, references[script]), F.final_weights(script, out))
+
+
+@pytest.mark.parametrize("script", ["finetune.py", "probe.py"])
+def test_a_finished_run_rewrites_a_missing_output(references, tiny_imagefolder, tmp_path, script):
+    out, name = str(tmp_path / "run"), FINAL_OUTPUT[script]
+    shutil.copytree(references[script], out)
+    os.remove(os.path.join(out, name))
+    p = F.run(script, F.tiny_args(script, tiny_imagefolder, out, backbone_of(references)))
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert f"rewrote {os.path.join(out, name)}" in p.stdout
+    assert F.same_weights(F.final_weights(script, references[script]), F.final_weights(script, out))
+
+
+@pytest.mark.parametrize("script, args, message", [
+    ("finetune.py", ["model=vit_tiny", "patch_size=2"], "was written with model='vit_micro' (now 'vit_tiny'), "
+                                                         "patch_size=4 (now 2)"),
+    ("probe.py", ["block=0", "heads=[mean]"], "was written with heads=['cls', 'mean', 'abmilp'] (now ['mean']), "
+                                              "block=-1 (now 0)"),
+])
+def test_a_resume_with_other_model_settings_is_one_line_and_keeps_config_yaml(references, tiny_imagefolder,
+                                                                             tmp_path, script, args, message):
+    out = str(tmp_path / "run")
+    shutil.copytree(references[script], out)
+    before = digest(os.path.join(out, "config.yaml"))
+    p = F.run(script, F.tiny_args(script, tiny_imagefolder, out, backbone_of(references)) + args)
+    errors = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(errors) == 1 and message in errors[0], p.stderr[-2000:]
+    assert digest(os.path.join(out, "config.yaml")) == before
+
+
+@pytest.mark.parametrize("script, key", [("finetune.py", "model"), ("probe.py", "heads")])
+def test_a_checkpoint_that_does_not_fit_is_one_line(references, tiny_imagefolder, tmp_path, script, key):
+    out = str(tmp_path / "run")
+    shutil.copytree(references[script], out)
+    ckpt = torch.load(os.path.join(out, "checkpoint.pth"), weights_only=True)
+    ckpt[key] = {k: v for k, v in list(ckpt[key].items())[1:]}  # one tensor lost
+    torch.save(ckpt, os.path.join(out, "checkpoint.pth"))
+    p = F.run(script, F.tiny_args(script, tiny_imagefolder, out, backbone_of(references)))
+    errors = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(errors) == 1 and "does not fit this model: missing [" in errors[0], p.stderr
