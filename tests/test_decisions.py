@@ -1,0 +1,122 @@
+"""DECISIONS.md kept honest: the recipes' learning rates and pre-training details, the probe
+block's own attention, losses.py's imports, and every test the decisions file names exists."""
+import ast
+import math
+import os
+import re
+
+import pytest
+import torch
+import yaml
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def config(name):
+    with open(os.path.join(ROOT, "configs", name)) as f:
+        return yaml.safe_load(f)
+
+
+def effective_lr(cfg):
+    """The rule of DECISIONS.md 1: lr > 0 is the peak rate as given, else blr * batch / 256."""
+    return cfg["lr"] if cfg.get("lr", 0) > 0 else cfg["blr"] * cfg["batch_size"] / 256
+
+
+# (config, the paper's batch, the paper's effective peak lr): DECISIONS.md 1, by hand
+RECIPES = [
+    ("in1k_vit_small_dtm.yaml", 1024, 1.5e-4),     # DTM Table 12
+    ("in1k_vit_base_dtm.yaml", 1024, 1.5e-4),
+    ("in1k_vit_large_dtm.yaml", 1024, 1.5e-4),
+    ("in1k_vit_small_finetune.yaml", 1024, 5e-4),  # DTM Table 13
+    ("in1k_vit_base_finetune.yaml", 1024, 5e-4),
+    ("in1k_vit_large_finetune.yaml", 1024, 5e-4),
+    ("in1k_vit_base_mae_mto.yaml", 4096, 2.4e-3),  # MAE: 1.5e-4 * 4096 / 256
+    ("in1k_vit_base_simmim_mto.yaml", 2048, 4e-4),  # SimMIM: 1e-4 * 2048 / 512
+]
+
+
+@pytest.mark.parametrize("name, batch, lr", RECIPES)
+def test_recipe_configs_give_the_papers_effective_lr(name, batch, lr):
+    cfg = config(name)
+    assert cfg["batch_size"] == batch
+    assert effective_lr(cfg) == pytest.approx(lr, rel=1e-12)
+    with open(os.path.join(ROOT, "configs", name)) as f:
+        text = f.read()
+    assert re.search(r"Table 1[23]|Sec\. 5\.2", text), f"{name} does not name its source"
+    # DTM's recipes take the lr as given (BEiT v2); MAE's and SimMIM's scale a base lr
+    assert ("dtm" in name or "finetune" in name) == (cfg.get("lr", 0) > 0)
+
+
+def test_every_imagenet_recipe_is_in_the_table_above():
+    shipped = {f for f in os.listdir(os.path.join(ROOT, "configs")) if f.startswith("in1k_")}
+    assert shipped == {name for name, _, _ in RECIPES}
+
+
+@pytest.mark.parametrize("size, layer_scale", [("small", 0.1), ("base", 0.1), ("large", 1e-5)])
+def test_dtm_pretraining_configs_follow_table_12_and_beit_v2(size, layer_scale):
+    cfg = config(f"in1k_vit_{size}_dtm.yaml")
+    assert cfg["rel_pos_bias"] and cfg["shared_rel_pos_bias"]      # Table 12 ticks both
+    assert cfg["crop_scale_min"] == 0.2 and cfg["min_lr"] == 1e-5     # BEiT v2 commands, scripts
+    assert cfg["layer_scale"] == layer_scale and cfg["drop_path"] == 0.0
+    schedule = (cfg["epochs"], cfg["warmup_epochs"], cfg["beta2"], cfg["clip_grad"])
+    assert schedule == (300, 10, 0.98, 3.0)
+    assert math.floor(cfg["mask_ratio"] * 196) == 75                  # BEiT v2's 75 of 196
+    assert cfg["distance"] == "cosine" and cfg["dtm_levels"] == 2 and cfg["dtm_max_iters"] == 14
+
+
+@pytest.mark.parametrize("size, epochs, warmup, decay, drop_path",
+                         [("small", 300, 10, 0.6, 0.1), ("base", 100, 10, 0.6, 0.1),
+                          ("large", 50, 5, 0.8, 0.2)])
+def test_finetuning_configs_carry_table_13(size, epochs, warmup, decay, drop_path):
+    cfg = config(f"in1k_vit_{size}_finetune.yaml")
+    assert (cfg["epochs"], cfg["warmup_epochs"], cfg["layer_decay"], cfg["drop_path"]) == (
+        epochs, warmup, decay, drop_path)
+    assert (cfg["weight_decay"], cfg["label_smoothing"], cfg["reprob"]) == (0.05, 0.1, 0.25)
+    augment = (cfg["mixup"], cfg["cutmix"], cfg["randaug_ops"], cfg["randaug_magnitude"])
+    assert augment == (0.8, 1.0, 2, 9)
+    assert cfg["rel_pos_bias"] and cfg["img_size"] == 224 and cfg["patch_size"] == 16
+
+
+def test_probe_block_matches_the_model_it_no_longer_imports():
+    import losses
+    import model as M
+    torch.manual_seed(0)
+    ours = losses.SelfAttention(16)
+    torch.manual_seed(0)
+    theirs = M.Attention(16, num_heads=1, qkv_bias=True, grid=None)
+    # same parameter names, and the same initial weights from the same seed
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    for key, value in ours.state_dict().items():
+        assert torch.equal(value, theirs.state_dict()[key]), key
+    x = torch.randn(3, 10, 16)
+    assert torch.equal(ours(x), theirs(x)[0])
+    for dim, grid in ((16, 4), (32, 7)):
+        assert torch.equal(losses.sincos_table(dim, grid), M.sincos_pos_embed(dim, grid)[1:])
+
+
+def test_losses_imports_only_torch_and_keeps_lines_short():
+    path = os.path.join(ROOT, "losses.py")
+    with open(path, encoding="utf-8") as f:
+        source = f.read()
+    allowed = {"math", "random", "typing", "torch", "torch.nn", "torch.nn.functional"}
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            assert {a.name for a in node.names} <= allowed, ast.dump(node)
+        elif isinstance(node, ast.ImportFrom):
+            assert node.module in allowed, node.module
+    long = [i + 1 for i, line in enumerate(source.splitlines()) if len(line) > 100]
+    assert not long, f"losses.py lines over 100 characters: {long}"
+    # each method's section names its paper by arXiv id
+    for arxiv in ("2401.00254", "2404.08330", "2412.03215"):
+        assert f"arXiv:{arxiv}" in source
+
+
+def test_every_test_named_in_decisions_exists():
+    with open(os.path.join(ROOT, "DECISIONS.md"), encoding="utf-8") as f:
+        text = f.read()
+    named = set(re.findall(r"tests/(test_\w+\.py)::(test_\w+)", text))
+    assert len(named) >= 15
+    for file, test in sorted(named):
+        with open(os.path.join(ROOT, "tests", file)) as f:
+            assert re.search(rf"^def {test}\(", f.read(), re.M), f"{file}::{test} is gone"
+    assert "../shared" not in text and "NOTES.md" not in text
