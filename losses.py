@@ -230,21 +230,32 @@ def kmeans_assignment(target: torch.Tensor, num_morphed: int, num_iters: int) ->
     The same format as dtm_assignment: ids in [0, N_m), every id used, so morphed_distance and
     dtm_loss take it unchanged. Tokens are compared by cosine similarity (as bipartite matching
     does): the unit-normalised tokens are assigned to the most similar centre, a centre is the
-    normalised mean of its members. Start: the tokens at positions floor(i N / N_m), spread over
-    the patch grid (no randomness, so every rank agrees). A cluster left empty takes the token
-    that fits its own cluster worst (see _fill_empty_clusters), so there are always exactly N_m
-    clusters. Batched over images; the only loop is over the k steps.
+    normalised mean of its members. Start: farthest-point seeds (_seed_centres; no randomness,
+    so every rank agrees). A cluster left empty takes the token that fits its own cluster worst
+    (_fill_empty_clusters), so there are always exactly N_m clusters. Batched over images; the
+    loops run over the N_m seeds and the k steps, never over images.
     """
     B, N, C = target.shape
     _check_level(N, num_morphed, num_iters)
     feats = F.normalize(target.float(), dim=-1)                       # (B, N, C)
-    first = torch.arange(num_morphed, device=target.device) * N // num_morphed
-    centres = feats[:, first]                                         # (B, K, C)
+    centres = _seed_centres(feats, num_morphed)                       # (B, K, C)
     for step in range(num_iters):
         assign = _nearest_centre(feats, centres)                      # (B, N)
         if step < num_iters - 1:
             centres = _centres(feats, assign, num_morphed)
     return assign
+
+
+def _seed_centres(feats: torch.Tensor, num_clusters: int) -> torch.Tensor:
+    """Farthest-point seeds (K-Means++ without the dice): token 0, then again and again the token
+    least similar to its most similar seed so far. (B, N, C) unit tokens -> (B, K, C)."""
+    B, N, C = feats.shape
+    seeds = torch.zeros(B, num_clusters, dtype=torch.long, device=feats.device)
+    nearest = (feats * feats[:, :1]).sum(-1)                          # (B, N): best seed sim
+    for i in range(1, num_clusters):
+        seeds[:, i] = nearest.argmin(dim=1)
+        nearest = torch.maximum(nearest, (feats * _take(feats, seeds[:, i:i + 1])).sum(-1))
+    return _take(feats, seeds)
 
 
 def _nearest_centre(feats: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
