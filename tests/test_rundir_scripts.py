@@ -1,0 +1,90 @@
+"""Bad input to the stage scripts: one line 'error: ...' and exit code 2, never a traceback; a bad
+config value stops the run before out_dir is even created."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import fault_injection as F  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """Bad files to give as --config, init, backbone or teacher_pretrained, and a spare encoder."""
+    import model as M
+    tmp = tmp_path_factory.mktemp("bad")
+    (tmp / "broken.yaml").write_text("model: [vit_tiny\nblr: 1\n")
+    (tmp / "binary.yaml").write_bytes(bytes(range(256)) * 4)
+    (tmp / "random.pth").write_bytes(bytes((i * 7919) % 256 for i in range(4000)))
+    torch.save({"model": {"w": torch.zeros(4000)}}, tmp / "full.pth")
+    (tmp / "truncated.pth").write_bytes((tmp / "full.pth").read_bytes()[:5000])
+    torch.save({"model": {}, "optimizer": {}, "step": 4, "config": {}}, tmp / "checkpoint.pth")
+    torch.manual_seed(0)
+    torch.save(M.encoder_state(M.build_vit("vit_micro", img_size=16, patch_size=4)), tmp / "encoder.pth")
+    (tmp / "a_file").write_text("")
+    return tmp
+
+
+CASES = [  # (script, args, words of the one line); {f} is the folder of bad files
+    ("finetune.py", ["--config", "{f}/broken.yaml"], "is not valid YAML at line 2"),
+    ("probe.py", ["--config", "{f}/binary.yaml"], "is not valid YAML"),
+    ("pretrain.py", ["--config", "{f}/broken.yaml"], "is not valid YAML"),
+    ("finetune.py", ["blr=-0.1"], "config key 'blr' must be > 0"),
+    ("pretrain.py", ["blr=nan"], "config key 'blr' must be a finite number, got nan"),
+    ("probe.py", ["blr=.nan"], "config key 'blr' must be a finite number"),
+    ("pretrain.py", ["patch_size=0"], "config key 'patch_size' must be >= 1, got 0"),
+    ("finetune.py", ["patch_size=0"], "config key 'patch_size' must be >= 1, got 0"),
+    ("probe.py", ["num_workers=-1"], "config key 'num_workers' must be >= 0, got -1"),
+    ("finetune.py", ["out_dir={f}/a_file"], "is a file, not a folder"),
+    ("probe.py", ["out_dir={f}/a_file/run"], "cannot create out_dir"),
+    ("finetune.py", ["init={f}/random.pth"], "config key 'init': cannot read"),
+    ("finetune.py", ["init={f}/truncated.pth"], "config key 'init': cannot read"),
+    ("finetune.py", ["init={f}/checkpoint.pth"], "is a training checkpoint, not weights"),
+    ("probe.py", ["backbone={f}/random.pth"], "config key 'backbone': cannot read"),
+    ("probe.py", ["backbone={f}/truncated.pth"], "truncated or not a torch file"),
+    ("probe.py", ["backbone={f}/checkpoint.pth"], "is a training checkpoint, not weights"),
+    ("probe.py", ["backbone={f}/random.pth", "backbone_format=timm"], "config key 'backbone': cannot read"),
+    ("pretrain.py", ["teacher=checkpoint", "teacher_pretrained={f}/random.pth"], "not readable"),
+]
+
+
+@pytest.mark.parametrize("script, args, message", CASES, ids=[f"{s}-{' '.join(a)}" for s, a, _ in CASES])
+def test_bad_input_is_one_line_and_exit_2(tiny_imagefolder, files, tmp_path, script, args, message):
+    out = str(tmp_path / "run")
+    args = [a.format(f=files) for a in args]
+    p = F.run(script, F.tiny_args(script, tiny_imagefolder, out, str(files / "encoder.pth")) + args)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(lines) == 1, p.stderr[-3000:]
+    assert lines[0].startswith("error: ") and message in lines[0], lines[0]
+    if not any(a.startswith(("init=", "backbone=", "teacher_pretrained=", "out_dir=")) for a in args):
+        assert not os.path.exists(out)  # a config error: caught before any work
+
+
+@pytest.fixture()
+def read_only_dir(tmp_path):
+    """A folder this process cannot write: a read-only tmpfs as root, else chmod 555."""
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        yield folder
+        folder.chmod(0o755)
+        return
+    p = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(folder)], capture_output=True)
+    if p.returncode != 0:
+        pytest.skip(f"root cannot be denied a write here and mount failed: {p.stderr.decode().strip()}")
+    yield folder
+    subprocess.run(["umount", str(folder)], check=True)
+
+
+@pytest.mark.parametrize("sub", ["", "run"])
+def test_an_out_dir_that_is_not_writable_is_one_line(tiny_imagefolder, read_only_dir, sub):
+    out = str(read_only_dir / sub) if sub else str(read_only_dir)
+    p = F.run("finetune.py", F.tiny_args("finetune.py", tiny_imagefolder, out))
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(lines) == 1 and "out_dir" in lines[0], p.stderr[-3000:]
+    assert "not writable" in lines[0] or "cannot create out_dir" in lines[0] or "cannot write" in lines[0]
