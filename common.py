@@ -63,7 +63,8 @@ def _read_yaml(path):
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         where = getattr(e, "problem_mark", None)
         at = f" at line {where.line + 1}" if where else ""
-        raise ConfigError(f"config file '{path}' is not valid YAML{at}: write one 'key: value' per line") from None
+        raise ConfigError(f"config file '{path}' is not valid YAML{at}: write one 'key: value' "
+                          "per line") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file '{path}' must hold a mapping of key: value")
     return data
@@ -110,8 +111,9 @@ def _check_type(key, value, kind):
 # Config.validate() checks its own keys
 POSITIVE = ("blr",)
 AT_LEAST_ONE = ("patch_size", "epochs", "batch_size", "accum_steps", "log_every", "dist_timeout_s")
-AT_LEAST_ZERO = ("min_lr", "weight_decay", "warmup_epochs", "num_workers", "subset", "val_subset", "drop_path",
-                 "layer_scale", "label_smoothing", "mixup", "cutmix", "reprob", "randaug_ops", "img_size")
+AT_LEAST_ZERO = ("min_lr", "weight_decay", "warmup_epochs", "num_workers", "subset", "val_subset",
+                 "drop_path", "layer_scale", "label_smoothing", "mixup", "cutmix", "reprob",
+                 "randaug_ops", "img_size")
 
 
 def check_ranges(cfg):
@@ -257,8 +259,9 @@ def save_atomic(obj, path: str):
         free = shutil.disk_usage(folder).free
         reason = e.strerror if isinstance(e, OSError) and e.strerror else first_line(e)[:120]
         reason = os.strerror(errno.ENOSPC) if full and isinstance(e, RuntimeError) else reason
-        raise RunError(f"cannot write '{path}' ({reason}; {free / 2**20:.1f} MiB free there): free space or "
-                       "fix the folder, then rerun the same command to resume (the previous file is intact)") from e
+        raise RunError(f"cannot write '{path}' ({reason}; {free / 2**20:.1f} MiB free there): "
+                       "free space or fix the folder, then rerun the same command to resume (the "
+                       "previous file is intact)") from e
 
 
 TEMP_FILE = re.compile(r"^(?P<name>.+)\.tmp\.(?P<pid>\d+)$")  # save_atomic's `<name>.tmp.<pid>`
@@ -301,8 +304,8 @@ def read_torch_file(path: str, safe_globals=()) -> dict:
         raise
     except pickle.UnpicklingError as e:
         if "GLOBAL" in str(e):
-            raise ValueError("it holds Python objects other than tensors and plain values, which are "
-                             "never loaded (they could run code)") from None
+            raise ValueError("it holds Python objects other than tensors and plain values, which "
+                             "are never loaded (they could run code)") from None
         raise ValueError("it is not a file written by torch.save") from None
     except Exception as e:  # noqa: BLE001 - random bytes fail anywhere in the unpickler
         raise ValueError(f"it is truncated or not a torch file ({first_line(e)[:80]})") from None
@@ -313,11 +316,11 @@ def load_checkpoint(path: str) -> dict:
     try:
         ckpt = read_torch_file(path)
     except ValueError as e:
-        raise RunError(f"cannot read checkpoint '{path}': {e}; delete it to start over, or use a new "
-                       "out_dir") from None
+        raise RunError(f"cannot read checkpoint '{path}': {e}; delete it to start over, or use a "
+                       "new out_dir") from None
     if not isinstance(ckpt, dict) or "step" not in ckpt:
-        raise RunError(f"cannot read checkpoint '{path}': it is not a checkpoint of this project; delete "
-                       "it to start over, or use a new out_dir")
+        raise RunError(f"cannot read checkpoint '{path}': it is not a checkpoint of this project; "
+                       "delete it to start over, or use a new out_dir")
     return ckpt
 
 
@@ -331,10 +334,12 @@ def read_weights(path: str, key: str, safe_globals=()) -> dict:
     except ValueError as e:
         raise ConfigError(f"config key '{key}': cannot read '{path}': {e}") from None
     if not isinstance(state, dict):
-        raise ConfigError(f"config key '{key}': '{path}' holds a {type(state).__name__}, not weights")
+        kind = type(state).__name__
+        raise ConfigError(f"config key '{key}': '{path}' holds a {kind}, not weights")
     if "optimizer" in state and "step" in state:  # this project's checkpoint.pth
-        raise ConfigError(f"config key '{key}': '{path}' is a training checkpoint, not weights: give the "
-                          "encoder.pth (pretrain.py) or model_timm.pth (finetune.py) of that run")
+        raise ConfigError(f"config key '{key}': '{path}' is a training checkpoint, not weights: "
+                          "give the encoder.pth (pretrain.py) or model_timm.pth (finetune.py) of "
+                          "that run")
     return state
 
 
@@ -345,7 +350,8 @@ def load_state(module: torch.nn.Module, state: dict, source: str):
     wrong = [k for k in own if k in state and state[k].shape != own[k].shape]
     if missing or unexpected or wrong:
         raise ConfigError(f"'{source}' does not fit this model: missing {missing[:3]}, unexpected "
-                          f"{unexpected[:3]}, wrong shape {wrong[:3]}; use the settings it was written with")
+                          f"{unexpected[:3]}, wrong shape {wrong[:3]}; use the settings it was "
+                          "written with")
     module.load_state_dict(state, strict=True)
 
 
@@ -354,8 +360,9 @@ def load_optimizer(optimizer: torch.optim.Optimizer, state: dict, source: str):
     try:
         optimizer.load_state_dict(state)
     except (ValueError, KeyError) as e:
-        raise ConfigError(f"the optimizer state in '{source}' does not fit this model ({first_line(e)}): "
-                          "resume with the settings and code version it was written with") from None
+        raise ConfigError(f"the optimizer state in '{source}' does not fit this model "
+                          f"({first_line(e)}): resume with the settings and code version it was "
+                          "written with") from None
 
 
 # -----------------------------------------------------------------------------
@@ -393,7 +400,8 @@ def make_run_dir(out_dir: str):
     try:
         os.makedirs(out_dir, exist_ok=True)
     except OSError as e:
-        raise ConfigError(f"cannot create out_dir '{out_dir}' ({e.strerror}): choose another out_dir") from None
+        raise ConfigError(f"cannot create out_dir '{out_dir}' ({e.strerror}): choose another "
+                          "out_dir") from None
     if not os.access(out_dir, os.W_OK | os.X_OK):
         raise ConfigError(f"out_dir '{out_dir}' is not writable: choose another out_dir")
 
@@ -412,14 +420,16 @@ def lock_run_dir(out_dir: str):
         holder = _read_lock(path)
         if _holder_alive(holder, me):
             raise ConfigError(_busy_message(out_dir, path, holder, me))
-        print0(f"note: taking over {path}: its run (PID {holder['pid']} on {holder['host']}) is gone")
+        print0(f"note: taking over {path}: its run (PID {holder['pid']} on {holder['host']}) "
+               "is gone")
         with contextlib.suppress(FileNotFoundError):
             os.remove(path)
     raise ConfigError(f"cannot lock out_dir '{out_dir}': another run keeps taking {path}")
 
 
 def _create_exclusive(path: str, text: str) -> bool:
-    """Write `text` to a new file `path` in one step (link of a complete temp file); False if it exists."""
+    """Write `text` to a new file `path` in one step (a link to a complete temp file); False if
+    it exists already."""
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
         with open(tmp, "w") as f:
@@ -440,11 +450,13 @@ def _read_lock(path: str) -> dict:
     try:
         with open(path) as f:
             holder = json.load(f)
-        return {"pid": int(holder["pid"]), "host": str(holder["host"]), "start": holder.get("start")}
+        return {"pid": int(holder["pid"]), "host": str(holder["host"]),
+                "start": holder.get("start")}
     except FileNotFoundError:
         return {"pid": -1, "host": socket.gethostname(), "start": None}  # just released
     except (OSError, ValueError, KeyError, TypeError):
-        raise ConfigError(f"the lock file '{path}' is unreadable: delete it if no run uses this folder") from None
+        raise ConfigError(f"the lock file '{path}' is unreadable: delete it if no run uses this "
+                          "folder") from None
 
 
 def _holder_alive(holder: dict, me: dict) -> bool:
@@ -459,9 +471,10 @@ def _holder_alive(holder: dict, me: dict) -> bool:
 
 
 def _busy_message(out_dir: str, path: str, holder: dict, me: dict) -> str:
-    where = "" if holder["host"] == me["host"] else " (another machine: this one cannot tell if it still runs)"
-    return (f"out_dir '{out_dir}' is in use by PID {holder['pid']} on {holder['host']}{where}: wait for it, "
-            f"stop it, or choose another out_dir (if that run is gone, delete {path})")
+    where = "" if holder["host"] == me["host"] else \
+        " (another machine: this one cannot tell if it still runs)"
+    return (f"out_dir '{out_dir}' is in use by PID {holder['pid']} on {holder['host']}{where}: "
+            f"wait for it, stop it, or choose another out_dir (if that run is gone, delete {path})")
 
 
 def _start_time(pid: int):
@@ -492,8 +505,8 @@ def check_resume_config(saved: dict, current: dict, keys, path: str):
     diff = [f"{k}={saved[k]!r} (now {current[k]!r})" for k in keys
             if k in saved and k in current and saved[k] != current[k]]
     if diff:
-        raise ConfigError(f"{path} was written with {', '.join(diff)}: resume with the same settings, "
-                          "or choose a new out_dir")
+        raise ConfigError(f"{path} was written with {', '.join(diff)}: resume with the same "
+                          "settings, or choose a new out_dir")
 
 
 def write_config(out_dir: str, cfg):
@@ -517,7 +530,8 @@ def trim_log(path: str, step: int, epochs_done: int):
         with open(tmp, "w") as f:
             f.writelines(keep)
         os.replace(tmp, path)
-        print0(f"log: dropped {len(lines) - len(keep)} line(s) written after the checkpoint's step {step}")
+        print0(f"log: dropped {len(lines) - len(keep)} line(s) written after the checkpoint's "
+               f"step {step}")
 
 
 def _before(line: str, step: int, epochs_done: int) -> bool:
@@ -568,27 +582,30 @@ LOST_PEER = ("Connection closed by peer", "Connection reset by peer", "Broken pi
 
 def run_main(main):
     """Run a stage's main(); bad input becomes one line on stderr and exit code 2, a failure
-    during the run (NaN loss, bad data, a lost process, a full disk, an unreadable file) exit code 3."""
+    during the run (NaN loss, bad data, a lost process, a full disk, an unreadable checkpoint)
+    exit code 3."""
     try:
         main(sys.argv[1:])
     except (ConfigError, FileNotFoundError) as e:
         _fail(str(e), 2)
     except (pickle.UnpicklingError, EOFError) as e:  # a weights file read outside read_weights
-        _fail(f"a weights file named in the config is not readable ({first_line(e)}): check init, backbone "
-              "and teacher_pretrained", 2)
+        _fail(f"a weights file named in the config is not readable ({first_line(e)}): check init, "
+              "backbone and teacher_pretrained", 2)
     except OSError as e:
         where = f" '{e.filename}'" if e.filename else ""
-        _fail(f"{e.strerror or first_line(e)}{where}: fix it, then rerun the same command to resume", 3)
+        _fail(f"{e.strerror or first_line(e)}{where}: fix it, then rerun the same command to "
+              "resume", 3)
     except RuntimeError as e:
         msg = str(e).strip()
         if isinstance(e, RunError) or "cannot be downloaded" in msg:
             _fail(msg, 3)
         if dist.is_initialized() and (isinstance(e, dist.DistError) or any(s in msg for s in LOST_PEER)):
-            _fail(f"rank {dist.get_rank()} lost contact with another process ({first_line(e)[:200]}): a process "
-                  "died or a node failed; rerun the same command to resume from the last checkpoint", 3)
+            _fail(f"rank {dist.get_rank()} lost contact with another process "
+                  f"({first_line(e)[:200]}): a process died or a node failed; rerun the same "
+                  "command to resume from the last checkpoint", 3)
         if "PytorchStreamReader" in msg:  # a truncated weights file read outside read_weights
-            _fail(f"a weights file named in the config is truncated ({first_line(e)[:120]}): check init, "
-                  "backbone and teacher_pretrained", 2)
+            _fail(f"a weights file named in the config is truncated ({first_line(e)[:120]}): "
+                  "check init, backbone and teacher_pretrained", 2)
         raise
     finally:
         cleanup_distributed()

@@ -148,16 +148,17 @@ class SafeImageFolder(datasets.ImageFolder):
             print(class_counts(self.root, self.classes, self.targets), flush=True)
 
     @staticmethod
-    def make_dataset(directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
+    def make_dataset(directory, class_to_idx, extensions=None, is_valid_file=None,
+                     allow_empty=False):
         """(path, class index) for every image under directory/<class>/, as torchvision's, but
         without following folder links back into the tree (a loop would repeat images)."""
         valid = is_valid_file or (lambda p: p.lower().endswith(tuple(extensions)))
         tree, seen, samples = os.path.realpath(directory), set(), []
         for name in sorted(class_to_idx):
-            found = [(p, class_to_idx[name]) for p in walk_files(os.path.join(directory, name), tree, seen)
-                     if valid(p)]
+            folder = os.path.join(directory, name)
+            found = [(p, class_to_idx[name]) for p in walk_files(folder, tree, seen) if valid(p)]
             if not found and not allow_empty:
-                raise FileNotFoundError(f"class folder '{os.path.join(directory, name)}' holds no images")
+                raise FileNotFoundError(f"class folder '{folder}' holds no images")
             samples += found
         return samples
 
@@ -182,9 +183,10 @@ def walk_files(folder: str, tree: str, seen: set):
         for d in sorted(dirs):
             path = os.path.join(root, d)
             target = os.path.realpath(path)
-            if target in seen or (os.path.islink(path) and (_inside(target, tree) or _inside(tree, target))):
-                print(f"warning: not following the folder link {path} -> {target}: it leads back into "
-                      "the data (a loop would repeat images)", file=sys.stderr, flush=True)
+            back = os.path.islink(path) and (_inside(target, tree) or _inside(tree, target))
+            if back or target in seen:
+                print(f"warning: not following the folder link {path} -> {target}: it leads back "
+                      "into the data (a loop would repeat images)", file=sys.stderr, flush=True)
                 continue
             keep.append(d)
         dirs[:] = keep
@@ -225,7 +227,8 @@ def load_image(path: str) -> Image.Image:
     if img.mode in ("F", "I") or img.mode.startswith("I;16"):
         return _from_16_bit(img, path)
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
-        _say_once("alpha", f"{path} has transparency: composited onto white, as are all such images")
+        _say_once("alpha", f"{path} has transparency: composited onto white, as are all such "
+                           "images")
         rgba = img.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
@@ -235,7 +238,8 @@ def load_image(path: str) -> Image.Image:
 def _from_16_bit(img: Image.Image, path: str) -> Image.Image:
     pixels = np.asarray(img)
     if img.mode == "F" or pixels.min() < 0 or pixels.max() > 65535:
-        raise ValueError(f"{path} has {img.mode} pixels outside 0..65535: save it with 8 or 16 bits per channel")
+        raise ValueError(f"{path} has {img.mode} pixels outside 0..65535: save it with 8 or 16 "
+                         "bits per channel")
     _say_once("16-bit", f"{path} is 16-bit: scaled to 8 bits (x 255/65535), as are all such images")
     grey = np.round(pixels.astype(np.float64) * (255 / 65535)).astype(np.uint8)
     return Image.fromarray(grey, "L").convert("RGB")

@@ -29,11 +29,12 @@ from tqdm import tqdm
 
 import data
 import model as M
-from common import (ConfigError, NonFiniteLoss, ShardSampler, SkipSampler, StopRequest, all_reduce_mean,
-                    all_reduce_sum, check_choice, check_corrupt, check_resume_config, config_dict, cosine_lr,
-                    ensure_outputs, ignore_stop_signals, load_checkpoint, load_optimizer, load_state, log_json,
-                    open_run_dir, parse_config, print0, read_weights, run_main, save_atomic, save_run,
-                    setup_distributed, split_batch, step_seed, trim_log, write_config)
+from common import (ConfigError, NonFiniteLoss, ShardSampler, SkipSampler, StopRequest,
+                    all_reduce_mean, all_reduce_sum, check_choice, check_corrupt,
+                    check_resume_config, config_dict, cosine_lr, ensure_outputs,
+                    ignore_stop_signals, load_checkpoint, load_optimizer, load_state, log_json,
+                    open_run_dir, parse_config, print0, read_weights, run_main, save_atomic,
+                    save_run, setup_distributed, split_batch, step_seed, trim_log, write_config)
 
 
 @dataclass
@@ -123,7 +124,8 @@ def build_model(cfg: Config, num_classes: int) -> M.ViT:
     try:
         model = M.ViT(M.ViTConfig(**vit_cfg))
     except TypeError as e:
-        raise ConfigError(f"config key 'init': '{cfg.init}' holds an unknown architecture ({e})") from None
+        raise ConfigError(f"config key 'init': '{cfg.init}' holds an unknown architecture "
+                          f"({e})") from None
     if state is not None:
         fresh = model.state_dict()
         state = {k: v for k, v in state.items() if not k.startswith("head.")}
@@ -296,7 +298,7 @@ def main(argv):
             load_state(ema, ckpt["ema"], ckpt_path)
         step, best = ckpt["step"], ckpt["best"]
         print0(f"resumed from {ckpt_path} at epoch {step // steps_per_epoch}, step {step}")
-    trim_log(log_path, step, step // steps_per_epoch)  # lines a killed run wrote after its checkpoint
+    trim_log(log_path, step, step // steps_per_epoch)  # drop what a killed run logged after it
     write_config(cfg.out_dir, cfg)
 
     def final_outputs() -> dict:

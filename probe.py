@@ -42,10 +42,11 @@ import data
 import losses
 import model as M
 from common import (ConfigError, NonFiniteLoss, SkipSampler, StopRequest, all_reduce_mean,
-                    all_reduce_sum, check_choice, check_corrupt, check_resume_config, config_dict, cosine_lr,
-                    ensure_outputs, first_line, ignore_stop_signals, load_checkpoint, load_optimizer,
-                    load_state, log_json, open_run_dir, parse_config, print0, read_weights, run_main,
-                    save_run, setup_distributed, split_batch, trim_log, write_config)
+                    all_reduce_sum, check_choice, check_corrupt, check_resume_config, config_dict,
+                    cosine_lr, ensure_outputs, first_line, ignore_stop_signals, load_checkpoint,
+                    load_optimizer, load_state, log_json, open_run_dir, parse_config, print0,
+                    read_weights, run_main, save_run, setup_distributed, split_batch, trim_log,
+                    write_config)
 
 
 @dataclass
@@ -135,8 +136,8 @@ def load_backbone(cfg: Config) -> M.ViT:
         try:
             vit = M.load_encoder(cfg.backbone)
         except (ValueError, TypeError, RuntimeError) as e:
-            raise ConfigError(f"backbone '{cfg.backbone}': {first_line(e)}; for timm or MAE weights set "
-                              "backbone_format=timm") from None
+            raise ConfigError(f"backbone '{cfg.backbone}': {first_line(e)}; for timm or MAE "
+                              "weights set backbone_format=timm") from None
         if cfg.img_size and cfg.img_size != vit.cfg.img_size:
             raise ConfigError(f"img_size={cfg.img_size} but the encoder was trained at {vit.cfg.img_size} and "
                               "position embeddings are not resized here: set img_size=0")
@@ -304,15 +305,16 @@ def load_heads(path: str, cfg: Config, vit: M.ViT, num_classes: int) -> losses.P
 
 
 # the settings that shape the heads or their features: a resume must keep them
-RESUME_KEYS = ("backbone", "backbone_format", "model", "patch_size", "layer_scale", "img_size", "dataset",
-               "subset", *HEAD_KEYS)
+RESUME_KEYS = ("backbone", "backbone_format", "model", "patch_size", "layer_scale", "img_size",
+               "dataset", "subset", *HEAD_KEYS)
 
 
 def resume(ckpt: dict, path: str, heads, optimizer, steps_per_epoch: int) -> int:
     """Load a checkpoint.pth of this run into the heads and optimizer -> the step it reached."""
     if ckpt.get("steps_per_epoch", steps_per_epoch) != steps_per_epoch:
-        raise ConfigError(f"{path} was written with {ckpt['steps_per_epoch']} steps per epoch, this config "
-                          f"gives {steps_per_epoch}: resume with the same batch_size and cache, or a new out_dir")
+        raise ConfigError(f"{path} was written with {ckpt['steps_per_epoch']} steps per epoch, "
+                          f"this config gives {steps_per_epoch}: resume with the same batch_size "
+                          "and cache, or a new out_dir")
     load_state(heads, ckpt["heads"], path)
     load_optimizer(optimizer, ckpt["optimizer"], path)
     print0(f"resumed from {path} at epoch {ckpt['epoch']}, step {ckpt['step']}")
@@ -435,7 +437,7 @@ def main(argv):
     heads_path = cfg.heads_path or os.path.join(cfg.out_dir, "heads.pth")
     log_path = os.path.join(cfg.out_dir, "log.jsonl")
     ckpt = None
-    if cfg.heads and not cfg.eval_only and os.path.isfile(ckpt_path):  # auto-resume: checked before any work
+    if cfg.heads and not cfg.eval_only and os.path.isfile(ckpt_path):  # resume: checked before work
         ckpt = load_checkpoint(ckpt_path)
         check_resume_config(ckpt["config"], config_dict(cfg), RESUME_KEYS, ckpt_path)
     write_config(cfg.out_dir, cfg)
@@ -519,7 +521,7 @@ def main(argv):
                               f"({cfg.batch_size}): lower batch_size")
         if ckpt is not None:  # also mid-epoch (after SIGTERM/SIGINT)
             step = resume(ckpt, ckpt_path, heads, optimizer, steps_per_epoch)
-        trim_log(log_path, step, step // steps_per_epoch)  # lines a killed run wrote after its checkpoint
+        trim_log(log_path, step, step // steps_per_epoch)  # what a killed run logged after its ckpt
     val_source = val_cache if cached else val_loader
 
     def heads_output() -> dict:
@@ -529,9 +531,10 @@ def main(argv):
         """The outputs (heads.pth after the last epoch) first, then the checkpoint: the unwrapped
         heads, optimizer, position in the run (rank 0)."""
         if dist.main:
-            save_run(ckpt_path, {"heads": heads.state_dict(), "optimizer": optimizer.state_dict(),
-                                 "epoch": epochs_done, "step": step, "steps_per_epoch": steps_per_epoch,
-                                 "config": config_dict(cfg)}, outputs)
+            state = {"heads": heads.state_dict(), "optimizer": optimizer.state_dict(),
+                     "epoch": epochs_done, "step": step, "steps_per_epoch": steps_per_epoch,
+                     "config": config_dict(cfg)}
+            save_run(ckpt_path, state, outputs)
 
     # -------------------------------------------------------------------------
     # Training: every head on the same frozen tokens, one backward for all
@@ -599,7 +602,7 @@ def main(argv):
             print0(f"stopped by signal after epoch {done}; rerun the same command to resume")
             stop.exit()
     if train and dist.main:
-        ensure_outputs({heads_path: heads_output()}, step)  # a resumed finished run: rewrite what is missing
+        ensure_outputs({heads_path: heads_output()}, step)  # a finished run: rewrite the missing
 
     # -------------------------------------------------------------------------
     # Evaluation: every rank its shard, counts summed; then k-NN against the gathered train bank

@@ -35,8 +35,8 @@ import data  # noqa: E402
 import losses  # noqa: E402
 import model as M  # noqa: E402
 import pretrain  # noqa: E402
-from common import (ConfigError, make_config, parse_config, print0, read_torch_file, run_main,  # noqa: E402
-                    setup_distributed)
+from common import (ConfigError, make_config, parse_config, print0,  # noqa: E402
+                    read_torch_file, run_main, setup_distributed)
 
 
 @dataclass

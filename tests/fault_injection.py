@@ -215,13 +215,15 @@ def main():
                                   "leftover_temp_files": r["leftovers"], "resumed_exit_code": r["second_rc"],
                                   "final_weights_equal": equal}))
             c = concurrent_run(script, data_dir, os.path.join(tmp, script, "concurrent"), backbone)
-            print(json.dumps({"script": script, "fault": "concurrent", "second_exit_code": c["second_rc"],
-                              "second_error": c["second_err"].strip()[-300:], "first_exit_code": c["first_rc"],
-                              "lock_left": c["lock_left"]}))
+            print(json.dumps({"script": script, "fault": "concurrent",
+                              "second_exit_code": c["second_rc"],
+                              "second_error": c["second_err"].strip()[-300:],
+                              "first_exit_code": c["first_rc"], "lock_left": c["lock_left"]}))
             d = full_disk_run(script, data_dir, os.path.join(tmp, script, "full_disk"), backbone)
-            print(json.dumps({"script": script, "fault": "full-disk", "skipped": d} if isinstance(d, str) else
-                             {"script": script, "fault": "full-disk", "exit_code": d["rc"],
-                              "error": d["stderr"].strip()[-300:], "files_left": d["files"]}))
+            report = {"skipped": d} if isinstance(d, str) else \
+                {"exit_code": d["rc"], "error": d["stderr"].strip()[-300:],
+                 "files_left": d["files"]}
+            print(json.dumps({"script": script, "fault": "full-disk", **report}))
 
 
 if __name__ == "__main__":

@@ -112,12 +112,14 @@ def test_two_process_gloo_fine_tuning_runs_to_the_end(tiny_imagefolder, tmp_path
     """DDP needs a gradient for every trainable parameter: the classifier's unused mask token must
     not be one (it stopped the run at step 2 with "parameters that were not used")."""
     out = tmp_path / "ft2"
-    args = ["dataset=imagefolder", f"data_path={tiny_imagefolder}", "model=vit_micro", "img_size=16",
-            "patch_size=4", "init=", "epochs=2", "warmup_epochs=1", "batch_size=8", "blr=1e-3", "num_workers=0",
-            "log_every=1", "drop_path=0.1", f"out_dir={out}"]
+    args = ["dataset=imagefolder", f"data_path={tiny_imagefolder}", "model=vit_micro",
+            "img_size=16", "patch_size=4", "init=", "epochs=2", "warmup_epochs=1", "batch_size=8",
+            "blr=1e-3", "num_workers=0", "log_every=1", "drop_path=0.1", f"out_dir={out}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29557",
-                        "finetune.py", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                "--master_port=29557"]
+    p = subprocess.run([*torchrun, "finetune.py", *args], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     records = [json.loads(line) for line in open(out / "log.jsonl")]
     assert [r["step"] for r in records if "loss" in r] == list(range(1, 9))
@@ -127,6 +129,7 @@ def test_two_process_gloo_fine_tuning_runs_to_the_end(tiny_imagefolder, tmp_path
 
 
 def test_the_classifier_trains_every_parameter_but_the_mask_token():
-    clf = finetune.build_model(finetune.Config(model="vit_micro", img_size=16, patch_size=4), num_classes=3)
+    cfg = finetune.Config(model="vit_micro", img_size=16, patch_size=4)
+    clf = finetune.build_model(cfg, num_classes=3)
     frozen = [name for name, p in clf.named_parameters() if not p.requires_grad]
     assert frozen == ["mask_token"] and "mask_token" in clf.state_dict()

@@ -32,7 +32,8 @@ class Payload:
 
 def malicious_checkpoint(path, marker):
     """A checkpoint that looks valid, with the payload hidden in one value."""
-    torch.save({"model": {}, "optimizer": {}, "step": 0, "config": {}, "extra": Payload(marker)}, path)
+    state = {"model": {}, "optimizer": {}, "step": 0, "config": {}, "extra": Payload(marker)}
+    torch.save(state, path)
 
 
 def dead_pid() -> int:
@@ -74,16 +75,16 @@ def test_unreadable_weights_are_one_clear_error(tmp_path, content, message):
 
 def test_load_state_mismatch_names_the_keys():
     a, b = torch.nn.Linear(3, 4), torch.nn.Linear(3, 5)
-    with pytest.raises(ConfigError, match=r"'ckpt' does not fit this model: missing \[\], unexpected \[\], "
-                                          r"wrong shape \['weight', 'bias'\]"):
+    with pytest.raises(ConfigError, match=r"'ckpt' does not fit this model: missing \[\], "
+                                          r"unexpected \[\], wrong shape \['weight', 'bias'\]"):
         common.load_state(a, b.state_dict(), "ckpt")
 
 
 # -----------------------------------------------------------------------------
 # The lock: one run per out_dir
 
-HOLD = "import sys, time; sys.path.insert(0, {root!r}); import common; common.lock_run_dir({d!r}); " \
-       "print('locked', flush=True); {then}"
+HOLD = ("import sys, time; sys.path.insert(0, {root!r}); import common; "
+        "common.lock_run_dir({d!r}); print('locked', flush=True); {then}")
 
 
 def holder(out_dir, then="time.sleep(60)"):
@@ -127,7 +128,8 @@ def test_the_lock_is_released_at_exit(tmp_path, then):
 
 
 def test_a_lock_from_another_machine_is_not_taken_over(tmp_path):
-    (tmp_path / ".lock").write_text(json.dumps({"pid": dead_pid(), "host": "elsewhere", "start": 1}))
+    lock = {"pid": dead_pid(), "host": "elsewhere", "start": 1}
+    (tmp_path / ".lock").write_text(json.dumps(lock))
     with pytest.raises(ConfigError, match="in use by PID .* on elsewhere .another machine"):
         common.lock_run_dir(str(tmp_path))
 
@@ -145,12 +147,13 @@ def test_out_dir_that_is_a_file_is_one_line(tmp_path):
 
 def test_only_temp_files_of_dead_writers_are_removed(tmp_path):
     gone, alive = dead_pid(), os.getpid()
-    names = ["notes.tmp.txt", f"checkpoint.pth.tmp.{gone}", f"checkpoint.pth.tmp.{alive}", "encoder.pth.tmp.x1",
+    stale = f"checkpoint.pth.tmp.{gone}"
+    names = ["notes.tmp.txt", stale, f"checkpoint.pth.tmp.{alive}", "encoder.pth.tmp.x1",
              f"my.tmp.{gone}.bak"]
     for name in names:
         (tmp_path / name).write_text("x")
     common.remove_stale_temp_files(str(tmp_path))
-    assert sorted(os.listdir(tmp_path)) == sorted(n for n in names if n != f"checkpoint.pth.tmp.{gone}")
+    assert sorted(os.listdir(tmp_path)) == sorted(n for n in names if n != stale)
 
 
 def test_a_failed_save_is_one_line_and_keeps_the_old_file(tmp_path, monkeypatch):
@@ -162,7 +165,7 @@ def test_a_failed_save_is_one_line_and_keeps_the_old_file(tmp_path, monkeypatch)
         save(obj, f, *args, **kwargs)  # a partial file is left, then the write fails
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     monkeypatch.setattr(torch, "save", full_disk)
-    with pytest.raises(RunError, match="cannot write .*checkpoint.pth' .No space left on device") as e:
+    with pytest.raises(RunError, match="cannot write .*checkpoint.pth' .No space left") as e:
         common.save_atomic({"step": 2}, str(path))
     assert "\n" not in str(e.value)
     assert os.listdir(tmp_path) == ["checkpoint.pth"]
@@ -172,7 +175,8 @@ def test_a_failed_save_is_one_line_and_keeps_the_old_file(tmp_path, monkeypatch)
 def test_a_full_tmpfs_is_one_line(tmp_path):
     folder = tmp_path / "small"
     folder.mkdir()
-    p = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(folder)], capture_output=True)
+    p = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(folder)],
+                       capture_output=True)
     if p.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here ({p.stderr.decode().strip() or 'not root'})")
     try:
@@ -189,9 +193,12 @@ def test_a_full_tmpfs_is_one_line(tmp_path):
 def test_save_run_writes_the_outputs_before_the_checkpoint(tmp_path, monkeypatch):
     order = []
     save = common.save_atomic
-    monkeypatch.setattr(common, "save_atomic", lambda obj, path: (order.append(os.path.basename(path)),
-                                                                  save(obj, path)))
-    common.save_run(str(tmp_path / "checkpoint.pth"), {"step": 8}, {str(tmp_path / "encoder.pth"): {"model": {}}})
+    def save_and_note(obj, path):
+        order.append(os.path.basename(path))
+        save(obj, path)
+    monkeypatch.setattr(common, "save_atomic", save_and_note)
+    encoder = str(tmp_path / "encoder.pth")
+    common.save_run(str(tmp_path / "checkpoint.pth"), {"step": 8}, {encoder: {"model": {}}})
     assert order == ["encoder.pth", "checkpoint.pth"]
     assert common.read_torch_file(str(tmp_path / "encoder.pth"))["step"] == 8
 
@@ -212,16 +219,18 @@ def test_check_resume_config_lists_every_difference():
     with pytest.raises(ConfigError) as e:
         common.check_resume_config(saved, {"model": "vit_tiny", "patch_size": 2, "blr": 5e-3},
                                    ("model", "patch_size"), "run/checkpoint.pth")
-    assert str(e.value).startswith("run/checkpoint.pth was written with model='vit_micro' (now 'vit_tiny'), "
-                                   "patch_size=4 (now 2)")
-    common.check_resume_config(saved, dict(saved, blr=1.0), ("model", "patch_size"), "x")  # blr may change
+    assert str(e.value).startswith("run/checkpoint.pth was written with model='vit_micro' "
+                                   "(now 'vit_tiny'), patch_size=4 (now 2)")
+    common.check_resume_config(saved, dict(saved, blr=1.0), ("model", "patch_size"), "x")  # blr may
 
 
 def test_trim_log_drops_what_was_written_after_the_checkpoint(tmp_path):
     log = tmp_path / "log.jsonl"
-    lines = [{"epoch": 1, "step": s, "loss": 1.0} for s in (1, 2, 3, 4)] + [{"epoch": 1, "val_top1": 5.0}]
+    lines = [{"epoch": 1, "step": s, "loss": 1.0} for s in (1, 2, 3, 4)]
+    lines += [{"epoch": 1, "val_top1": 5.0}]
     lines += [{"epoch": 2, "step": s, "loss": 1.0} for s in (5, 6, 7)]
-    log.write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"epoch": 2, "st')  # killed mid-line
+    text = "".join(json.dumps(r) + "\n" for r in lines)
+    log.write_text(text + '{"epoch": 2, "st')  # killed in the middle of a line
     common.trim_log(str(log), 6, 1)
     kept = [json.loads(line) for line in log.read_text().splitlines()]
     assert [r.get("step") for r in kept] == [1, 2, 3, 4, None, 5, 6]
@@ -246,8 +255,8 @@ def test_values_no_run_can_use_are_config_errors(cls, args, message):
         common.parse_config(cls, args)
 
 
-@pytest.mark.parametrize("content", [b"model: [vit_tiny\nblr: 1\n", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe",
-                                     b"a: 1\n b: 2\n"])
+@pytest.mark.parametrize("content", [b"model: [vit_tiny\nblr: 1\n", b"a: 1\n b: 2\n",
+                                     b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe"])
 def test_a_config_file_that_is_not_yaml_is_one_line(tmp_path, content):
     path = tmp_path / "bad.yaml"
     path.write_bytes(content)

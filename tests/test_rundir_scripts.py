@@ -24,7 +24,8 @@ def files(tmp_path_factory):
     (tmp / "truncated.pth").write_bytes((tmp / "full.pth").read_bytes()[:5000])
     torch.save({"model": {}, "optimizer": {}, "step": 4, "config": {}}, tmp / "checkpoint.pth")
     torch.manual_seed(0)
-    torch.save(M.encoder_state(M.build_vit("vit_micro", img_size=16, patch_size=4)), tmp / "encoder.pth")
+    encoder = M.build_vit("vit_micro", img_size=16, patch_size=4)
+    torch.save(M.encoder_state(encoder), tmp / "encoder.pth")
     (tmp / "a_file").write_text("")
     return tmp
 
@@ -47,12 +48,13 @@ CASES = [  # (script, args, words of the one line); {f} is the folder of bad fil
     ("probe.py", ["backbone={f}/random.pth"], "config key 'backbone': cannot read"),
     ("probe.py", ["backbone={f}/truncated.pth"], "truncated or not a torch file"),
     ("probe.py", ["backbone={f}/checkpoint.pth"], "is a training checkpoint, not weights"),
-    ("probe.py", ["backbone={f}/random.pth", "backbone_format=timm"], "config key 'backbone': cannot read"),
+    ("probe.py", ["backbone={f}/random.pth", "backbone_format=timm"], "'backbone': cannot read"),
     ("pretrain.py", ["teacher=checkpoint", "teacher_pretrained={f}/random.pth"], "not readable"),
 ]
 
 
-@pytest.mark.parametrize("script, args, message", CASES, ids=[f"{s}-{' '.join(a)}" for s, a, _ in CASES])
+@pytest.mark.parametrize("script, args, message", CASES,
+                         ids=[f"{s}-{' '.join(a)}" for s, a, _ in CASES])
 def test_bad_input_is_one_line_and_exit_2(tiny_imagefolder, files, tmp_path, script, args, message):
     out = str(tmp_path / "run")
     args = [a.format(f=files) for a in args]
@@ -60,7 +62,8 @@ def test_bad_input_is_one_line_and_exit_2(tiny_imagefolder, files, tmp_path, scr
     lines = p.stderr.strip().splitlines()
     assert p.returncode == 2 and len(lines) == 1, p.stderr[-3000:]
     assert lines[0].startswith("error: ") and message in lines[0], lines[0]
-    if not any(a.startswith(("init=", "backbone=", "teacher_pretrained=", "out_dir=")) for a in args):
+    files_named = ("init=", "backbone=", "teacher_pretrained=", "out_dir=")
+    if not any(a.startswith(files_named) for a in args):
         assert not os.path.exists(out)  # a config error: caught before any work
 
 
@@ -74,9 +77,11 @@ def read_only_dir(tmp_path):
         yield folder
         folder.chmod(0o755)
         return
-    p = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(folder)], capture_output=True)
+    p = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(folder)],
+                       capture_output=True)
     if p.returncode != 0:
-        pytest.skip(f"root cannot be denied a write here and mount failed: {p.stderr.decode().strip()}")
+        reason = p.stderr.decode().strip()
+        pytest.skip(f"as root, only a read-only mount denies writes; it failed: {reason}")
     yield folder
     subprocess.run(["umount", str(folder)], check=True)
 
@@ -87,4 +92,4 @@ def test_an_out_dir_that_is_not_writable_is_one_line(tiny_imagefolder, read_only
     p = F.run("finetune.py", F.tiny_args("finetune.py", tiny_imagefolder, out))
     lines = p.stderr.strip().splitlines()
     assert p.returncode == 2 and len(lines) == 1 and "out_dir" in lines[0], p.stderr[-3000:]
-    assert "not writable" in lines[0] or "cannot create out_dir" in lines[0] or "cannot write" in lines[0]
+    assert any(s in lines[0] for s in ("not writable", "cannot create out_dir", "cannot write"))
