@@ -16,6 +16,7 @@ Teachers (frozen, eval mode, no grad; bf16 on GPU) all map a batch normalised th
 normalises the student's input to target tokens (B, N, C) without [cls]:
     CLIPTeacher  - open_clip visual tower: ln_post(patch tokens) @ proj
     ViTTeacher   - an encoder saved by this project (`checkpoint`), or a momentum copy (`ema`)
+    CNNTeacher   - a small supervised CNN (`cnn`): the offline stand-in for CLIP of the default job
 """
 import copy
 import math
@@ -49,6 +50,7 @@ class ViTConfig:
     rel_pos_bias: bool = False   # BEiT relative position bias, one table per block
     shared_rel_pos_bias: bool = False  # BEiT relative position bias, one table for all blocks
     layer_scale: float = 0.0     # layer-scale init value (0 = no layer scale)
+    fix_init: bool = False       # BEiT: divide block i's attn.proj / mlp.fc2 weights by sqrt(2(i+1))
     drop_path: float = 0.0       # stochastic depth rate of the last block (linear in depth)
     num_classes: int = 0         # > 0 adds a Linear head on the [cls] token (fine-tuning)
 
@@ -310,6 +312,11 @@ class ViT(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("relative_position_bias_table"):
                 nn.init.trunc_normal_(p, std=0.02)
+        if self.cfg.fix_init:  # BEiT's rescaling: deeper residual branches start smaller
+            with torch.no_grad():
+                for i, blk in enumerate(self.blocks):
+                    blk.attn.proj.weight.div_(math.sqrt(2.0 * (i + 1)))
+                    blk.mlp.fc2.weight.div_(math.sqrt(2.0 * (i + 1)))
 
     @property
     def num_patches(self) -> int:
@@ -666,6 +673,55 @@ def _reachable(host: str, timeout: float = 3.0) -> bool:
         return False
 
 
+class SmallCNN(nn.Module):
+    """Three 3x3 conv layers, two 2x2 max-pools: (B, 3, H, W) -> tokens (B, (H/4)(W/4), width).
+
+    The default job's stand-in for CLIP (which cannot be downloaded offline): trained supervised
+    for a few minutes, its last feature map gives one token per 4 x 4 px patch, so a ViT with
+    patch_size 4 has a target for every patch. `classify` pools the tokens for the labels.
+    """
+
+    def __init__(self, num_classes: int, width: int = 128, in_chans: int = 3):
+        super().__init__()
+        chans = [in_chans, width // 4, width // 2, width]
+        layers = []
+        for i in range(3):
+            layers += [nn.Conv2d(chans[i], chans[i + 1], 3, padding=1, bias=False),
+                       nn.BatchNorm2d(chans[i + 1]), nn.ReLU(inplace=True)]
+            if i < 2:
+                layers.append(nn.MaxPool2d(2))
+        self.features = nn.Sequential(*layers)
+        self.fc = nn.Linear(width, num_classes)
+        self.width = width
+
+    def forward(self, x):  # -> tokens (B, N, width)
+        return self.features(x).flatten(2).transpose(1, 2)
+
+    def classify(self, x):  # -> logits (B, classes)
+        return self.fc(self.forward(x).mean(1))
+
+
+class CNNTeacher(Teacher):
+    """A trained SmallCNN as teacher: its feature-map tokens (B, N, width), N = (H/4)(W/4)."""
+
+    def __init__(self, cnn: SmallCNN, img_size: int):
+        super().__init__()
+        self.cnn = cnn.eval().requires_grad_(False)
+        self.out_dim = cnn.width
+        self.num_patches = (img_size // 4) ** 2
+
+    def targets(self, x):
+        return self.cnn(x)
+
+
+def load_cnn(path: str) -> SmallCNN:
+    """A SmallCNN saved as {'num_classes', 'width', 'model'} (pretrain.py's teacher=cnn cache)."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    cnn = SmallCNN(ckpt["num_classes"], ckpt["width"])
+    cnn.load_state_dict(ckpt["model"], strict=True)
+    return cnn
+
+
 def build_teacher(kind: str, student_encoder: Optional[ViT] = None, clip_model: str = "ViT-B-16-quickgelu",
                   pretrained: str = "openai") -> Teacher:
     """kind 'clip' (open_clip name + tag or file), 'checkpoint' (pretrained = an encoder file of
@@ -676,4 +732,6 @@ def build_teacher(kind: str, student_encoder: Optional[ViT] = None, clip_model: 
         return ViTTeacher(load_encoder(pretrained, num_classes=0))
     if kind == "ema":
         return EMATeacher(student_encoder)
-    raise ValueError(f"unknown teacher '{kind}': choose 'clip', 'checkpoint' or 'ema'")
+    if kind == "cnn":  # pretrained = the SmallCNN file pretrain.py trained and cached
+        return CNNTeacher(load_cnn(pretrained), student_encoder.cfg.img_size)
+    raise ValueError(f"unknown teacher '{kind}': choose 'clip', 'checkpoint', 'ema' or 'cnn'")

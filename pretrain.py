@@ -26,13 +26,14 @@ import os
 import random
 import time
 from dataclasses import dataclass, field
-from typing import List
+from typing import List, Tuple
 
 import torch
 import torch.nn.functional as F
 import yaml
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
+from torchvision.transforms import v2 as T
 from tqdm import tqdm
 
 import data
@@ -66,6 +67,7 @@ class Config:
     rel_pos_bias: bool = False         # BEiT relative position bias in every block
     shared_rel_pos_bias: bool = False  # one relative position bias table shared by all blocks
     layer_scale: float = 0.1           # layer-scale init (0 = off); Table 12: 0.1 S/B, 1e-5 L
+    fix_init: bool = False             # BEiT: block i's output projections / sqrt(2 (i + 1))
     drop_path: float = 0.0
     # masking
     mask: str = "block"                # block (BEiT) | random (MAE) | simmim (random coarse cells)
@@ -73,13 +75,16 @@ class Config:
     mask_min_patches: int = 16         # smallest block of the block-wise mask
     mask_patch_size: int = 32          # mask=simmim: side of a mask cell in pixels (SimMIM: 32 at 224)
     # teacher
-    teacher: str = "ema"               # clip | checkpoint | ema
+    teacher: str = "ema"               # clip | checkpoint | ema | cnn (supervised stand-in for CLIP)
     teacher_model: str = "ViT-B-16-quickgelu"  # open_clip model name (teacher=clip)
-    teacher_pretrained: str = "openai" # open_clip tag or local weights file; encoder.pth for checkpoint
+    teacher_pretrained: str = "openai" # open_clip tag or local weights file; encoder.pth for checkpoint;
+                                       # cnn: the cached CNN's .pth (else out_dir/teacher_cnn.pth)
+    teacher_epochs: int = 1            # teacher=cnn: supervised epochs over the training images
     ema_momentum: float = 0.996        # teacher=ema: momentum at the start, cosine-increased to ...
     ema_momentum_end: float = 1.0      # ... this at the end
     # loss
-    loss: str = "dtm"                  # dtm | tokenwise | fixed (morph to N/2) | downsample (2x2)
+    loss: str = "dtm"                  # dtm | dtm_kmeans (Table 11) | tokenwise | fixed (morph to
+                                       # N/2) | downsample (2x2)
     distance: str = "cosine"           # cosine | smooth_l1 | l1 | l2 (DTM Table 10)
     dtm_levels: int = 2                # L
     dtm_max_iters: int = 14            # k ~ U{1..max}
@@ -89,24 +94,28 @@ class Config:
     decoder_dim: int = 512             # mae decoder width (MAE ViT-B: 512)
     decoder_depth: int = 8             # mae decoder blocks (MAE ViT-B: 8)
     decoder_heads: int = 16            # mae decoder heads (MAE ViT-B: 16)
-    # Masked Token Optimization: loss = L_pixel + w_spa L_spa + w_e L_e + w_r L_r (NOTES.md: all 1)
+    # Masked Token Optimization: loss = L_pixel + w_spa L_spa + w_e L_e + w_r L_r (DECISIONS.md: all 1)
     mto: bool = False                  # on: simmim over the encoder blocks, mae over the decoder blocks
     mto_spa: float = 1.0               # weight of L_spa, Eq. 3 (0 = off: Table 3's ablation)
     mto_e: float = 1.0                 # weight of L_e, Eq. 4
     mto_r: float = 1.0                 # weight of L_r, Eq. 5
     mto_eps: float = 1e-6              # epsilon of L_e = 1 / (H^0 + eps)
-    mto_printed_sign: bool = False     # L_r as printed (H rising with depth); default falling (NOTES.md)
+    mto_printed_sign: bool = False     # L_r as printed (H rising with depth); default falling (DECISIONS.md)
+    mto_spa_exclude_self: bool = False # L_spa without a token's similarity to itself (DECISIONS.md)
     # k-NN accuracy per epoch on frozen features (an accuracy-vs-epoch curve for RAUC, Eq. 6)
     eval_knn_every: int = 0            # epochs between evaluations (0 = never)
     knn_bank: int = 5000               # training images in the memory bank (every process holds all)
     knn_val: int = 1000                # validation images scored (sharded over processes)
     knn_k: int = 20                    # neighbours voting, weighted by exp(cosine / 0.07) (DINO)
+    final_knn: bool = False            # at the end: k-NN on the whole test split for this encoder,
+                                       # a random-init one and raw pixels (small images only)
     # optimisation
     epochs: int = 10
-    warmup_epochs: int = 1
+    warmup_epochs: float = 1           # linear warm-up length (may be a fraction of an epoch)
     batch_size: int = 256              # global batch over all processes and accumulation steps
     accum_steps: int = 1               # gradient accumulation micro-steps per optimizer step
-    blr: float = 1.5e-4                # lr = blr * batch_size / 256
+    blr: float = 1.5e-4                # MAE convention: peak lr = blr * batch_size / 256
+    lr: float = 0.0                    # BEiT v2 convention: peak lr as given (> 0: blr is ignored)
     min_lr: float = 1e-6
     lr_schedule: str = "cosine"        # cosine (to min_lr) | multistep (x lr_gamma at each lr_milestones epoch)
     lr_milestones: List[int] = field(default_factory=list)  # multistep epochs (SimMIM ViT-B 800 ep: [700])
@@ -132,8 +141,8 @@ class Config:
         check_choice("model", self.model, M.VIT_SIZES)
         check_choice("pos_embed", self.pos_embed, ("learned", "sincos", "none"))
         check_choice("mask", self.mask, data.MASKS)
-        check_choice("teacher", self.teacher, ("clip", "checkpoint", "ema"))
-        check_choice("loss", self.loss, ("dtm", "tokenwise", "fixed", "downsample"))
+        check_choice("teacher", self.teacher, ("clip", "checkpoint", "ema", "cnn"))
+        check_choice("loss", self.loss, ("dtm", "dtm_kmeans", "tokenwise", "fixed", "downsample"))
         check_choice("distance", self.distance, losses.DISTANCES)
         check_choice("device", self.device, ("auto", "cpu", "cuda"))
         check_choice("lr_schedule", self.lr_schedule, ("cosine", "multistep"))
@@ -149,8 +158,13 @@ class Config:
             raise ConfigError(f"config key 'max_corrupt_frac' must be in [0, 1], got {self.max_corrupt_frac}")
         if self.skip_nonfinite < 0:
             raise ConfigError(f"config key 'skip_nonfinite' must be >= 0, got {self.skip_nonfinite}")
+        if self.teacher == "cnn" and self.framework == "distill" and self.patch_size != 4:
+            raise ConfigError(f"teacher=cnn gives one token per 4 x 4 px patch: set patch_size=4 "
+                              f"(got {self.patch_size})")
+        if self.lr < 0 or self.blr < 0:
+            raise ConfigError(f"config keys 'lr' and 'blr' must be >= 0, got {self.lr}, {self.blr}")
         for key in ("epochs", "batch_size", "accum_steps", "dtm_levels", "dtm_max_iters", "log_every", "save_every",
-                    "dist_timeout_s"):
+                    "dist_timeout_s", "teacher_epochs"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"config key '{key}' must be >= 1, got {getattr(self, key)}")
         self.validate_mim()
@@ -191,7 +205,7 @@ def multistep_lr(step: int, warmup: int, base_lr: float, milestones: List[int], 
 def build_encoder(cfg: Config) -> M.ViT:
     return M.build_vit(cfg.model, img_size=cfg.img_size, patch_size=cfg.patch_size, pos_embed=cfg.pos_embed,
                        rel_pos_bias=cfg.rel_pos_bias, shared_rel_pos_bias=cfg.shared_rel_pos_bias,
-                       layer_scale=cfg.layer_scale, drop_path=cfg.drop_path)
+                       layer_scale=cfg.layer_scale, drop_path=cfg.drop_path, fix_init=cfg.fix_init)
 
 
 def build_mim(cfg: Config, encoder: M.ViT) -> torch.nn.Module:
@@ -213,32 +227,120 @@ def reconstruction_loss(cfg: Config, pred: torch.Tensor, img: torch.Tensor, mask
     return losses.pixel_loss(pred, target, mask, "l2")
 
 
+# -----------------------------------------------------------------------------
+# k-NN evaluation: during pre-training (eval_knn_every) and the final comparison (final_knn)
+
 @torch.no_grad()
-def knn_top1(encoder: M.ViT, bank_loader, val_loader, device, k: int) -> float:
-    """Weighted k-NN top-1 (DINO: votes exp(cos / 0.07)) on the mean of the frozen encoder's final-
-    normed patch tokens. Every process holds the whole bank and scores its shard; counts are summed."""
-    was_training = encoder.training
-    encoder.eval()
-
-    def features(loader):  # -> (n, D) unit vectors, (n,) labels; n may be 0 on a rank with no shard
-        feats = [torch.zeros(0, encoder.cfg.embed_dim, device=device)]
-        labels = [torch.zeros(0, dtype=torch.long, device=device)]
-        for img, y in loader:
+def knn_features(loader, encoders: dict, device) -> Tuple[dict, torch.Tensor]:
+    """Embed a loader with each encoder (None = raw pixels) -> ({name: (n, D)}, labels (n,)).
+    An encoder gives two features: its final-normed [cls] token and the mean of its patch tokens."""
+    feats, labels = {}, []
+    for img, y in loader:
+        img = img.to(device)
+        out = {}
+        for name, enc in encoders.items():
+            if enc is None:
+                out[name] = img.flatten(1)                                # (b, C*H*W)
+                continue
+            enc.eval()
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                f = encoder(img.to(device))[:, 1:].mean(1)                 # (b, D), no mask
-            feats.append(F.normalize(f.float(), dim=1))
-            labels.append(y.to(device))
-        return torch.cat(feats), torch.cat(labels)
+                tokens = enc(img).float()                                 # (b, 1+N, D)
+            out[f"{name} [cls]"], out[f"{name} mean"] = tokens[:, 0], tokens[:, 1:].mean(1)
+        for name, f in out.items():
+            feats.setdefault(name, []).append(f.float())
+        labels.append(y.to(device))
+    return {k: torch.cat(v) for k, v in feats.items()}, torch.cat(labels)
 
-    bank, bank_labels = features(bank_loader)
-    val, val_labels = features(val_loader)
-    sim, idx = (val @ bank.T).topk(min(k, len(bank)), dim=1)               # (n, k)
-    num_classes = int(bank_labels.max()) + 1
-    votes = val.new_zeros(len(val), num_classes).scatter_add_(1, bank_labels[idx], (sim / 0.07).exp())
+
+def knn_top1(bank: torch.Tensor, bank_labels, val: torch.Tensor, val_labels, k: int,
+             num_classes: int) -> float:
+    """DINO's weighted k-NN top-1 (votes exp(cos / 0.07)) after subtracting the bank's mean
+    feature from both sides (raw pixels gain 4 points from it on Fashion-MNIST; the same for
+    every feature, so the comparison stays fair). Each process scores its shard; summed."""
+    centre = bank.mean(0, keepdim=True)
+    votes = losses.knn_votes(bank - centre, bank_labels, val - centre, num_classes, k)
     correct = (votes.argmax(1) == val_labels).sum().float()
-    counts = all_reduce_sum(torch.stack([correct, torch.tensor(float(len(val)), device=device)]))
-    encoder.train(was_training)
+    counts = all_reduce_sum(torch.stack([correct, torch.tensor(float(len(val)), device=correct.device)]))
     return (counts[0] / counts[1]).item()
+
+
+def knn_eval(cfg: "Config", encoders: dict, dist, val_size: int) -> dict:
+    """k-NN top-1 of every feature of `encoders`: bank = the first knn_bank training images,
+    queries = the first val_size test images (0 = all), sharded over the processes."""
+    tf = data.eval_transform(cfg.img_size)
+    bank_set = data.build_dataset(cfg.dataset, cfg.data_path, train=True, transform=tf, subset=cfg.knn_bank)
+    val_set = data.build_dataset(cfg.dataset, cfg.data_path, train=False, transform=tf, subset=val_size)
+    shard = ShardSampler(len(val_set), dist.rank, dist.world)
+    loaders = [DataLoader(ds, batch_size=256, sampler=smp, num_workers=cfg.num_workers,
+                          generator=torch.Generator())  # own generator: training randomness untouched
+               for ds, smp in ((bank_set, None), (val_set, shard))]
+    bank, bank_labels = knn_features(loaders[0], encoders, dist.device)
+    val, val_labels = knn_features(loaders[1], encoders, dist.device)
+    num_classes = int(bank_labels.max()) + 1
+    return {name: knn_top1(bank[name], bank_labels, val[name], val_labels, cfg.knn_k, num_classes)
+            for name in bank}
+
+
+def final_knn_report(cfg: "Config", encoder: M.ViT, dist, log_path: str):
+    """Print and log k-NN top-1 on the whole test split: this encoder against the two baselines
+    any encoder must beat, raw pixels and a random-init encoder of the same config."""
+    torch.manual_seed(cfg.seed)                                   # the student's initial weights
+    encoders = {"pixels": None, "random-init": build_encoder(cfg).to(dist.device), "trained": encoder}
+    acc = knn_eval(cfg, encoders, dist, val_size=0)
+    best = {n: max(acc[f"{n} [cls]"], acc[f"{n} mean"]) for n in ("random-init", "trained")}
+    print0(f"k-NN top-1 on the test split (bank: {cfg.knn_bank} training images, k={cfg.knn_k}, "
+           f"centred cosine):")
+    print0(f"  raw pixels               {100 * acc['pixels']:5.1f}")
+    for n in ("random-init", "trained"):
+        print0(f"  {n + ' ' + cfg.model:<24} {100 * best[n]:5.1f}   ([cls] {100 * acc[n + ' [cls]']:.1f}, "
+               f"patch mean {100 * acc[n + ' mean']:.1f})")
+    margin = [100 * (best["trained"] - acc["pixels"]), 100 * (best["trained"] - best["random-init"])]
+    verdict = "beats" if min(margin) > 0 else "does NOT beat"
+    print0(f"the trained encoder {verdict} both baselines: {margin[0]:+.1f} over raw pixels, "
+           f"{margin[1]:+.1f} over random init")
+    if dist.main:
+        log_json(log_path, {"final_knn_top1": acc})
+
+
+# -----------------------------------------------------------------------------
+# teacher=cnn: a small supervised CNN, trained once and cached, stands in for CLIP offline
+
+def train_cnn_teacher(cfg: "Config", dist, path: str):
+    """Train model.SmallCNN with labels on the training images (flips only) and save it to
+    `path`; skipped when `path` exists. Rank 0 trains, the others wait and load the file."""
+    if os.path.isfile(path):
+        print0(f"teacher=cnn: using the trained CNN in {path}")
+        return
+    if dist.main:
+        torch.manual_seed(cfg.seed)
+        tf = T.Compose([T.RandomHorizontalFlip(), data.eval_transform(cfg.img_size)])
+        train_set = data.build_dataset(cfg.dataset, cfg.data_path, train=True, transform=tf, subset=cfg.subset)
+        test_set = data.build_dataset(cfg.dataset, cfg.data_path, train=False,
+                                      transform=data.eval_transform(cfg.img_size))
+        num_classes = len(test_set.classes)
+        cnn = M.SmallCNN(num_classes).to(dist.device)
+        opt = torch.optim.AdamW(cnn.parameters(), lr=2e-3, weight_decay=0.05)
+        loader = DataLoader(train_set, batch_size=128, shuffle=True, drop_last=True,
+                            num_workers=cfg.num_workers, generator=torch.Generator().manual_seed(cfg.seed))
+        total = cfg.teacher_epochs * len(loader)
+        print0(f"teacher=cnn: training a small CNN with labels for {cfg.teacher_epochs} epoch(s) "
+               f"({len(train_set)} images), a stand-in for CLIP (which needs a download)")
+        for step, (img, y) in enumerate(tqdm((b for _ in range(cfg.teacher_epochs) for b in loader),
+                                             total=total, desc="teacher", dynamic_ncols=True)):
+            for g in opt.param_groups:
+                g["lr"] = cosine_lr(step, total, 0, 2e-3, 1e-5)
+            loss = F.cross_entropy(cnn.classify(img.to(dist.device)), y.to(dist.device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        cnn.eval()
+        with torch.no_grad():
+            hits = [(cnn.classify(x.to(dist.device)).argmax(1).cpu() == y).sum()
+                    for x, y in DataLoader(test_set, batch_size=512)]
+        print0(f"teacher=cnn: test top-1 {100 * sum(hits).item() / len(test_set):.1f}%; saved {path}")
+        save_atomic({"num_classes": num_classes, "width": cnn.width, "model": cnn.cpu().state_dict()}, path)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
 
 
 def main(argv):
@@ -286,7 +388,15 @@ def main(argv):
     encoder = build_encoder(cfg)
     teacher = None
     if cfg.framework == "distill":
-        teacher = M.build_teacher(cfg.teacher, encoder, cfg.teacher_model, cfg.teacher_pretrained)
+        teacher_file = cfg.teacher_pretrained
+        if cfg.teacher == "cnn":
+            if not teacher_file.endswith(".pth"):
+                teacher_file = os.path.join(cfg.out_dir, "teacher_cnn.pth")
+            train_cnn_teacher(cfg, dist, teacher_file)
+        elif cfg.teacher == "ema":
+            print0("warning: teacher=ema (self-distillation) collapses in short runs: the encoder ends no "
+                   "better than random init; teacher=cnn or clip gives a teacher worth distilling")
+        teacher = M.build_teacher(cfg.teacher, encoder, cfg.teacher_model, teacher_file)
         if teacher.num_patches != num_patches:
             raise ConfigError(f"the teacher gives {teacher.num_patches} tokens but the student has {num_patches} "
                               "patches: match img_size/patch_size to the teacher's")
@@ -302,7 +412,9 @@ def main(argv):
         print0(f"{cfg.framework} {cfg.model}: {sum(p.numel() for p in student.parameters()) / 1e6:.2f}M "
                f"parameters ({sum(p.numel() for p in encoder.parameters()) / 1e6:.2f}M encoder); {note}")
     ema = teacher is not None and cfg.teacher == "ema"
-    lr = cfg.blr * cfg.batch_size / 256
+    lr = cfg.lr if cfg.lr > 0 else cfg.blr * cfg.batch_size / 256
+    print0(f"peak lr {lr:.3g} " + (f"(lr, as given: BEiT v2 convention)" if cfg.lr > 0 else
+                                   f"(blr {cfg.blr:g} x batch {cfg.batch_size} / 256: MAE convention)"))
     optimizer = torch.optim.AdamW(param_groups(student, cfg.weight_decay), lr=lr, betas=(0.9, cfg.beta2),
                                   fused=dist.device.type == "cuda")
 
@@ -352,7 +464,8 @@ def main(argv):
         else:  # same levels on every rank: the rng depends only on (seed, step, micro-step)
             rng = random.Random((cfg.seed * 1_000_003 + step) * 1009 + micro)
             levels = losses.sample_levels(num_patches, cfg.dtm_levels, cfg.dtm_max_iters, cfg.dtm_min_morphed, rng)
-        return losses.dtm_loss(u, v, levels, cfg.distance)
+        matching = "kmeans" if cfg.loss == "dtm_kmeans" else "bipartite"
+        return losses.dtm_loss(u, v, levels, cfg.distance, matching=matching)
 
     mto_weights = {t: getattr(cfg, f"mto_{t}") for t in MTO_TERMS}
 
@@ -365,22 +478,13 @@ def main(argv):
         loss = reconstruction_loss(cfg, pred, img, mask)
         terms = {"pixel": loss.detach()}
         if cfg.mto:
-            mto = losses.mto_losses([h[:, 1:] for h in hiddens], mask, cfg.mto_printed_sign, cfg.mto_eps)
+            mto = losses.mto_losses([h[:, 1:] for h in hiddens], mask, cfg.mto_printed_sign, cfg.mto_eps,
+                                    exclude_self=cfg.mto_spa_exclude_self)
             for name, w in mto_weights.items():
                 if w > 0:  # a switched-off term is still logged, never added (0 * inf would be nan)
                     loss = loss + w * mto[name]
                 terms[name] = mto[name].detach()
         return loss, terms
-
-    # k-NN accuracy per epoch (optional), small by design: every process embeds the whole bank
-    knn_loaders = None
-    if cfg.eval_knn_every:
-        tf = data.eval_transform(cfg.img_size)
-        bank_set = data.build_dataset(cfg.dataset, cfg.data_path, train=True, transform=tf, subset=cfg.knn_bank)
-        val_set = data.build_dataset(cfg.dataset, cfg.data_path, train=False, transform=tf, subset=cfg.knn_val)
-        knn_loaders = [DataLoader(ds, batch_size=micro_batch, sampler=s, num_workers=cfg.num_workers,
-                                  generator=torch.Generator())  # own generator: training randomness untouched
-                       for ds, s in ((bank_set, None), (val_set, ShardSampler(len(val_set), dist.rank, dist.world)))]
 
     def log_step(epoch, step, lr_now, loss_sum, term_sums, loss_count, t0, bar):
         """Reduce the metrics since the last log line (the only host sync of a step) and write them."""
@@ -403,7 +507,7 @@ def main(argv):
     # -------------------------------------------------------------------------
     # Training loop
     total_steps = cfg.epochs * steps_per_epoch
-    warmup_steps = cfg.warmup_epochs * steps_per_epoch
+    warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dist.device.type == "cuda")
     for epoch in range(step // steps_per_epoch, cfg.epochs):
         seen = step - epoch * steps_per_epoch                     # > 0 after a mid-epoch resume
@@ -482,16 +586,20 @@ def main(argv):
         skipped_images = check_corrupt(data.corrupt_count(dataset), len(dataset), cfg.max_corrupt_frac, dist.device)
         if skipped_images:
             print0(f"epoch {done}: skipped {skipped_images} corrupt image(s) (paths above)")
-        if knn_loaders and (done % cfg.eval_knn_every == 0 or done == cfg.epochs):
-            acc = knn_top1(student.encoder, *knn_loaders, dist.device, cfg.knn_k)
-            print0(f"epoch {done}: k-NN top-1 {acc:.4f}")
+        if cfg.eval_knn_every and (done % cfg.eval_knn_every == 0 or done == cfg.epochs):
+            acc = knn_eval(cfg, {"encoder": student.encoder}, dist, cfg.knn_val)
+            print0(f"epoch {done}: k-NN top-1 {acc['encoder mean']:.4f} (patch mean), "
+                   f"{acc['encoder [cls]']:.4f} ([cls])")
             if dist.main:
-                log_json(log_path, {"epoch": done, "knn_top1": acc})
+                log_json(log_path, {"epoch": done, "knn_top1": acc["encoder mean"],
+                                    "knn_top1_cls": acc["encoder [cls]"]})
         if done % cfg.save_every == 0 or done == cfg.epochs or stopping:
             save_checkpoint(done, keep=bool(cfg.keep_every) and done % cfg.keep_every == 0)
         if stopping:
             print0(f"stopped by signal after epoch {done}; rerun the same command to resume")
             stop.exit()
+    if cfg.final_knn:
+        final_knn_report(cfg, student.encoder, dist, log_path)
     print0(f"done: {cfg.out_dir}/encoder.pth")
 
 

@@ -563,3 +563,18 @@ def test_ema_teacher_update():
         close(teacher(x), student.eval()(x)[:, 1:], atol=0)
     teacher.train()
     assert not teacher.encoder.training
+
+
+def test_fix_init_rescales_output_projections_by_depth():
+    """BEiT's fix_init_weight: block i's attn.proj and mlp.fc2 weights / sqrt(2 (i + 1))."""
+    import math
+    from model import build_vit
+    torch.manual_seed(0)
+    plain = build_vit("vit_micro", img_size=16, patch_size=4)
+    torch.manual_seed(0)
+    fixed = build_vit("vit_micro", img_size=16, patch_size=4, fix_init=True)
+    for i, (a, b) in enumerate(zip(plain.blocks, fixed.blocks)):
+        s = math.sqrt(2.0 * (i + 1))
+        assert torch.allclose(b.attn.proj.weight, a.attn.proj.weight / s)
+        assert torch.allclose(b.mlp.fc2.weight, a.mlp.fc2.weight / s)
+        assert torch.equal(b.attn.qkv.weight, a.attn.qkv.weight)

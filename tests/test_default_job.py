@@ -1,0 +1,77 @@
+"""The default job's pieces: the CNN stand-in teacher, the final k-NN report, the lr conventions."""
+import json
+import os
+
+import pytest
+import torch
+
+import model as M
+import pretrain
+from test_pretrain import TINY, run
+
+
+def test_small_cnn_gives_one_token_per_4px_patch():
+    cnn = M.SmallCNN(num_classes=10)
+    x = torch.randn(2, 3, 28, 28)
+    assert cnn(x).shape == (2, 49, 128)                      # 7 x 7 grid, width 128
+    assert cnn.classify(x).shape == (2, 10)
+    teacher = M.CNNTeacher(cnn, img_size=28)
+    teacher.train()                                          # a teacher stays in eval mode
+    assert not teacher.cnn.training and teacher.num_patches == 49 and teacher.out_dim == 128
+    v = teacher(x)
+    assert v.shape == (2, 49, 128) and not v.requires_grad
+    assert torch.equal(v, cnn.eval()(x))
+
+
+def test_knn_top1_by_hand():
+    """Two classes on either side of a large common offset; k=1 so the nearest neighbour decides."""
+    offset = torch.tensor([50.0, 0.0])
+    bank = torch.tensor([[0.0, 1.0], [0.2, 1.0], [0.0, -1.0], [0.2, -1.0]]) + offset
+    labels = torch.tensor([0, 0, 1, 1])
+    val = torch.tensor([[0.1, 0.9], [0.1, -0.9], [0.1, 0.8]]) + offset
+    assert pretrain.knn_top1(bank, labels, val, torch.tensor([0, 1, 0]), k=1, num_classes=2) == 1.0
+    assert pretrain.knn_top1(bank, labels, val, torch.tensor([0, 0, 1]), k=1, num_classes=2) == pytest.approx(1 / 3)
+    # centred: adding the same vector to every feature changes nothing
+    shifted = pretrain.knn_top1(bank + 7, labels, val + 7, torch.tensor([0, 0, 1]), k=1, num_classes=2)
+    assert shifted == pytest.approx(1 / 3)
+
+
+def test_cnn_teacher_run_prints_baselines_and_reuses_teacher(tiny_imagefolder, tmp_path):
+    out = str(tmp_path / "run")
+    args = [*TINY, f"data_path={tiny_imagefolder}", f"out_dir={out}", "teacher=cnn", "epochs=1",
+            "final_knn=true", "knn_bank=16", "knn_k=3"]
+    p = run(args)
+    assert "teacher=cnn: training a small CNN" in p.stdout
+    assert os.path.isfile(os.path.join(out, "teacher_cnn.pth"))
+    for line in ("raw pixels", "random-init vit_micro", "trained vit_micro", "both baselines"):
+        assert line in p.stdout, p.stdout[-2000:]
+    with open(os.path.join(out, "log.jsonl")) as f:
+        final = [json.loads(x) for x in f if "final_knn_top1" in x][-1]["final_knn_top1"]
+    assert set(final) == {"pixels", "random-init [cls]", "random-init mean", "trained [cls]",
+                          "trained mean"}
+    assert all(0.0 <= a <= 1.0 for a in final.values())
+    again = run([*args, f"out_dir={tmp_path / 'second'}",
+                 f"teacher_pretrained={out}/teacher_cnn.pth"])
+    assert "using the trained CNN" in again.stdout and "training a small CNN" not in again.stdout
+
+
+@pytest.mark.parametrize("args, printed", [
+    (["lr=0.01"], "peak lr 0.01 (lr, as given: BEiT v2 convention)"),
+    (["blr=1e-3"], "peak lr 3.12e-05 (blr 0.001 x batch 8 / 256: MAE convention)"),
+])
+def test_lr_convention_printed(tiny_imagefolder, tmp_path, args, printed):
+    p = run([*TINY, f"data_path={tiny_imagefolder}", f"out_dir={tmp_path}", *args])  # 2 epochs
+    assert printed in p.stdout
+    with open(os.path.join(tmp_path, "log.jsonl")) as f:
+        lrs = [json.loads(x)["lr"] for x in f if '"lr"' in x]
+    peak = float(printed.split()[2])
+    assert max(lrs) == pytest.approx(peak, rel=0.01)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["teacher=cnn", "patch_size=8"], "teacher=cnn gives one token per 4 x 4 px patch"),
+    (["lr=-1"], "'lr' and 'blr' must be >= 0"),
+])
+def test_default_job_config_errors(tiny_imagefolder, tmp_path, args, message):
+    p = run([*TINY, f"data_path={tiny_imagefolder}", f"out_dir={tmp_path}", *args], check=False)
+    assert p.returncode == 2 and message in p.stderr, p.stderr
