@@ -52,7 +52,8 @@ class ViTConfig:
     layer_scale: float = 0.0     # layer-scale init value (0 = no layer scale)
     fix_init: bool = False       # BEiT: divide block i's attn.proj / mlp.fc2 weights by sqrt(2(i+1))
     drop_path: float = 0.0       # stochastic depth rate of the last block (linear in depth)
-    num_classes: int = 0         # > 0 adds a Linear head on the [cls] token (fine-tuning)
+    num_classes: int = 0         # > 0 adds a Linear head (fine-tuning) on ...
+    global_pool: str = "token"   # ... [cls] (token) | LayerNorm(mean of patch tokens) (avg, BEiT)
 
     @property
     def grid(self) -> int:
@@ -273,6 +274,8 @@ class ViT(nn.Module):
         super().__init__()
         if cfg.img_size % cfg.patch_size:
             raise ValueError(f"img_size {cfg.img_size} is not a multiple of patch_size {cfg.patch_size}")
+        if cfg.global_pool not in ("token", "avg"):
+            raise ValueError(f"global_pool must be 'token' or 'avg', got '{cfg.global_pool}'")
         if cfg.pos_embed not in ("learned", "sincos", "none"):
             raise ValueError(f"pos_embed must be 'learned', 'sincos' or 'none', got '{cfg.pos_embed}'")
         self.cfg = cfg
@@ -292,7 +295,10 @@ class ViT(nn.Module):
         self.blocks = nn.ModuleList([
             Block(D, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias, g if cfg.rel_pos_bias else None,
                   cfg.layer_scale, dpr[i]) for i in range(cfg.depth)])
-        self.norm = nn.LayerNorm(D, eps=1e-6)
+        # avg pooling (BEiT v2 / timm fine-tuning): the final norm moves after the pooling (fc_norm)
+        fc_norm = cfg.global_pool == "avg" and cfg.num_classes > 0
+        self.norm = nn.Identity() if fc_norm else nn.LayerNorm(D, eps=1e-6)
+        self.fc_norm = nn.LayerNorm(D, eps=1e-6) if fc_norm else None
         self.head = nn.Linear(D, cfg.num_classes) if cfg.num_classes > 0 else None
         self.init_weights()
 
@@ -376,7 +382,8 @@ class ViT(nn.Module):
         if record is not None:
             record["hiddens"].append(x)
         if self.head is not None:
-            x = self.head(x[:, 0])
+            pooled = x[:, 0] if self.fc_norm is None else self.fc_norm(x[:, 1:].mean(1))  # (B, D)
+            x = self.head(pooled)
         return (x, record) if return_hiddens else x
 
 

@@ -578,3 +578,19 @@ def test_fix_init_rescales_output_projections_by_depth():
         assert torch.allclose(b.attn.proj.weight, a.attn.proj.weight / s)
         assert torch.allclose(b.mlp.fc2.weight, a.mlp.fc2.weight / s)
         assert torch.equal(b.attn.qkv.weight, a.attn.qkv.weight)
+
+
+def test_global_pool_avg_matches_timm():
+    """global_pool='avg': LayerNorm(mean of the patch tokens) -> head, timm's VisionTransformer
+    with global_pool='avg' (norm = Identity, fc_norm); the weights move by name."""
+    import timm
+    from model import build_vit, to_timm
+    torch.manual_seed(0)
+    vit = build_vit("vit_micro", img_size=16, patch_size=4, num_classes=5, global_pool="avg").eval()
+    assert isinstance(vit.norm, torch.nn.Identity) and vit.fc_norm is not None
+    ref = timm.models.vision_transformer.VisionTransformer(
+        img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_classes=5,
+        global_pool="avg", class_token=True).eval()
+    ref.load_state_dict(to_timm(vit.state_dict()), strict=True)
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.allclose(vit(x), ref(x), atol=1e-5)
