@@ -6,9 +6,13 @@
     torchrun --nproc_per_node=8 finetune.py --config configs/in1k_vit_base_finetune.yaml \
         data_path=/data/imagenet init=runs/in1k_vit_base_dtm/encoder.pth
 
-The recipe: AdamW (0.9, 0.999), weight decay 0.05, lr = blr * batch / 256, warmup + cosine,
-layer-wise lr decay, drop path, label smoothing, Mixup/CutMix, RandAugment, random erasing, and
-relative position bias per block (a shared table from pre-training is copied into every block).
+The recipe: AdamW (0.9, 0.999), weight decay 0.05, the peak lr as given (`lr`, BEiT v2's
+convention, which Table 13 follows) or `blr * batch / 256` (MAE's, when lr = 0), warmup + cosine,
+layer-wise lr decay, drop path, label smoothing, Mixup/CutMix, RandAugment on timm's 0..10
+magnitude scale, random erasing with per-pixel random values, the head on [cls] or on the
+LayerNorm'd mean of the patch tokens (global_pool=avg, BEiT v2's default), and relative position
+bias per block (a shared table from pre-training is copied into every block). The choices and
+where they differ from BEiT v2 / timm: DECISIONS.md, section 5.
 The run directory keeps checkpoint.pth (auto-resume), best.pth, log.jsonl, and model_timm.pth:
 the fine-tuned model in timm's format with the arguments to build it.
 """
@@ -54,21 +58,23 @@ class Config:
     rel_pos_bias: bool = True        # Table 13: relative position bias per block
     layer_scale: float = 0.1
     drop_path: float = 0.1           # Table 13: 0.1 S/B, 0.2 L
+    global_pool: str = "token"       # head on [cls] (token) | LayerNorm(patch-token mean) (avg, BEiT v2)
     # recipe (Table 13)
     epochs: int = 100
     warmup_epochs: int = 10
     batch_size: int = 1024           # global batch
     accum_steps: int = 1
-    blr: float = 5e-4                # lr = blr * batch_size / 256
+    lr: float = 0.0                  # peak lr as given (BEiT v2 convention); > 0: blr is ignored
+    blr: float = 5e-4                # MAE convention, when lr = 0: peak lr = blr * batch_size / 256
     min_lr: float = 1e-6
     weight_decay: float = 0.05
     layer_decay: float = 0.6         # 0.6 S/B, 0.8 L
     label_smoothing: float = 0.1
     mixup: float = 0.8               # Mixup alpha (0 = off)
     cutmix: float = 1.0              # CutMix alpha (0 = off); one of the two is drawn per batch
-    randaug_ops: int = 2             # RandAugment 9/0.5: 2 ops of magnitude 9
-    randaug_magnitude: int = 9
-    reprob: float = 0.25             # random erasing probability
+    randaug_ops: int = 2             # RandAugment 9/0.5: 2 ops of magnitude 9 ...
+    randaug_magnitude: int = 9       # ... on timm's scale 0..10 (torchvision's, 11 bins)
+    reprob: float = 0.25             # random erasing probability (per-pixel N(0, 1) values)
     crop_scale_min: float = 0.08
     model_ema: bool = False          # keep an EMA of the weights and evaluate it too
     model_ema_decay: float = 0.9999
@@ -83,8 +89,22 @@ class Config:
         check_choice("dataset", self.dataset, data.DATASETS)
         check_choice("model", self.model, M.VIT_SIZES)
         check_choice("device", self.device, ("auto", "cpu", "cuda"))
+        check_choice("global_pool", self.global_pool, ("token", "avg"))
         if not 0 < self.layer_decay <= 1:
             raise ConfigError(f"config key 'layer_decay' must be in (0, 1], got {self.layer_decay}")
+        if not 0 <= self.randaug_magnitude <= RANDAUG_LEVELS:
+            raise ConfigError(f"config key 'randaug_magnitude' must be in [0, {RANDAUG_LEVELS}] "
+                              f"(timm's scale), got {self.randaug_magnitude}")
+        if self.lr < 0:
+            raise ConfigError(f"config key 'lr' must be >= 0 (0 = use blr), got {self.lr}")
+
+
+def peak_lr(cfg: Config):
+    """-> (peak lr, how it was obtained): lr as given (BEiT v2) if > 0, else blr * batch / 256."""
+    if cfg.lr > 0:
+        return cfg.lr, f"peak lr {cfg.lr:.3g} (lr, as given: BEiT v2 convention)"
+    lr = cfg.blr * cfg.batch_size / 256
+    return lr, f"peak lr {lr:.3g} (blr {cfg.blr:g} x batch {cfg.batch_size} / 256: MAE convention)"
 
 
 # -----------------------------------------------------------------------------
@@ -106,7 +126,8 @@ def expand_shared_rel_pos(state: dict, depth: int) -> dict:
 
 
 def build_model(cfg: Config, num_classes: int) -> M.ViT:
-    """The classifier: encoder weights (if any) + a new Linear head on [cls]."""
+    """The classifier: encoder weights (if any) + a new Linear head on [cls] (global_pool=token)
+    or on a new LayerNorm of the patch-token mean (avg: fc_norm, the final norm dropped)."""
     vit_cfg = dict(M.VIT_SIZES[cfg.model], img_size=cfg.img_size, patch_size=cfg.patch_size,
                    pos_embed=cfg.pos_embed, rel_pos_bias=cfg.rel_pos_bias, layer_scale=cfg.layer_scale)
     state = None
@@ -120,7 +141,7 @@ def build_model(cfg: Config, num_classes: int) -> M.ViT:
                 vit_cfg.update(shared_rel_pos_bias=False, rel_pos_bias=True)
         else:                                           # timm / MAE format
             state = M.from_timm(ckpt)
-    vit_cfg.update(num_classes=num_classes, drop_path=cfg.drop_path)
+    vit_cfg.update(num_classes=num_classes, drop_path=cfg.drop_path, global_pool=cfg.global_pool)
     try:
         model = M.ViT(M.ViTConfig(**vit_cfg))
     except TypeError as e:
@@ -128,11 +149,14 @@ def build_model(cfg: Config, num_classes: int) -> M.ViT:
                           f"({e})") from None
     if state is not None:
         fresh = model.state_dict()
-        state = {k: v for k, v in state.items() if not k.startswith("head.")}
-        new = [k for k in fresh if k not in state]      # head (and mask token for timm files)
+        # avg: the final norm has no place (BEiT v2, MAE): fc_norm, after the pooling, starts fresh
+        unused = ("head.", "norm.") if cfg.global_pool == "avg" else ("head.",)
+        dropped = [k for k in state if k.startswith(unused)]
+        state = {k: v for k, v in state.items() if k not in dropped}
+        new = [k for k in fresh if k not in state]      # head, fc_norm (and mask token for timm files)
         state.update({k: fresh[k] for k in new})
         load_state(model, state, cfg.init)
-        print0(f"loaded {cfg.init}; newly initialised: {new}")
+        print0(f"loaded {cfg.init}; not used: {dropped}; newly initialised: {new}")
     torch.nn.init.trunc_normal_(model.head.weight, std=2e-5)  # MAE: a near-zero head at the start
     torch.nn.init.zeros_(model.head.bias)
     # a classifier never masks: without a gradient DDP does not wait for the mask token's (it
@@ -143,7 +167,7 @@ def build_model(cfg: Config, num_classes: int) -> M.ViT:
 
 # the settings that shape the classifier or its data: a resume must keep them
 RESUME_KEYS = ("dataset", "subset", "img_size", "model", "patch_size", "pos_embed", "rel_pos_bias",
-               "layer_scale", "model_ema")
+               "layer_scale", "model_ema", "global_pool")
 
 
 def layer_id(name: str, depth: int) -> int:
@@ -176,11 +200,28 @@ def layer_decay_groups(model: M.ViT, weight_decay: float, layer_decay: float):
 # -----------------------------------------------------------------------------
 # Data: RandAugment + random erasing per image; Mixup/CutMix per batch
 
+RANDAUG_LEVELS = 10  # timm's magnitude scale 0..10 ("m9" = 90% of each operation's range)
+
+
+def rand_augment(cfg: Config) -> T.RandAugment:
+    """torchvision's RandAugment on timm's magnitude scale: 11 bins, so magnitude m is m / 10 of
+    each operation's range, as timm's rand-m9 (torchvision's default 31 bins would make m9 30%).
+    Fill: the ImageNet mean grey, as timm (0 after normalisation). What still differs from timm's
+    rand-m9-mstd0.5-inc1: DECISIONS.md, section 5."""
+    mean_grey = [round(255 * m) for m in data.IMAGENET_MEAN]
+    return T.RandAugment(cfg.randaug_ops, cfg.randaug_magnitude, RANDAUG_LEVELS + 1,
+                         interpolation=T.InterpolationMode.BILINEAR, fill=mean_grey)
+
+
 def train_transform(cfg: Config):
-    return T.Compose([T.ToImage(), T.RandomResizedCrop(cfg.img_size, scale=(cfg.crop_scale_min, 1.0), antialias=True),
-                      T.RandomHorizontalFlip(), T.RandAugment(cfg.randaug_ops, cfg.randaug_magnitude),
-                      T.ToDtype(torch.float32, scale=True), T.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD),
-                      T.RandomErasing(cfg.reprob, value=0)])
+    """timm/BEiT v2: bicubic RandomResizedCrop, flip, RandAugment, normalise, random erasing with
+    per-pixel N(0, 1) values (timm's mode 'pixel' = torchvision's value='random')."""
+    crop = T.RandomResizedCrop(cfg.img_size, scale=(cfg.crop_scale_min, 1.0), antialias=True,
+                               interpolation=T.InterpolationMode.BICUBIC)
+    return T.Compose([T.ToImage(), crop, T.RandomHorizontalFlip(), rand_augment(cfg),
+                      T.ToDtype(torch.float32, scale=True),
+                      T.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD),
+                      T.RandomErasing(cfg.reprob, value="random")])
 
 
 def mix_batch(cfg: Config, num_classes: int):
@@ -229,7 +270,7 @@ def export_timm(model: M.ViT) -> dict:
     """The fine-tuned model in timm's format, with the arguments that build the timm model."""
     c = model.cfg
     args = dict(img_size=c.img_size, patch_size=c.patch_size, embed_dim=c.embed_dim, depth=c.depth,
-                num_heads=c.num_heads, num_classes=c.num_classes, global_pool="token",
+                num_heads=c.num_heads, num_classes=c.num_classes, global_pool=c.global_pool,
                 init_values=c.layer_scale or None)
     if c.rel_pos_bias or c.shared_rel_pos_bias:
         arch = "Beit"
@@ -279,11 +320,12 @@ def main(argv):
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, num_classes).to(dist.device)
     ema = copy.deepcopy(model).eval().requires_grad_(False) if cfg.model_ema else None
-    lr = cfg.blr * cfg.batch_size / 256
+    lr, lr_note = peak_lr(cfg)
+    print0(lr_note)
     groups = layer_decay_groups(model, cfg.weight_decay, cfg.layer_decay)
     optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), fused=dist.device.type == "cuda")
     print0(f"{len(train_set)} training / {len(val_set)} validation images, {num_classes} classes, "
-           f"lr {lr:.2e}, {steps_per_epoch} steps per epoch")
+           f"{steps_per_epoch} steps per epoch")
 
     step, best = 0, 0.0
     if os.path.isfile(ckpt_path):  # auto-resume, also mid-epoch (after SIGTERM/SIGINT)
@@ -354,7 +396,7 @@ def main(argv):
                 mean_loss = all_reduce_mean(loss_sum / seen).item()  # the only host sync
                 if not math.isfinite(mean_loss):
                     raise NonFiniteLoss(f"loss is {mean_loss} at step {step}; the last good checkpoint is {ckpt_path}: "
-                                        "lower blr or check the data")
+                                        "lower lr / blr or check the data")
                 if dist.main:
                     log_json(log_path, {"epoch": epoch + 1, "step": step, "loss": mean_loss, "lr": lr_now,
                                         "img_per_s": seen * micro_batch * dist.world / (time.time() - t0)})
