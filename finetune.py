@@ -58,7 +58,7 @@ class Config:
     rel_pos_bias: bool = True        # Table 13: relative position bias per block
     layer_scale: float = 0.1
     drop_path: float = 0.1           # Table 13: 0.1 S/B, 0.2 L
-    global_pool: str = "token"       # head on [cls] (token) | LayerNorm(patch-token mean) (avg, BEiT v2)
+    global_pool: str = "token"       # head on [cls] (token) | LayerNorm(patch mean) (avg, BEiT v2)
     # recipe (Table 13)
     epochs: int = 100
     warmup_epochs: int = 10
@@ -153,7 +153,7 @@ def build_model(cfg: Config, num_classes: int) -> M.ViT:
         unused = ("head.", "norm.") if cfg.global_pool == "avg" else ("head.",)
         dropped = [k for k in state if k.startswith(unused)]
         state = {k: v for k, v in state.items() if k not in dropped}
-        new = [k for k in fresh if k not in state]      # head, fc_norm (and mask token for timm files)
+        new = [k for k in fresh if k not in state]      # head, fc_norm (+ mask token for timm files)
         state.update({k: fresh[k] for k in new})
         load_state(model, state, cfg.init)
         print0(f"loaded {cfg.init}; not used: {dropped}; newly initialised: {new}")
