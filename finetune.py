@@ -153,7 +153,7 @@ def build_model(cfg: Config, num_classes: int) -> M.ViT:
         unused = ("head.", "norm.") if cfg.global_pool == "avg" else ("head.",)
         dropped = [k for k in state if k.startswith(unused)]
         state = {k: v for k, v in state.items() if k not in dropped}
-        new = [k for k in fresh if k not in state]      # head, fc_norm (+ mask token for timm files)
+        new = [k for k in fresh if k not in state]  # head, fc_norm (+ mask token for timm files)
         state.update({k: fresh[k] for k in new})
         load_state(model, state, cfg.init)
         print0(f"loaded {cfg.init}; not used: {dropped}; newly initialised: {new}")
