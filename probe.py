@@ -10,9 +10,14 @@
 
 MIM models keep their knowledge in the patch tokens (Beyond [cls]): a probe that aggregates the
 frozen patch tokens selectively (AbMILP) beats a linear probe on [cls]. Every head is
-pool -> BatchNorm1d(D, affine=False) -> Linear(D, C) on the same frozen tokens (losses.ProbeHeads);
+pool -> BatchNorm1d(D, affine=False) -> Linear(D, C) on the same frozen tokens (losses.ProbeHead);
 all heads train together in one pass over the data. Features are the output of block `block`
-before the final LayerNorm (the authors' choice), or after it with final_norm=true.
+before the final LayerNorm (the authors' choice), or after it with final_norm=true; the head
+`cls_norm` reads [cls] after the final LayerNorm (MAE's linear probe, where ViT-B scores 67.8).
+k-NN is DINO's (k = 20, cosine, votes exp(cos / 0.07)) after subtracting the bank's mean
+feature, as in pretrain.py. With baselines=true the same heads and k-NN also run, on the same
+split and batches, on a random-init encoder of the backbone's architecture and on raw pixels:
+every table has the two numbers a pre-trained encoder must beat.
 
 Two paths, the log says which one ran:
   cached    - the frozen tokens of the train and val sets are extracted once (eval transform) and
@@ -24,6 +29,7 @@ with every protocol choice).
 """
 import argparse
 import contextlib
+import copy
 import json
 import itertools
 import math
@@ -68,7 +74,8 @@ class Config:
     crop_scale_min: float = 0.08       # streaming path: RandomResizedCrop scale lower bound (MAE linprobe)
     num_workers: int = 2               # loader processes per process
     # heads: pool -> BatchNorm1d(affine=False) -> Linear
-    heads: List[str] = field(default_factory=lambda: ["cls", "mean", "abmilp"])  # cls | mean | abmilp
+    # cls | cls_norm ([cls] after the final norm: MAE's linear probe) | mean | abmilp
+    heads: List[str] = field(default_factory=lambda: ["cls", "cls_norm", "mean", "abmilp"])
     abmilp_depth: int = 1              # scorer layers: 1 = w^T x + b (the headline setting)
     abmilp_activation: str = "tanh"    # tanh | relu | gelu between scorer layers (depth > 1)
     abmilp_self_attn: str = "none"     # none | map (score a 1-head self-attention's output) | both (and pool it)
@@ -76,6 +83,8 @@ class Config:
     knn: List[str] = field(default_factory=lambda: ["cls", "mean"])  # features for k-NN: cls | mean ([] = off)
     knn_k: int = 20                    # DINO: k = 20
     knn_temperature: float = 0.07      # DINO: votes weighted by exp(cos / 0.07)
+    knn_centre: bool = True            # subtract the bank's mean feature first (as pretrain.py)
+    baselines: bool = False            # also a random-init encoder (seed) and raw pixels (cached path)
     # optimisation (MAE's linear probe: LARS, blr 0.1, no weight decay, 10 + 80 epochs)
     optimizer: str = "lars"            # lars | sgd (both momentum 0.9)
     epochs: int = 90
@@ -104,7 +113,7 @@ class Config:
         check_choice("model", self.model, M.VIT_SIZES)
         check_choice("dataset", self.dataset, data.DATASETS)
         for name in self.heads:
-            check_choice("heads", name, losses.POOLS)
+            check_choice("heads", name, HEADS)
         for name in self.knn:
             check_choice("knn", name, ("cls", "mean"))  # k-NN needs no training, so no AbMILP
         if len(set(self.heads)) < len(self.heads) or len(set(self.knn)) < len(self.knn):
@@ -123,8 +132,11 @@ class Config:
             raise ConfigError(f"config key 'knn_temperature' must be > 0, got {self.knn_temperature}")
 
 
+HEADS = (*losses.POOLS, "cls_norm")
+
+
 # -----------------------------------------------------------------------------
-# The frozen backbone
+# The frozen backbone, and the baselines' feature sources
 
 def load_backbone(cfg: Config) -> M.ViT:
     """The ViT named by cfg.backbone, strictly loaded, in eval mode with requires_grad off."""
@@ -188,6 +200,34 @@ def backbone_tokens(vit: M.ViT, images: torch.Tensor, cfg: Config) -> torch.Tens
         return frozen_tokens(vit, images, cfg.block, cfg.final_norm).float()
 
 
+def feature_sources(cfg: Config, vit: M.ViT) -> dict:
+    """{source: encoder}: the backbone; with baselines also a random-init encoder of the same
+    architecture (seed cfg.seed) and the raw pixels (None)."""
+    if not cfg.baselines:
+        return {"encoder": vit}
+    torch.manual_seed(cfg.seed)
+    random_vit = M.ViT(vit.cfg).to(vit.cls_token.device)
+    return {"encoder": vit, "random": random_vit.eval().requires_grad_(False), "pixels": None}
+
+
+@torch.no_grad()
+def features(sources: dict, images: torch.Tensor, cfg: Config) -> dict:
+    """{source: (B, T, D')}: each encoder's frozen tokens; the pixels (None) as one token of
+    C*H*W values, so a head reading [cls] (BN -> Linear) is the linear probe on the pixels."""
+    return {name: images.flatten(1).unsqueeze(1).float() if enc is None
+            else backbone_tokens(enc, images, cfg) for name, enc in sources.items()}
+
+
+def source_of(row: str) -> str:
+    """A result row's feature source: 'random_mean' -> 'random', 'pixels_knn' -> 'pixels'."""
+    prefix = row.split("_")[0]
+    return prefix if prefix in ("random", "pixels") else "encoder"
+
+
+def row_name(source: str, name: str) -> str:
+    return name if source == "encoder" else f"{source}_{name}"
+
+
 # -----------------------------------------------------------------------------
 # Data: shards, padding, frozen-token caches
 
@@ -223,14 +263,16 @@ class Shard(NamedTuple):
     valid: torch.Tensor
 
 
-def extract(vit, loader, valid, cfg, device, keep=None) -> Shard:
-    """Run the frozen backbone once over a loader (no shuffling); keep(tokens) picks what to store."""
+def extract(sources: dict, loader, valid, cfg, device, keep=None) -> Shard:
+    """Run the frozen sources once over a loader (no shuffling) -> Shard of {source: features};
+    keep(features) picks what to store."""
     feats, labels = [], []
     for img, y in loader:
-        tokens = backbone_tokens(vit, img.to(device, non_blocking=True), cfg)
-        feats.append(keep(tokens) if keep is not None else tokens)
+        f = features(sources, img.to(device, non_blocking=True), cfg)
+        feats.append(keep(f) if keep is not None else f)
         labels.append(y.to(device))
-    return Shard(torch.cat(feats), torch.cat(labels), valid.to(device))
+    return Shard({s: torch.cat([f[s] for f in feats]) for s in feats[0]}, torch.cat(labels),
+                 valid.to(device))
 
 
 def knn_pooled(tokens: torch.Tensor, pools: List[str]) -> torch.Tensor:
@@ -238,16 +280,25 @@ def knn_pooled(tokens: torch.Tensor, pools: List[str]) -> torch.Tensor:
     return torch.stack([losses.pool_tokens(tokens, p) for p in pools], dim=1)
 
 
+def knn_pools(source: str, cfg: Config) -> List[str]:
+    return ["cls"] if source == "pixels" else list(cfg.knn)  # the pixels are one token
+
+
+def knn_keep(feats: dict, cfg: Config) -> dict:
+    return {s: knn_pooled(t, knn_pools(s, cfg)) for s, t in feats.items()}
+
+
 def gather_shards(shard: Shard) -> Shard:
     """Every rank's shard (equal lengths, thanks to the padding) concatenated, on every rank."""
     if not tdist.is_initialized():
         return shard
-    out = []
-    for t in (shard.feats, shard.labels, shard.valid.to(torch.uint8)):
+
+    def gather(t):
         parts = [torch.empty_like(t) for _ in range(tdist.get_world_size())]
         tdist.all_gather(parts, t.contiguous())
-        out.append(torch.cat(parts))
-    return Shard(out[0], out[1], out[2].bool())
+        return torch.cat(parts)
+    return Shard({s: gather(f) for s, f in shard.feats.items()}, gather(shard.labels),
+                 gather(shard.valid.to(torch.uint8)).bool())
 
 
 def cached_train_batches(shard: Shard, batch: int, generator: torch.Generator):
@@ -256,50 +307,88 @@ def cached_train_batches(shard: Shard, batch: int, generator: torch.Generator):
     order = torch.randperm(len(shard.labels), generator=generator).to(shard.labels.device)
     for i in range(0, len(order) - batch + 1, batch):
         idx = order[i: i + batch]
-        yield shard.feats[idx], shard.labels[idx]
+        yield {s: f[idx] for s, f in shard.feats.items()}, shard.labels[idx]
 
 
-def streaming_train_batches(vit, loader, cfg, device):
+def streaming_train_batches(sources, loader, cfg, device):
     for img, y in loader:
-        yield backbone_tokens(vit, img.to(device, non_blocking=True), cfg), y.to(device, non_blocking=True)
+        yield features(sources, img.to(device, non_blocking=True), cfg), y.to(device, non_blocking=True)
 
 
-def eval_batches(source, valid: torch.Tensor, batch: int, vit=None, cfg=None, device=None):
-    """(tokens, labels, valid) from a cached Shard, or from a loader of images through the backbone."""
+def eval_batches(source, valid: torch.Tensor, batch: int, sources=None, cfg=None, device=None):
+    """({source: features}, labels, valid) from a cached Shard, or from a loader of images through
+    the frozen sources."""
     if isinstance(source, Shard):
         for i in range(0, len(source.labels), batch):
-            yield source.feats[i: i + batch], source.labels[i: i + batch], source.valid[i: i + batch]
+            yield ({s: f[i: i + batch] for s, f in source.feats.items()},
+                   source.labels[i: i + batch], source.valid[i: i + batch])
         return
     start = 0
     for img, y in source:
-        tokens = backbone_tokens(vit, img.to(device, non_blocking=True), cfg)
-        yield tokens, y.to(device), valid[start: start + len(y)].to(device)
+        feats = features(sources, img.to(device, non_blocking=True), cfg)
+        yield feats, y.to(device), valid[start: start + len(y)].to(device)
         start += len(y)
 
 
 # -----------------------------------------------------------------------------
 # Heads, optimizer, evaluation
 
-def build_heads(cfg: Config, vit: M.ViT, num_classes: int) -> losses.ProbeHeads:
-    return losses.ProbeHeads(cfg.heads, vit.cfg.embed_dim, num_classes, depth=cfg.abmilp_depth,
-                             activation=cfg.abmilp_activation, self_attn=cfg.abmilp_self_attn,
-                             pos_embed=cfg.abmilp_pos_embed, grid=vit.cfg.grid)
+class NormedClsHead(torch.nn.Module):
+    """MAE's linear probe: [cls] after the encoder's final LayerNorm (a frozen copy; Identity when
+    the features already have it) -> BatchNorm1d(affine=False) -> Linear."""
+
+    def __init__(self, norm: torch.nn.Module, dim: int, num_classes: int):
+        super().__init__()
+        self.norm = copy.deepcopy(norm).requires_grad_(False)
+        self.probe = losses.ProbeHead("cls", dim, num_classes)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # (B, 1+N, D) -> logits (B, C)
+        return self.probe(self.norm(tokens[:, :1]))
+
+
+class Heads(torch.nn.ModuleDict):
+    """{row: head}, trained together; each row reads its source's features (source_of)."""
+
+    def forward(self, feats: dict) -> dict:
+        return {row: head(feats[source_of(row)]) for row, head in self.items()}
+
+
+def make_head(name: str, vit: M.ViT, cfg: Config, num_classes: int) -> torch.nn.Module:
+    D = vit.cfg.embed_dim
+    if name == "cls_norm":
+        return NormedClsHead(torch.nn.Identity() if cfg.final_norm else vit.norm, D, num_classes)
+    return losses.ProbeHead(name, D, num_classes, depth=cfg.abmilp_depth,
+                            activation=cfg.abmilp_activation, self_attn=cfg.abmilp_self_attn,
+                            pos_embed=cfg.abmilp_pos_embed, grid=vit.cfg.grid)
+
+
+def build_heads(cfg: Config, vit: M.ViT, num_classes: int, sources: dict = None) -> Heads:
+    """cfg.heads on every encoder of `sources`; on the pixels one linear probe ('pixels_linear')."""
+    heads = Heads()
+    for source, enc in (sources or feature_sources(cfg, vit)).items():
+        if enc is None and cfg.heads:
+            c = vit.cfg
+            heads["pixels_linear"] = losses.ProbeHead("cls", c.in_chans * c.img_size ** 2, num_classes)
+        for name in cfg.heads if enc is not None else []:
+            heads[row_name(source, name)] = make_head(name, enc, cfg, num_classes)
+    return heads
 
 
 HEAD_KEYS = ("heads", "block", "final_norm", "abmilp_depth", "abmilp_activation", "abmilp_self_attn",
-             "abmilp_pos_embed")
+             "abmilp_pos_embed", "baselines")
 
 
-def load_heads(path: str, cfg: Config, vit: M.ViT, num_classes: int) -> losses.ProbeHeads:
+def load_heads(path: str, cfg: Config, vit: M.ViT, num_classes: int, sources: dict = None) -> Heads:
     """Heads saved by probe.py, checked to belong to the same features and head settings."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"trained heads '{path}' do not exist: run probe.py without eval_only "
                                 "first, or set heads_path")
     saved = torch.load(path, map_location="cpu", weights_only=True)
-    diff = {k: saved["config"][k] for k in HEAD_KEYS if saved["config"].get(k) != getattr(cfg, k)}
+    old = {k: saved["config"].get(k, getattr(Config, k, None)) for k in HEAD_KEYS}  # older files
+    diff = {k: v for k, v in old.items() if v != getattr(cfg, k)}
     if diff:
         raise ConfigError(f"the heads in '{path}' were trained with {diff}: use the same settings")
-    heads = build_heads(cfg, vit, num_classes)
+    heads = build_heads(cfg, vit, num_classes, sources)
     heads.load_state_dict(saved["heads"], strict=True)
     return heads
 
@@ -356,30 +445,43 @@ def sync_bn_stats(heads: torch.nn.Module):
 
 
 @torch.no_grad()
-def evaluate(heads: losses.ProbeHeads, batches) -> dict:
+def evaluate(heads: Heads, batches) -> dict:
     """{head: (correct top-1, correct top-5, images)} over the real images of every rank's shard."""
     heads.eval()
     counts = None
-    for tokens, labels, valid in batches:
+    for feats, labels, valid in batches:
         if counts is None:
-            counts = torch.zeros(len(heads), 3, dtype=torch.long, device=tokens.device)
-        for i, logits in enumerate(heads(tokens).values()):
+            counts = torch.zeros(len(heads), 3, dtype=torch.long, device=labels.device)
+        for i, logits in enumerate(heads(feats).values()):
             top1, top5 = losses.topk_correct(logits, labels)
             counts[i] += torch.stack([top1[valid].sum(), top5[valid].sum(), valid.sum()])
     counts = all_reduce_sum(counts)
     return {name: tuple(counts[i].tolist()) for i, name in enumerate(heads)}
 
 
-def knn_evaluate(bank: Shard, val: Shard, pools: List[str], num_classes: int, cfg: Config) -> dict:
-    """k-NN of every real val image of this rank against the whole (de-padded) training bank."""
+def knn_counts(bank: torch.Tensor, bank_labels, val: torch.Tensor, val_labels, valid,
+               num_classes: int, cfg: Config) -> tuple:
+    """DINO's weighted k-NN after subtracting the bank's mean feature from both sides (knn_centre;
+    pretrain.knn_top1's protocol) -> (correct top-1, correct top-5, images), summed over ranks."""
+    centre = bank.mean(0, keepdim=True) if cfg.knn_centre else torch.zeros_like(bank[:1])
+    votes = losses.knn_votes(bank - centre, bank_labels, val - centre, num_classes, cfg.knn_k,
+                             cfg.knn_temperature)
+    top1, top5 = losses.topk_correct(votes.log(), val_labels)     # log: no vote = -inf = no guess
+    counts = torch.stack([top1[valid].sum(), top5[valid].sum(), valid.sum()])
+    return tuple(all_reduce_sum(counts).tolist())
+
+
+def knn_evaluate(bank: Shard, val: Shard, num_classes: int, cfg: Config) -> dict:
+    """k-NN of every real val image of this rank against the whole (de-padded) training bank, for
+    every source and pool: {row: counts}. Features: {source: (M, pools, D')}."""
     bank = gather_shards(bank)
-    feats, labels = bank.feats[bank.valid], bank.labels[bank.valid]
+    labels = bank.labels[bank.valid]
     out = {}
-    for i, pool in enumerate(pools):
-        votes = losses.knn_votes(feats[:, i], labels, val.feats[:, i], num_classes, cfg.knn_k, cfg.knn_temperature)
-        top1, top5 = losses.topk_correct(votes.log(), val.labels)     # log: no vote = -inf = no guess
-        v = val.valid
-        out[f"knn_{pool}"] = tuple(all_reduce_sum(torch.stack([top1[v].sum(), top5[v].sum(), v.sum()])).tolist())
+    for source, feats in bank.feats.items():
+        for i, pool in enumerate(knn_pools(source, cfg)):
+            row = "pixels_knn" if source == "pixels" else row_name(source, f"knn_{pool}")
+            out[row] = knn_counts(feats[bank.valid][:, i], labels, val.feats[source][:, i],
+                                  val.labels, val.valid, num_classes, cfg)
     return out
 
 
@@ -389,12 +491,22 @@ def results_table(counts: dict) -> dict:
 
 
 READS = {"cls": "[cls] token", "mean": "mean of the patch tokens", "abmilp": "AbMILP over the patch tokens",
-         "knn_cls": "k-NN on the [cls] token", "knn_mean": "k-NN on the patch mean"}
+         "cls_norm": "[cls] after the final LayerNorm (MAE's linear probe)",
+         "knn_cls": "k-NN on the [cls] token", "knn_mean": "k-NN on the patch mean",
+         "pixels_linear": "BASELINE raw pixels: linear probe (BN -> Linear) on the image",
+         "pixels_knn": "BASELINE raw pixels: k-NN on the image"}
+
+
+def reads(row: str) -> str:
+    """What a result row reads, in words; the random-init baseline rows say so."""
+    if source_of(row) == "random":
+        return "BASELINE random-init encoder: " + READS[row[len("random_"):]]
+    return READS[row]
 
 
 def protocol_of(cfg: Config, vit: M.ViT, cached: bool, lr: float, train_images: int, val_images: int,
-                num_classes: int, world: int) -> dict:
-    """Every choice a reader needs to interpret the numbers (NOTES.md, section 4)."""
+                num_classes: int, world: int, rows) -> dict:
+    """Every choice a reader needs to interpret the numbers (DECISIONS.md, section 8)."""
     depth = len(vit.blocks)
     block = cfg.block % depth
     return {
@@ -403,14 +515,18 @@ def protocol_of(cfg: Config, vit: M.ViT, cached: bool, lr: float, train_images: 
         "features": f"output of block {block} (0-based) of {depth}, "
                     f"{'after' if cfg.final_norm else 'before'} the final LayerNorm",
         "block": block, "num_blocks": depth, "final_norm": cfg.final_norm,
-        "tokens": {n: READS[n] for n in [*cfg.heads, *(f"knn_{p}" for p in cfg.knn)]},
+        "tokens": {n: reads(n) for n in rows},
         "head": "pool -> BatchNorm1d(D, affine=False, eps=1e-6) -> Linear(D, C), Linear init N(0, 0.01)",
         "abmilp": {"over": "patch tokens only (no [cls])", "depth": cfg.abmilp_depth,
                    "activation": cfg.abmilp_activation, "self_attn": cfg.abmilp_self_attn,
                    "pos_embed": cfg.abmilp_pos_embed},
         "knn": {"k": cfg.knn_k, "temperature": cfg.knn_temperature, "similarity": "cosine",
                 "weights": "exp(sim / T)", "bank": "all training images, eval transform",
-                "top5": "classes without a vote never count"},
+                "centred": "the bank's mean feature subtracted from bank and queries" if cfg.knn_centre
+                else "no", "top5": "classes without a vote never count"},
+        "baselines": {"random": f"the backbone's architecture, random init (seed {cfg.seed}), the "
+                                "same block and final_norm", "pixels": "the eval-transformed image, "
+                                "flattened (C*H*W), as one token"} if cfg.baselines else "off",
         "path": "cached" if cached else "streaming",
         "train_augmentation": "none (tokens extracted once with the eval transform)" if cached
         else f"RandomResizedCrop(scale=({cfg.crop_scale_min}, 1)) + horizontal flip",
@@ -453,6 +569,10 @@ def main(argv):
     print0(f"backbone {cfg.backbone} ({cfg.backbone_format}): {depth} blocks x {vit.cfg.embed_dim}d, "
            f"{vit.num_patches} patches; features = block {block} output, "
            f"{'with' if cfg.final_norm else 'without'} the final norm")
+    sources = feature_sources(cfg, vit)  # + a random-init encoder and the pixels with baselines
+    if cfg.baselines:
+        print0(f"baselines: a random-init encoder of this architecture (seed {cfg.seed}) and raw "
+               "pixels, through the same heads and k-NN on the same split")
 
     # -------------------------------------------------------------------------
     # Data: train and val; evaluation shards are padded by DistributedSampler, the padding masked
@@ -469,15 +589,21 @@ def main(argv):
 
     # -------------------------------------------------------------------------
     # The fast path: extract the frozen tokens once, train on the cache (no augmentation)
-    cache_gb = (len(train_eval) + len(val)) * (1 + vit.num_patches) * vit.cfg.embed_dim * 4 / 1e9
+    per_image = sum((1 + vit.num_patches) * vit.cfg.embed_dim if enc is not None
+                    else vit.cfg.in_chans * img_size ** 2 for enc in sources.values())
+    cache_gb = (len(train_eval) + len(val)) * per_image * 4 / 1e9
     cached = cfg.cache == "always" or (cfg.cache == "auto" and cache_gb <= cfg.cache_max_gb)
+    if cfg.baselines and not cached:
+        raise ConfigError(f"baselines=true needs the cached path, but the features would take "
+                          f"{cache_gb:.1f} GB (cache={cfg.cache}, cache_max_gb={cfg.cache_max_gb}): "
+                          "raise cache_max_gb, lower subset, or set baselines=false")
     train_cache = val_cache = None
     if cached:
         print0(f"path: cached - frozen tokens extracted once ({cache_gb:.2f} GB), heads trained on the cache, "
                "no augmentation")
         if not cfg.eval_only and cfg.heads:
-            train_cache = extract(vit, train_eval_loader, train_valid, cfg, device)
-        val_cache = extract(vit, val_loader, val_valid, cfg, device)
+            train_cache = extract(sources, train_eval_loader, train_valid, cfg, device)
+        val_cache = extract(sources, val_loader, val_valid, cfg, device)
         check_corrupt(data.corrupt_count(train_eval) + data.corrupt_count(val), len(train_eval) + len(val),
                       cfg.max_corrupt_frac, device)
     else:
@@ -491,10 +617,10 @@ def main(argv):
     train = bool(cfg.heads) and not cfg.eval_only
     step = 0
     if cfg.heads and cfg.eval_only:
-        heads = load_heads(heads_path, cfg, vit, num_classes).to(device)
+        heads = load_heads(heads_path, cfg, vit, num_classes, sources).to(device)
         print0(f"eval_only: heads {list(heads)} from {heads_path}")
     elif train:
-        heads = build_heads(cfg, vit, num_classes).to(device)
+        heads = build_heads(cfg, vit, num_classes, sources).to(device)
         params = [p for p in heads.parameters() if p.requires_grad]
         if cfg.optimizer == "lars":
             optimizer = LARS(params, lr=lr, weight_decay=cfg.weight_decay)
@@ -552,7 +678,7 @@ def main(argv):
             sampler.set_epoch(epoch, skip=seen * cfg.accum_steps * micro_batch)
             train_ds.set_epoch(epoch)
             data.reset_corrupt_count(train_ds)
-            batches = streaming_train_batches(vit, train_loader, cfg, device)
+            batches = streaming_train_batches(sources, train_loader, cfg, device)
         loss_sum = torch.zeros(len(heads), device=device)
         loss_count, stopping = 0, False
         for _ in range(seen, steps_per_epoch):
@@ -560,10 +686,10 @@ def main(argv):
             for g in optimizer.param_groups:
                 g["lr"] = lr_now
             for micro in range(cfg.accum_steps):
-                tokens, labels = next(batches)                        # (B, 1+N, D), (B,)
+                feats, labels = next(batches)             # {source: (B, T, D')}, (B,)
                 sync = micro == cfg.accum_steps - 1 or dist.world == 1
                 with contextlib.nullcontext() if sync else model.no_sync():
-                    loss, each = losses.probe_loss(model(tokens), labels)
+                    loss, each = losses.probe_loss(model(feats), labels)
                     (loss / cfg.accum_steps).backward()
                 loss_sum += torch.stack(list(each.values()))
                 loss_count += 1
@@ -591,7 +717,7 @@ def main(argv):
         done = epoch + 1
         sync_bn_stats(heads)
         if done % cfg.eval_every == 0 and done < cfg.epochs:  # the last epoch is evaluated below
-            acc = results_table(evaluate(heads, eval_batches(val_source, val_valid, micro_batch, vit, cfg, device)))
+            acc = results_table(evaluate(heads, eval_batches(val_source, val_valid, micro_batch, sources, cfg, device)))
             print0(f"epoch {done}: " + ", ".join(f"{n} {r['top1']:.2f}" for n, r in acc.items()))
             if dist.main:
                 log_json(log_path, {"epoch": done, **{f"val_top1_{n}": r["top1"] for n, r in acc.items()}})
@@ -608,26 +734,29 @@ def main(argv):
     # Evaluation: every rank its shard, counts summed; then k-NN against the gathered train bank
     results = {}
     if cfg.heads:
-        results.update(evaluate(heads, eval_batches(val_source, val_valid, micro_batch, vit, cfg, device)))
+        results.update(evaluate(heads, eval_batches(val_source, val_valid, micro_batch, sources, cfg, device)))
     if cfg.knn:
-        keep = lambda t: knn_pooled(t, cfg.knn)  # noqa: E731
+        keep = lambda f: knn_keep(f, cfg)  # noqa: E731
         if train_cache is not None:
             bank = Shard(keep(train_cache.feats), train_cache.labels, train_cache.valid)
         else:
-            bank = extract(vit, train_eval_loader, train_valid, cfg, device, keep)
+            bank = extract(sources, train_eval_loader, train_valid, cfg, device, keep)
         val_feats = Shard(keep(val_cache.feats), val_cache.labels, val_cache.valid) if cached \
-            else extract(vit, val_loader, val_valid, cfg, device, keep)
-        results.update(knn_evaluate(bank, val_feats, cfg.knn, num_classes, cfg))
-    table = results_table(results)
+            else extract(sources, val_loader, val_valid, cfg, device, keep)
+        results.update(knn_evaluate(bank, val_feats, num_classes, cfg))
+    # the encoder's rows first, then each baseline's
+    order = {"encoder": 0, "random": 1, "pixels": 2}
+    table = results_table(dict(sorted(results.items(), key=lambda kv: order[source_of(kv[0])])))
 
     # -------------------------------------------------------------------------
     # Results: a table, and results.json with every protocol choice
-    protocol = protocol_of(cfg, vit, cached, lr, len(train_eval), len(val), num_classes, dist.world)
+    protocol = protocol_of(cfg, vit, cached, lr, len(train_eval), len(val), num_classes, dist.world,
+                           list(table))
     if cfg.eval_only:
         protocol["heads_path"] = heads_path
-    print0(f"\n{'head':<10} {'top-1':>7} {'top-5':>7} {'images':>7}  reads")
+    print0(f"\n{'head':<16} {'top-1':>7} {'top-5':>7} {'images':>7}  reads")
     for name, r in table.items():
-        print0(f"{name:<10} {r['top1']:>7.2f} {r['top5']:>7.2f} {r['images']:>7d}  {READS[name]}")
+        print0(f"{name:<16} {r['top1']:>7.2f} {r['top5']:>7.2f} {r['images']:>7d}  {reads(name)}")
     if dist.main:
         out = {"accuracy": {n: r["top1"] for n, r in table.items()}, "results": table, "protocol": protocol,
                "config": config_dict(cfg)}

@@ -94,7 +94,7 @@ def separable_tokens(n, num_classes=4, N=9, D=16, seed=0):
     means = torch.randn(num_classes, D, generator=torch.Generator().manual_seed(123)) * 2
     labels = torch.randint(0, num_classes, (n,), generator=g)
     tokens = means[labels].unsqueeze(1) + 0.5 * torch.randn(n, 1 + N, D, generator=g)
-    return probe.Shard(tokens, labels, torch.ones(n, dtype=torch.bool))
+    return probe.Shard({"encoder": tokens}, labels, torch.ones(n, dtype=torch.bool))
 
 
 # LARS scales each matrix step to 0.001 ||w|| (MAE's lr 6.4 at batch 16384): more steps than SGD
@@ -102,7 +102,7 @@ def separable_tokens(n, num_classes=4, N=9, D=16, seed=0):
 def test_each_head_and_knn_reach_near_perfect_accuracy_on_separable_tokens(optimizer, epochs):
     torch.manual_seed(0)
     train, val = separable_tokens(256, seed=0), separable_tokens(128, seed=1)
-    heads = losses.ProbeHeads(["cls", "mean", "abmilp"], 16, 4)
+    heads = probe.Heads({p: losses.ProbeHead(p, 16, 4) for p in ["cls", "mean", "abmilp"]})
     if optimizer == "lars":
         opt = probe.LARS(heads.parameters(), lr=6.4)
     else:
@@ -115,10 +115,10 @@ def test_each_head_and_knn_reach_near_perfect_accuracy_on_separable_tokens(optim
             opt.step()
             opt.zero_grad()
     counts = probe.evaluate(heads, probe.eval_batches(val, val.valid, 50))
-    cfg = parse_config(probe.Config, ["knn_k=5"])
-    bank = probe.Shard(probe.knn_pooled(train.feats, ["cls", "mean"]), train.labels, train.valid)
-    feats = probe.Shard(probe.knn_pooled(val.feats, ["cls", "mean"]), val.labels, val.valid)
-    counts.update(probe.knn_evaluate(bank, feats, ["cls", "mean"], 4, cfg))
+    cfg = parse_config(probe.Config, ["knn_k=5", "knn=[cls, mean]"])
+    bank = probe.Shard(probe.knn_keep(train.feats, cfg), train.labels, train.valid)
+    feats = probe.Shard(probe.knn_keep(val.feats, cfg), val.labels, val.valid)
+    counts.update(probe.knn_evaluate(bank, feats, 4, cfg))
     assert set(counts) == {"cls", "mean", "abmilp", "knn_cls", "knn_mean"}
     for name, (top1, top5, n) in counts.items():
         assert n == 128 and top1 >= 0.97 * n and top5 == n, (name, top1, top5)
@@ -286,7 +286,7 @@ def test_one_process_probe_writes_results_with_the_protocol(trained):
     args, tmp, stdout = trained
     assert "path: cached" in stdout
     out = results_of(tmp / "one")
-    assert set(out["accuracy"]) == {"cls", "mean", "abmilp", "knn_cls", "knn_mean"}
+    assert set(out["accuracy"]) == {"cls", "cls_norm", "mean", "abmilp", "knn_cls", "knn_mean"}
     assert all(r["images"] == 7 for r in out["results"].values())
     proto = out["protocol"]
     assert proto["block"] == 1 and proto["final_norm"] is False and proto["path"] == "cached"
