@@ -39,10 +39,13 @@ from tqdm import tqdm
 import data
 import losses
 import model as M
-from common import (ConfigError, NonFiniteLoss, ShardSampler, SkipSampler, StopRequest, all_reduce_mean,
-                    all_reduce_sum, check_choice, check_corrupt, config_dict, cosine_lr, ignore_stop_signals,
-                    load_checkpoint, log_json, param_groups, parse_config, print0, remove_stale_temp_files, run_main,
-                    save_atomic, setup_distributed, split_batch, step_seed)
+from common import (ConfigError, NonFiniteLoss, ShardSampler, SkipSampler, StopRequest,
+                    all_reduce_mean, all_reduce_sum, check_choice, check_corrupt,
+                    check_resume_config, config_dict, cosine_lr, ensure_outputs,
+                    ignore_stop_signals, load_checkpoint, load_optimizer, load_state, log_json,
+                    open_run_dir, param_groups, parse_config, print0, read_weights, run_main,
+                    save_atomic, save_run, setup_distributed, split_batch, step_seed, trim_log,
+                    write_config)
 
 FRAMEWORKS = ("distill", "simmim", "mae")
 MTO_TERMS = ("spa", "e", "r")  # L_spa (Eq. 3), L_e (Eq. 4), L_r (Eq. 5)
@@ -343,6 +346,32 @@ def train_cnn_teacher(cfg: "Config", dist, path: str):
         torch.distributed.barrier()
 
 
+# the settings that shape the model or its data: a resume must keep them
+RESUME_KEYS = ("framework", "dataset", "img_size", "model", "patch_size", "pos_embed", "rel_pos_bias",
+               "shared_rel_pos_bias", "layer_scale", "teacher", "teacher_model", "decoder_dim",
+               "decoder_depth", "decoder_heads")
+
+
+def resume(cfg: Config, ckpt_path: str, student, optimizer, ema_teacher, steps_per_epoch: int):
+    """Auto-resume from out_dir/checkpoint.pth, also mid-epoch (after SIGTERM/SIGINT): load the
+    weights (weights only: a checkpoint cannot run code) -> (step, skipped steps); (0, 0) if none."""
+    if not os.path.isfile(ckpt_path):
+        return 0, 0
+    ckpt = load_checkpoint(ckpt_path)
+    check_resume_config(ckpt["config"], config_dict(cfg), RESUME_KEYS, ckpt_path)
+    if ckpt.get("steps_per_epoch", steps_per_epoch) != steps_per_epoch:
+        raise ConfigError(f"{ckpt_path} was written with {ckpt['steps_per_epoch']} steps per epoch, "
+                          f"this config gives {steps_per_epoch}: resume with the same batch_size "
+                          "and subset, or a new out_dir")
+    load_state(student, ckpt["model"], ckpt_path)
+    load_optimizer(optimizer, ckpt["optimizer"], ckpt_path)
+    if ema_teacher is not None:
+        load_state(ema_teacher.encoder, ckpt["teacher"], ckpt_path)
+    step = ckpt["step"]
+    print0(f"resumed from {ckpt_path} at epoch {step // steps_per_epoch}, step {step}")
+    return step, ckpt.get("skipped_steps", 0)
+
+
 def main(argv):
     cfg = parse_config(Config, argv)
     dist = setup_distributed(cfg.device, cfg.dist_timeout_s)
@@ -352,14 +381,9 @@ def main(argv):
     print0(f"world size {dist.world}, micro-batch {micro_batch} per process, "
            f"{cfg.accum_steps} accumulation step(s), global batch {cfg.batch_size}")
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank (the EMA teacher copies them)
-    os.makedirs(cfg.out_dir, exist_ok=True)
+    open_run_dir(cfg.out_dir)  # one run per folder (a lock), leftovers of a killed save removed
     ckpt_path = os.path.join(cfg.out_dir, "checkpoint.pth")
     log_path = os.path.join(cfg.out_dir, "log.jsonl")
-    if dist.main:
-        remove_stale_temp_files(cfg.out_dir)
-    if dist.main:
-        with open(os.path.join(cfg.out_dir, "config.yaml"), "w") as f:
-            yaml.safe_dump(config_dict(cfg), f, sort_keys=False)
 
     # -------------------------------------------------------------------------
     # Data: (image, mask, label) with per-sample seeded augmentation and mask
@@ -393,6 +417,8 @@ def main(argv):
             if not teacher_file.endswith(".pth"):
                 teacher_file = os.path.join(cfg.out_dir, "teacher_cnn.pth")
             train_cnn_teacher(cfg, dist, teacher_file)
+        elif cfg.teacher == "checkpoint":
+            read_weights(cfg.teacher_pretrained, "teacher_pretrained")  # one line if unreadable
         elif cfg.teacher == "ema":
             print0("warning: teacher=ema (self-distillation) collapses in short runs: the encoder ends no "
                    "better than random init; teacher=cnn or clip gives a teacher worth distilling")
@@ -418,34 +444,27 @@ def main(argv):
     optimizer = torch.optim.AdamW(param_groups(student, cfg.weight_decay), lr=lr, betas=(0.9, cfg.beta2),
                                   fused=dist.device.type == "cuda")
 
-    step, num_skipped = 0, 0
-    if os.path.isfile(ckpt_path):  # auto-resume, also mid-epoch (after SIGTERM/SIGINT)
-        ckpt = load_checkpoint(ckpt_path)
-        if ckpt.get("steps_per_epoch", steps_per_epoch) != steps_per_epoch:
-            raise ConfigError(f"{ckpt_path} was written with {ckpt['steps_per_epoch']} steps per epoch, this config "
-                              f"gives {steps_per_epoch}: resume with the same batch_size and subset, or a new out_dir")
-        student.load_state_dict(ckpt["model"], strict=True)
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if "teacher" in ckpt:
-            teacher.encoder.load_state_dict(ckpt["teacher"], strict=True)
-        step, num_skipped = ckpt["step"], ckpt.get("skipped_steps", 0)
-        print0(f"resumed from {ckpt_path} at epoch {step // steps_per_epoch}, step {step}")
-        del ckpt
+    step, num_skipped = resume(cfg, ckpt_path, student, optimizer, teacher if ema else None,
+                               steps_per_epoch)
+    trim_log(log_path, step, step // steps_per_epoch)   # lines a killed run wrote past its checkpoint
+    write_config(cfg.out_dir, cfg)                      # only now: the checkpoint matches it
+    enc_path = os.path.join(cfg.out_dir, "encoder.pth")
 
     def save_checkpoint(epochs_done: int, keep: bool):
-        """The unwrapped student (+ MAE decoder), optimizer, teacher (ema), position in the run."""
+        """The unwrapped student (+ MAE decoder), optimizer, teacher (ema), position in the run;
+        encoder.pth first, so a checkpoint never says a step is done whose encoder is missing."""
         if not dist.main:
             return
-        state = {"model": student.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epochs_done,
-                 "step": step, "steps_per_epoch": steps_per_epoch, "skipped_steps": num_skipped,
-                 "config": config_dict(cfg)}
+        state = {"model": student.state_dict(), "optimizer": optimizer.state_dict(),
+                 "epoch": epochs_done, "step": step, "steps_per_epoch": steps_per_epoch,
+                 "skipped_steps": num_skipped, "config": config_dict(cfg)}
         if ema:
             state["teacher"] = teacher.encoder.state_dict()
-        save_atomic(state, ckpt_path)
+        save_run(ckpt_path, state, {enc_path: M.encoder_state(student.encoder)})
         if keep:
             save_atomic(state, os.path.join(cfg.out_dir, f"checkpoint-{epochs_done:04d}.pth"))
-        save_atomic(M.encoder_state(student.encoder), os.path.join(cfg.out_dir, "encoder.pth"))
-        print0(f"saved {ckpt_path} and encoder.pth at step {step} (epoch {step / steps_per_epoch:.2f})")
+        print0(f"saved {ckpt_path} and encoder.pth at step {step} "
+               f"(epoch {step / steps_per_epoch:.2f})")
 
     model = student
     if cfg.compile:
@@ -598,6 +617,8 @@ def main(argv):
         if stopping:
             print0(f"stopped by signal after epoch {done}; rerun the same command to resume")
             stop.exit()
+    if dist.main:  # a rerun of a finished run: rewrite an encoder.pth lost after the checkpoint
+        ensure_outputs({enc_path: M.encoder_state(student.encoder)}, step)
     if cfg.final_knn:
         final_knn_report(cfg, student.encoder, dist, log_path)
     print0(f"done: {cfg.out_dir}/encoder.pth")
