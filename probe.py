@@ -84,7 +84,7 @@ class Config:
     knn_k: int = 20                    # DINO: k = 20
     knn_temperature: float = 0.07      # DINO: votes weighted by exp(cos / 0.07)
     knn_centre: bool = True            # subtract the bank's mean feature first (as pretrain.py)
-    baselines: bool = False            # also a random-init encoder (seed) and raw pixels (cached path)
+    baselines: bool = False            # also a random-init encoder and raw pixels (cached path)
     # optimisation (MAE's linear probe: LARS, blr 0.1, no weight decay, 10 + 80 epochs)
     optimizer: str = "lars"            # lars | sgd (both momentum 0.9)
     epochs: int = 90
@@ -312,7 +312,8 @@ def cached_train_batches(shard: Shard, batch: int, generator: torch.Generator):
 
 def streaming_train_batches(sources, loader, cfg, device):
     for img, y in loader:
-        yield features(sources, img.to(device, non_blocking=True), cfg), y.to(device, non_blocking=True)
+        img, y = img.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        yield features(sources, img, cfg), y
 
 
 def eval_batches(source, valid: torch.Tensor, batch: int, sources=None, cfg=None, device=None):
@@ -366,9 +367,10 @@ def build_heads(cfg: Config, vit: M.ViT, num_classes: int, sources: dict = None)
     """cfg.heads on every encoder of `sources`; on the pixels one linear probe ('pixels_linear')."""
     heads = Heads()
     for source, enc in (sources or feature_sources(cfg, vit)).items():
+        torch.manual_seed(cfg.seed)  # every source's heads start alike: only the features differ
         if enc is None and cfg.heads:
-            c = vit.cfg
-            heads["pixels_linear"] = losses.ProbeHead("cls", c.in_chans * c.img_size ** 2, num_classes)
+            pixels = vit.cfg.in_chans * vit.cfg.img_size ** 2
+            heads["pixels_linear"] = losses.ProbeHead("cls", pixels, num_classes)
         for name in cfg.heads if enc is not None else []:
             heads[row_name(source, name)] = make_head(name, enc, cfg, num_classes)
     return heads
@@ -522,11 +524,12 @@ def protocol_of(cfg: Config, vit: M.ViT, cached: bool, lr: float, train_images: 
                    "pos_embed": cfg.abmilp_pos_embed},
         "knn": {"k": cfg.knn_k, "temperature": cfg.knn_temperature, "similarity": "cosine",
                 "weights": "exp(sim / T)", "bank": "all training images, eval transform",
-                "centred": "the bank's mean feature subtracted from bank and queries" if cfg.knn_centre
-                else "no", "top5": "classes without a vote never count"},
-        "baselines": {"random": f"the backbone's architecture, random init (seed {cfg.seed}), the "
-                                "same block and final_norm", "pixels": "the eval-transformed image, "
-                                "flattened (C*H*W), as one token"} if cfg.baselines else "off",
+                "centred": "bank mean subtracted from bank and queries" if cfg.knn_centre else "no",
+                "top5": "classes without a vote never count"},
+        "baselines": {"random": f"the backbone's architecture, random init (seed {cfg.seed}), "
+                                "the same block and final_norm",
+                      "pixels": "the eval-transformed image, flattened (C*H*W), as one token"}
+        if cfg.baselines else "off",
         "path": "cached" if cached else "streaming",
         "train_augmentation": "none (tokens extracted once with the eval transform)" if cached
         else f"RandomResizedCrop(scale=({cfg.crop_scale_min}, 1)) + horizontal flip",
@@ -595,7 +598,8 @@ def main(argv):
     cached = cfg.cache == "always" or (cfg.cache == "auto" and cache_gb <= cfg.cache_max_gb)
     if cfg.baselines and not cached:
         raise ConfigError(f"baselines=true needs the cached path, but the features would take "
-                          f"{cache_gb:.1f} GB (cache={cfg.cache}, cache_max_gb={cfg.cache_max_gb}): "
+                          f"{cache_gb:.1f} GB (cache={cfg.cache}, cache_max_gb="
+                          f"{cfg.cache_max_gb}): "
                           "raise cache_max_gb, lower subset, or set baselines=false")
     train_cache = val_cache = None
     if cached:
@@ -717,7 +721,8 @@ def main(argv):
         done = epoch + 1
         sync_bn_stats(heads)
         if done % cfg.eval_every == 0 and done < cfg.epochs:  # the last epoch is evaluated below
-            acc = results_table(evaluate(heads, eval_batches(val_source, val_valid, micro_batch, sources, cfg, device)))
+            val_batches = eval_batches(val_source, val_valid, micro_batch, sources, cfg, device)
+            acc = results_table(evaluate(heads, val_batches))
             print0(f"epoch {done}: " + ", ".join(f"{n} {r['top1']:.2f}" for n, r in acc.items()))
             if dist.main:
                 log_json(log_path, {"epoch": done, **{f"val_top1_{n}": r["top1"] for n, r in acc.items()}})
@@ -734,7 +739,8 @@ def main(argv):
     # Evaluation: every rank its shard, counts summed; then k-NN against the gathered train bank
     results = {}
     if cfg.heads:
-        results.update(evaluate(heads, eval_batches(val_source, val_valid, micro_batch, sources, cfg, device)))
+        val_batches = eval_batches(val_source, val_valid, micro_batch, sources, cfg, device)
+        results.update(evaluate(heads, val_batches))
     if cfg.knn:
         keep = lambda f: knn_keep(f, cfg)  # noqa: E731
         if train_cache is not None:
