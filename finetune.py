@@ -203,14 +203,20 @@ def layer_decay_groups(model: M.ViT, weight_decay: float, layer_decay: float):
 RANDAUG_LEVELS = 10  # timm's magnitude scale 0..10 ("m9" = 90% of each operation's range)
 
 
-def rand_augment(cfg: Config) -> T.RandAugment:
-    """torchvision's RandAugment on timm's magnitude scale: 11 bins, so magnitude m is m / 10 of
-    each operation's range, as timm's rand-m9 (torchvision's default 31 bins would make m9 30%).
-    Fill: the ImageNet mean grey, as timm (0 after normalisation). What still differs from timm's
-    rand-m9-mstd0.5-inc1: DECISIONS.md, section 5."""
+def rand_augment_op(cfg: Config) -> T.RandAugment:
+    """One torchvision RandAugment operation on timm's magnitude scale: 11 bins, so magnitude m is
+    m / 10 of each operation's range, as timm's rand-m9 (torchvision's default 31 bins would make
+    m9 30%). Fill: the ImageNet mean grey, as timm (0 after normalisation)."""
     mean_grey = [round(255 * m) for m in data.IMAGENET_MEAN]
-    return T.RandAugment(cfg.randaug_ops, cfg.randaug_magnitude, RANDAUG_LEVELS + 1,
+    return T.RandAugment(1, cfg.randaug_magnitude, RANDAUG_LEVELS + 1,
                          interpolation=T.InterpolationMode.BILINEAR, fill=mean_grey)
+
+
+def rand_augment(cfg: Config):
+    """timm's RandAugment structure: randaug_ops operations drawn with replacement, each applied
+    with probability 0.5. What still differs from rand-m9-mstd0.5-inc1: DECISIONS.md, section 5."""
+    ops = [T.RandomApply([rand_augment_op(cfg)], p=0.5) for _ in range(cfg.randaug_ops)]
+    return T.Compose(ops) if ops else T.Identity()
 
 
 def train_transform(cfg: Config):

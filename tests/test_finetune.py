@@ -205,8 +205,10 @@ def test_rand_augment_magnitude_is_on_timms_0_to_10_scale():
     """rand-m9 in timm is 90% of each operation's range; torchvision with 11 bins gives the same
     for every shared operation but posterize (DECISIONS.md, section 5)."""
     from timm.data import auto_augment as AA
-    cfg = finetune.Config(randaug_magnitude=9)
-    ra = finetune.rand_augment(cfg)
+    cfg = finetune.Config(randaug_magnitude=9, randaug_ops=2)
+    ops = finetune.rand_augment(cfg).transforms                      # timm: each op with p = 0.5
+    assert [(t.p, t.transforms[0].num_ops) for t in ops] == [(0.5, 1), (0.5, 1)]
+    ra = ops[0].transforms[0]
     space = lambda op: ra._AUGMENTATION_SPACE[op][0](ra.num_magnitude_bins, 224, 224)  # noqa
     ours = lambda op: float(space(op)[ra.magnitude])  # noqa: E731
     arg = lambda op: AA.LEVEL_TO_ARG[op](9, {"translate_pct": 0.45})[0]  # noqa: E731
