@@ -75,6 +75,12 @@ def test_finetuning_configs_carry_table_13(size, epochs, warmup, decay, drop_pat
     augment = (cfg["mixup"], cfg["cutmix"], cfg["randaug_ops"], cfg["randaug_magnitude"])
     assert augment == (0.8, 1.0, 2, 9)
     assert cfg["rel_pos_bias"] and cfg["img_size"] == 224 and cfg["patch_size"] == 16
+    assert cfg["global_pool"] == "avg"                                # BEiT v2's mean pooling
+    import finetune
+    from common import parse_config
+    path = os.path.join(ROOT, "configs", f"in1k_vit_{size}_finetune.yaml")
+    parsed = parse_config(finetune.Config, ["--config", path])
+    assert finetune.peak_lr(parsed)[0] == 5e-4                       # Table 13, as given
 
 
 def test_probe_block_matches_the_model_it_no_longer_imports():

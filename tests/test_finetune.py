@@ -171,8 +171,7 @@ def test_avg_pool_drops_the_final_norm_and_starts_fc_norm_fresh(tmp_path):
     torch.testing.assert_close(clf(x), want)
 
 
-def test_avg_pool_run_logs_the_given_lr_and_exports_to_timm_with_the_same_logits(
-        tiny_imagefolder, tmp_path):
+def test_avg_pool_run_logs_the_given_lr_and_matches_timm(tiny_imagefolder, tmp_path):
     """A tiny run from an encoder with global_pool=avg and lr given (BEiT v2): the log holds the
     peak lr at the end of warm-up, and model_timm.pth is timm's ViT with global_pool='avg'."""
     _, path = _encoder_file(tmp_path)
