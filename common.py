@@ -510,10 +510,11 @@ def check_resume_config(saved: dict, current: dict, keys, path: str):
 
 
 def write_config(out_dir: str, cfg):
-    """out_dir/config.yaml, the resolved config (rank 0; call it after the resume check)."""
+    """out_dir/config.yaml: the resolved config, or the dict given (rank 0; call it after the
+    resume check)."""
     if is_main():
         with open(os.path.join(out_dir, "config.yaml"), "w") as f:
-            yaml.safe_dump(config_dict(cfg), f, sort_keys=False)
+            yaml.safe_dump(cfg if isinstance(cfg, dict) else config_dict(cfg), f, sort_keys=False)
 
 
 def trim_log(path: str, step: int, epochs_done: int):

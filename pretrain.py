@@ -198,6 +198,44 @@ class Config:
                 raise ConfigError(f"config key '{key}' must be >= 1, got {getattr(self, key)}")
 
 
+TEACHER_KEYS = ("teacher", "teacher_model", "teacher_pretrained", "teacher_epochs", "ema_momentum",
+                "ema_momentum_end", "loss", "distance", "dtm_levels", "dtm_max_iters", "dtm_min_morphed")
+PIXEL_KEYS = ("norm_pix_loss", "decoder_dim", "decoder_depth", "decoder_heads")
+
+
+def inactive_keys(cfg: Config) -> List[str]:
+    """The keys that do nothing under this config's framework, teacher, loss and switches."""
+    off = list(PIXEL_KEYS) + [k for k in vars(cfg) if k.startswith("mto_")]
+    if cfg.framework != "distill":
+        off = list(TEACHER_KEYS) + [k for k in PIXEL_KEYS if cfg.framework == "simmim"]
+        off += [] if cfg.mto else [k for k in vars(cfg) if k.startswith("mto_")]
+    else:
+        off += [] if cfg.loss in ("dtm", "dtm_kmeans") else ["dtm_levels", "dtm_max_iters",
+                                                            "dtm_min_morphed"]
+        off += [] if cfg.teacher == "ema" else ["ema_momentum", "ema_momentum_end"]
+        off += [] if cfg.teacher == "clip" else ["teacher_model"]
+        off += [] if cfg.teacher == "cnn" else ["teacher_epochs"]
+        off += [] if cfg.teacher != "ema" else ["teacher_pretrained"]
+    off += ["blr"] if cfg.lr > 0 else []
+    off += [] if cfg.lr_schedule == "multistep" else ["lr_milestones", "lr_gamma"]
+    off += [] if cfg.mask == "simmim" else ["mask_patch_size"]
+    off += [] if cfg.mask == "block" else ["mask_min_patches"]
+    return off
+
+
+def config_record(cfg: Config) -> dict:
+    """The config as recorded (printed, config.yaml, checkpoints): the keys that apply. A key that
+    does nothing here but was changed from its default gets a one-line warning."""
+    off = inactive_keys(cfg)
+    changed = [k for k in off if getattr(cfg, k) != getattr(Config, k, getattr(cfg, k))]
+    if changed:
+        setting = f"framework={cfg.framework}" + (f", teacher={cfg.teacher}, loss={cfg.loss}"
+                                                  if cfg.framework == "distill" else "")
+        print0(f"warning: {', '.join(changed)} (changed from the default) has no effect with "
+               f"{setting}; left out of config.yaml")
+    return {k: v for k, v in config_dict(cfg).items() if k not in off}
+
+
 def multistep_lr(step: int, warmup: int, base_lr: float, milestones: List[int], gamma: float) -> float:
     """SimMIM's ViT-B schedule: linear warm-up, then base_lr x gamma^(milestones passed), in steps."""
     if step < warmup:
@@ -352,13 +390,13 @@ RESUME_KEYS = ("framework", "dataset", "img_size", "model", "patch_size", "pos_e
                "decoder_depth", "decoder_heads")
 
 
-def resume(cfg: Config, ckpt_path: str, student, optimizer, ema_teacher, steps_per_epoch: int):
+def resume(cfg: Config, record: dict, ckpt_path: str, student, optimizer, ema_teacher, steps_per_epoch: int):
     """Auto-resume from out_dir/checkpoint.pth, also mid-epoch (after SIGTERM/SIGINT): load the
     weights (weights only: a checkpoint cannot run code) -> (step, skipped steps); (0, 0) if none."""
     if not os.path.isfile(ckpt_path):
         return 0, 0
     ckpt = load_checkpoint(ckpt_path)
-    check_resume_config(ckpt["config"], config_dict(cfg), RESUME_KEYS, ckpt_path)
+    check_resume_config(ckpt["config"], record, RESUME_KEYS, ckpt_path)
     if ckpt.get("steps_per_epoch", steps_per_epoch) != steps_per_epoch:
         raise ConfigError(f"{ckpt_path} was written with {ckpt['steps_per_epoch']} steps per epoch, "
                           f"this config gives {steps_per_epoch}: resume with the same batch_size "
@@ -377,7 +415,8 @@ def main(argv):
     dist = setup_distributed(cfg.device, cfg.dist_timeout_s)
     stop = StopRequest()  # SIGTERM (SLURM, torchrun) / SIGINT (Ctrl-C): checkpoint at the next log step, exit
     micro_batch = split_batch(cfg.batch_size, dist.world, cfg.accum_steps)
-    print0(yaml.safe_dump(config_dict(cfg), sort_keys=False))
+    record = config_record(cfg)
+    print0(yaml.safe_dump(record, sort_keys=False))
     print0(f"world size {dist.world}, micro-batch {micro_batch} per process, "
            f"{cfg.accum_steps} accumulation step(s), global batch {cfg.batch_size}")
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank (the EMA teacher copies them)
@@ -444,10 +483,10 @@ def main(argv):
     optimizer = torch.optim.AdamW(param_groups(student, cfg.weight_decay), lr=lr, betas=(0.9, cfg.beta2),
                                   fused=dist.device.type == "cuda")
 
-    step, num_skipped = resume(cfg, ckpt_path, student, optimizer, teacher if ema else None,
+    step, num_skipped = resume(cfg, record, ckpt_path, student, optimizer, teacher if ema else None,
                                steps_per_epoch)
     trim_log(log_path, step, step // steps_per_epoch)   # lines a killed run wrote past its checkpoint
-    write_config(cfg.out_dir, cfg)                      # only now: the checkpoint matches it
+    write_config(cfg.out_dir, record)                   # only now: the checkpoint matches it
     enc_path = os.path.join(cfg.out_dir, "encoder.pth")
 
     def save_checkpoint(epochs_done: int, keep: bool):
@@ -457,7 +496,7 @@ def main(argv):
             return
         state = {"model": student.state_dict(), "optimizer": optimizer.state_dict(),
                  "epoch": epochs_done, "step": step, "steps_per_epoch": steps_per_epoch,
-                 "skipped_steps": num_skipped, "config": config_dict(cfg)}
+                 "skipped_steps": num_skipped, "config": record}
         if ema:
             state["teacher"] = teacher.encoder.state_dict()
         save_run(ckpt_path, state, {enc_path: M.encoder_state(student.encoder)})

@@ -49,8 +49,7 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(references, tiny_image
     assert "resumed from" in r["second_out"]
     assert not [f for f in os.listdir(tmp_path / "run") if ".tmp." in f]  # the resumed run removed the leftover
     assert F.same_weights(F.final_weights(script, references[script]), F.final_weights(script, str(tmp_path / "run")))
-    if script != "pretrain.py":  # replayed steps logged once (pretrain: once it calls trim_log)
-        assert logged_steps(tmp_path / "run") == logged_steps(references[script])
+    assert logged_steps(tmp_path / "run") == logged_steps(references[script])  # replayed: once
 
 
 def logged_steps(out_dir) -> list:

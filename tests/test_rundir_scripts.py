@@ -49,7 +49,10 @@ CASES = [  # (script, args, words of the one line); {f} is the folder of bad fil
     ("probe.py", ["backbone={f}/truncated.pth"], "truncated or not a torch file"),
     ("probe.py", ["backbone={f}/checkpoint.pth"], "is a training checkpoint, not weights"),
     ("probe.py", ["backbone={f}/random.pth", "backbone_format=timm"], "'backbone': cannot read"),
-    ("pretrain.py", ["teacher=checkpoint", "teacher_pretrained={f}/random.pth"], "not readable"),
+    ("pretrain.py", ["teacher=checkpoint", "teacher_pretrained={f}/random.pth"],
+     "config key 'teacher_pretrained': cannot read"),
+    ("pretrain.py", ["teacher=checkpoint", "teacher_pretrained={f}/truncated.pth"],
+     "config key 'teacher_pretrained': cannot read"),
 ]
 
 
