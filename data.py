@@ -36,12 +36,17 @@ FASHION_MNIST_DEBIAN = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-f
 # Transforms
 
 def pretrain_transform(img_size: int, crop_scale_min: float = 0.08, color_jitter: float = 0.4):
-    """DTM Table 12: colour jitter, random resized crop, flip; ImageNet mean/std."""
+    """DTM Table 12: colour jitter, random resized crop, flip; ImageNet mean/std.
+    crop_scale_min >= 1 means no crop at all (the whole image, resized): small images such as
+    Fashion-MNIST's 28 px lose their class to crops built for 224 px photographs."""
     ops = [T.ToImage()]
     if color_jitter > 0:
         ops.append(T.ColorJitter(color_jitter, color_jitter, color_jitter))
-    ops += [T.RandomResizedCrop(img_size, scale=(crop_scale_min, 1.0), antialias=True),
-            T.RandomHorizontalFlip(),
+    if crop_scale_min < 1:
+        ops.append(T.RandomResizedCrop(img_size, scale=(crop_scale_min, 1.0), antialias=True))
+    else:
+        ops.append(T.Resize((img_size, img_size), antialias=True))
+    ops += [T.RandomHorizontalFlip(),
             T.ToDtype(torch.float32, scale=True),
             T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     return T.Compose(ops)
