@@ -132,7 +132,8 @@ def probe_run(plan: Plan, encoder: str, parent: Run) -> Run:
     out = os.path.join(parent.out_dir, "probe")
     args = ["--config", "configs/fmnist_probe.yaml", f"backbone={rel(encoder)}", f"subset={plan.probe_subset}",
             f"val_subset={plan.probe_val}", f"epochs={plan.probe_epochs}", f"warmup_epochs={plan.probe_warmup}",
-            f"seed={parent.meta.get('seed', 0)}", f"num_workers={plan.num_workers}", f"out_dir={rel(out)}"]
+            f"seed={parent.meta.get('seed', 0)}", f"num_workers={plan.num_workers}", f"out_dir={rel(out)}",
+            "heads=[cls,mean,abmilp]", "baselines=false"]  # the study's table (re-run with baselines: to do)
     return Run(f"{parent.name}/probe", "probe.py", args, out, "results.json", dict(parent.meta))
 
 

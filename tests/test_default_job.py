@@ -57,7 +57,7 @@ def test_cnn_teacher_run_prints_baselines_and_reuses_teacher(tiny_imagefolder, t
 
 @pytest.mark.parametrize("args, printed", [
     (["lr=0.01"], "peak lr 0.01 (lr, as given: BEiT v2 convention)"),
-    (["blr=1e-3"], "peak lr 3.12e-05 (blr 0.001 x batch 8 / 256: MAE convention)"),
+    (["blr=1.28e-3"], "peak lr 4e-05 (blr 0.00128 x batch 8 / 256: MAE convention)"),
 ])
 def test_lr_convention_printed(tiny_imagefolder, tmp_path, args, printed):
     p = run([*TINY, f"data_path={tiny_imagefolder}", f"out_dir={tmp_path}", *args])  # 2 epochs

@@ -236,7 +236,7 @@ def test_a_finished_run_rewrites_a_missing_output(references, tiny_imagefolder, 
     ("finetune.py", ["model=vit_tiny", "patch_size=2"],
      "was written with model='vit_micro' (now 'vit_tiny'), patch_size=4 (now 2)"),
     ("probe.py", ["block=0", "heads=[mean]"],
-     "was written with heads=['cls', 'mean', 'abmilp'] (now ['mean']), block=-1 (now 0)"),
+     "was written with heads=['cls', 'cls_norm', 'mean', 'abmilp'] (now ['mean']), block=-1 (now 0)"),
 ])
 def test_a_resume_with_other_model_settings_is_one_line_and_keeps_config_yaml(
         references, tiny_imagefolder, tmp_path, script, args, message):

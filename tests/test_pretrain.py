@@ -68,7 +68,7 @@ def test_resume_equals_uninterrupted(tiny_imagefolder, tmp_path):
     (["loss=kmeans"], "config key 'loss' must be one of"),
     (["batch_size=9", "accum_steps=2"], "not divisible by world size 1 x accum_steps 2"),
     (["data_path=/nonexistent"], "image folder '/nonexistent/train' does not exist"),
-    (["teacher=checkpoint", "teacher_pretrained=/nonexistent/encoder.pth"], "encoder file '/nonexistent/encoder.pth' does not exist"),
+    (["teacher=checkpoint", "teacher_pretrained=/nonexistent/encoder.pth"], "config key 'teacher_pretrained': file '/nonexistent/encoder.pth' does not exist"),
 ])
 def test_bad_input_one_line_error(tiny_imagefolder, tmp_path, args, message):
     t0 = time.time()
