@@ -1,5 +1,8 @@
 """End-to-end fine-tuning with the DTM paper's recipe (Table 13), and export to timm.
 
+Paper: "Masked Image Modeling via Dynamic Token Morphing", Kim, Heo, Han, arXiv:2401.00254
+(Table 13, after BEiT v2, arXiv:2208.06366). Choices they leave open: DECISIONS.md.
+
     # Fashion-MNIST on a CPU, from the default pre-trained encoder (or init= for scratch)
     python finetune.py --config configs/fmnist_finetune.yaml init=runs/fmnist_dtm/encoder.pth
     # ImageNet-1k, ViT-B/16, 8 GPUs

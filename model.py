@@ -1,5 +1,8 @@
 """The Vision Transformer, the distillation student and the teachers.
 
+Papers: DTM (arXiv:2401.00254), MTO (arXiv:2404.08330), SimMIM (arXiv:2111.09886), MAE
+(arXiv:2111.06377), BEiT v2 (arXiv:2208.06366); choices they leave open: DECISIONS.md.
+
 A hand-written ViT with timm/MAE parameter names, so weights move between this code and timm:
 
     from model import build_vit, to_timm

@@ -1,5 +1,8 @@
 """Frozen-backbone evaluation beyond [cls]: [cls], patch-mean and AbMILP probes, and k-NN.
 
+Paper: "Beyond [cls]: Exploring the true potential of Masked Image Modeling representations",
+Przewięźlikowski, Balestriero, Jasiński, Śmieja, Zieliński, arXiv:2412.03215. Choices: DECISIONS.md.
+
     # the default: the Fashion-MNIST encoder of `pretrain.py --config configs/fmnist_dtm.yaml`, CPU, minutes
     python probe.py --config configs/fmnist_probe.yaml
     # MAE's ViT-B/16 weights from a local file, MAE's ImageNet protocol, one node with 8 GPUs
