@@ -509,6 +509,15 @@ def check_resume_config(saved: dict, current: dict, keys, path: str):
                           "settings, or choose a new out_dir")
 
 
+def check_steps_per_epoch(ckpt: dict, steps_per_epoch: int, path: str, keys: str):
+    """A mid-epoch resume needs the same steps per epoch (the data order): else one line naming
+    the config `keys` that set it."""
+    if ckpt.get("steps_per_epoch", steps_per_epoch) != steps_per_epoch:
+        raise ConfigError(f"{path} was written with {ckpt['steps_per_epoch']} steps per epoch, "
+                          f"this config gives {steps_per_epoch}: resume with the same {keys}, "
+                          "or a new out_dir")
+
+
 def write_config(out_dir: str, cfg):
     """out_dir/config.yaml: the resolved config, or the dict given (rank 0; call it after the
     resume check)."""

@@ -38,7 +38,8 @@ import data
 import model as M
 from common import (ConfigError, NonFiniteLoss, ShardSampler, SkipSampler, StopRequest,
                     all_reduce_mean, all_reduce_sum, check_choice, check_corrupt,
-                    check_resume_config, config_dict, cosine_lr, ensure_outputs,
+                    check_resume_config, check_steps_per_epoch, config_dict, cosine_lr,
+                    ensure_outputs,
                     ignore_stop_signals, load_checkpoint, load_optimizer, load_state, log_json,
                     open_run_dir, parse_config, print0, read_weights, run_main, save_atomic,
                     save_run, setup_distributed, split_batch, step_seed, trim_log, write_config)
@@ -340,9 +341,7 @@ def main(argv):
     if os.path.isfile(ckpt_path):  # auto-resume, also mid-epoch (after SIGTERM/SIGINT)
         ckpt = load_checkpoint(ckpt_path)
         check_resume_config(ckpt["config"], config_dict(cfg), RESUME_KEYS, ckpt_path)
-        if ckpt.get("steps_per_epoch", steps_per_epoch) != steps_per_epoch:
-            raise ConfigError(f"{ckpt_path} was written with {ckpt['steps_per_epoch']} steps per epoch, this config "
-                              f"gives {steps_per_epoch}: resume with the same batch_size and subset, or a new out_dir")
+        check_steps_per_epoch(ckpt, steps_per_epoch, ckpt_path, "batch_size and subset")
         load_state(model, ckpt["model"], ckpt_path)
         load_optimizer(optimizer, ckpt["optimizer"], ckpt_path)
         if ema is not None and "ema" in ckpt:

@@ -51,8 +51,8 @@ import data
 import losses
 import model as M
 from common import (ConfigError, NonFiniteLoss, SkipSampler, StopRequest, all_reduce_mean,
-                    all_reduce_sum, check_choice, check_corrupt, check_resume_config, config_dict,
-                    cosine_lr, ensure_outputs, first_line, ignore_stop_signals, load_checkpoint,
+                    all_reduce_sum, check_choice, check_corrupt, check_resume_config,
+                    check_steps_per_epoch, config_dict, cosine_lr, ensure_outputs, first_line, ignore_stop_signals, load_checkpoint,
                     load_optimizer, load_state, log_json, open_run_dir, parse_config, print0,
                     read_weights, run_main, save_run, setup_distributed, split_batch, trim_log,
                     write_config)
@@ -405,10 +405,7 @@ RESUME_KEYS = ("backbone", "backbone_format", "model", "patch_size", "layer_scal
 
 def resume(ckpt: dict, path: str, heads, optimizer, steps_per_epoch: int) -> int:
     """Load a checkpoint.pth of this run into the heads and optimizer -> the step it reached."""
-    if ckpt.get("steps_per_epoch", steps_per_epoch) != steps_per_epoch:
-        raise ConfigError(f"{path} was written with {ckpt['steps_per_epoch']} steps per epoch, "
-                          f"this config gives {steps_per_epoch}: resume with the same batch_size "
-                          "and cache, or a new out_dir")
+    check_steps_per_epoch(ckpt, steps_per_epoch, path, "batch_size and cache")
     load_state(heads, ckpt["heads"], path)
     load_optimizer(optimizer, ckpt["optimizer"], path)
     print0(f"resumed from {path} at epoch {ckpt['epoch']}, step {ckpt['step']}")
