@@ -5,7 +5,7 @@ Papers: "Masked Image Modeling via Dynamic Token Morphing", Kim, Heo, Han, arXiv
 (MTO). Choices they leave open: DECISIONS.md.
 
     # the default: a small ViT on Fashion-MNIST distilled from a small supervised CNN (the
-    # offline stand-in for CLIP), 2-core CPU, under 10 minutes, ends with k-NN vs baselines
+    # offline stand-in for CLIP), 2-core CPU, about 10 minutes, ends with k-NN vs baselines
     python pretrain.py --config configs/fmnist_dtm.yaml
     # SimMIM / MAE with Masked Token Optimization on Fashion-MNIST (CPU); without: *_simmim.yaml, *_mae.yaml
     python pretrain.py --config configs/fmnist_simmim_mto.yaml
