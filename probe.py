@@ -52,7 +52,8 @@ import losses
 import model as M
 from common import (ConfigError, NonFiniteLoss, SkipSampler, StopRequest, all_reduce_mean,
                     all_reduce_sum, check_choice, check_corrupt, check_resume_config,
-                    check_steps_per_epoch, config_dict, cosine_lr, ensure_outputs, first_line, ignore_stop_signals, load_checkpoint,
+                    check_steps_per_epoch, config_dict, cosine_lr, ensure_outputs, first_line,
+                    ignore_stop_signals, load_checkpoint,
                     load_optimizer, load_state, log_json, open_run_dir, parse_config, print0,
                     read_weights, run_main, save_run, setup_distributed, split_batch, trim_log,
                     write_config)
