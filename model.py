@@ -6,14 +6,18 @@ Papers: DTM (arXiv:2401.00254), MTO (arXiv:2404.08330), SimMIM (arXiv:2111.09886
 A hand-written ViT with timm/MAE parameter names, so weights move between this code and timm:
 
     from model import build_vit, to_timm
-    vit = build_vit("vit_base", rel_pos_bias=True)            # BEiT-style relative position bias
-    tokens = vit(images, mask=mask)                          # (B, 1+N, D), masked patches -> e_[M]
-    tokens, extra = vit(images, mask=mask, return_hiddens=True)  # + per-block normed inputs, attn
-    latent = vit(images, keep=ids_visible)                   # (B, 1+|V|, D): MAE, visible patches only
+    vit = build_vit("vit_base", rel_pos_bias=True)   # BEiT-style relative position bias
+    tokens = vit(images, mask=mask)                 # (B, 1+N, D), masked patches -> e_[M]
+    latent = vit(images, keep=ids_visible)          # (B, 1+|V|, D): MAE, visible patches only
+    tokens, layers = vit.forward_intermediates(images, mask=mask, attn=True)
+    # layers.X = X^0..X^L (each block's normed input, then the output), layers.residual,
+    # layers.pre_norm, layers.attn (maps), layers.attn_out: see `Layers`; depth=k runs k blocks
 
-Pixel-reconstruction models (MTO paper, Sec. 2), both returning (pred (B, N, p*p*C), hiddens or None):
+Pixel-reconstruction models (MTO paper, Sec. 2), both returning (pred (B, N, p*p*C), hiddens
+X^0..X^L or None):
     SimMIM(encoder)                - mask tokens inside the encoder, a Linear head per patch
-    MAE(encoder, MAEDecoder(...))  - the encoder sees the visible patches; the decoder the mask tokens
+    MAE(encoder, MAEDecoder(...))  - the encoder sees the visible patches; the decoder the mask
+                                     tokens
 
 Teachers (frozen, eval mode, no grad; bf16 on GPU) all map a batch normalised the way data.py
 normalises the student's input to target tokens (B, N, C) without [cls]:
@@ -26,7 +30,7 @@ import math
 import os
 import socket
 from dataclasses import dataclass, asdict, field, fields
-from typing import Optional
+from typing import List, NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -53,7 +57,7 @@ class ViTConfig:
     rel_pos_bias: bool = False   # BEiT relative position bias, one table per block
     shared_rel_pos_bias: bool = False  # BEiT relative position bias, one table for all blocks
     layer_scale: float = 0.0     # layer-scale init value (0 = no layer scale)
-    fix_init: bool = False       # BEiT: divide block i's attn.proj / mlp.fc2 weights by sqrt(2(i+1))
+    fix_init: bool = False       # BEiT: block i's attn.proj, mlp.fc2 weights / sqrt(2(i+1))
     drop_path: float = 0.0       # stochastic depth rate of the last block (linear in depth)
     num_classes: int = 0         # > 0 adds a Linear head (fine-tuning) on ...
     global_pool: str = "token"   # ... [cls] (token) | LayerNorm(mean of patch tokens) (avg, BEiT)
@@ -131,8 +135,10 @@ class RelativePositionBias(nn.Module):
 
     def __init__(self, grid: int, num_heads: int):
         super().__init__()
-        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * grid - 1) ** 2 + 3, num_heads))
-        self.register_buffer("relative_position_index", relative_position_index(grid), persistent=False)
+        num_dist = (2 * grid - 1) ** 2 + 3
+        self.relative_position_bias_table = nn.Parameter(torch.zeros(num_dist, num_heads))
+        self.register_buffer("relative_position_index", relative_position_index(grid),
+                             persistent=False)
 
     def forward(self) -> torch.Tensor:  # -> (H, 1+N, 1+N)
         return lookup_bias(self.relative_position_bias_table, self.relative_position_index)
@@ -153,7 +159,8 @@ def mask_ids(mask: torch.Tensor):
     """
     counts = mask.sum(1).tolist()
     if len(set(counts)) > 1:
-        raise ValueError(f"every image needs the same number of masked patches, got {sorted(set(counts))}")
+        raise ValueError("every image needs the same number of masked patches, "
+                         f"got {sorted(set(counts))}")
     num_visible = mask.shape[1] - counts[0]
     order = mask.to(torch.uint8).argsort(dim=1, stable=True)  # visible (0) first, then masked (1)
     return order[:, num_visible:], order[:, :num_visible]
@@ -165,7 +172,8 @@ def gather_tokens(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 
 def patchify(imgs: torch.Tensor, p: int) -> torch.Tensor:
-    """MAE's patchify: (B, C, H, W) -> (B, N, p*p*C), pixels of a patch in (row, column, channel) order."""
+    """MAE's patchify: (B, C, H, W) -> (B, N, p*p*C), a patch's pixels in (row, column, channel)
+    order."""
     B, C, H, W = imgs.shape
     h, w = H // p, W // p
     x = imgs.view(B, C, h, p, w, p).permute(0, 2, 4, 3, 5, 1)    # (B, h, w, p, p, C)
@@ -182,8 +190,10 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
         if grid is not None:  # per-block relative position bias (timm Beit names)
-            self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * grid - 1) ** 2 + 3, num_heads))
-            self.register_buffer("relative_position_index", relative_position_index(grid), persistent=False)
+            num_dist = (2 * grid - 1) ** 2 + 3
+            self.relative_position_bias_table = nn.Parameter(torch.zeros(num_dist, num_heads))
+            self.register_buffer("relative_position_index", relative_position_index(grid),
+                                 persistent=False)
         else:
             self.relative_position_bias_table = None
 
@@ -256,17 +266,64 @@ class Block(nn.Module):
         self.ls2 = LayerScale(dim, layer_scale) if layer_scale > 0 else nn.Identity()
         self.drop_path2 = DropPath(drop_path)
 
-    def forward(self, x, shared_bias=None, record=None):
-        h = self.norm1(x)                                   # X^l: what attention sees
-        maps = record is not None and "attn" in record      # explicit attention maps (analysis) or SDPA
-        a, attn = self.attn(h, shared_bias, return_attn=maps)
-        if record is not None:
-            record["hiddens"].append(h)
-        if maps:
-            record["attn"].append(attn)
-            record["attn_out"].append(self.ls1(a))
-        x = x + self.drop_path1(self.ls1(a))
-        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+    def forward(self, x, shared_bias=None):
+        """(B, T, D) -> (B, T, D), T = 1 + N tokens."""
+        return self.forward_intermediates(x, shared_bias)[0]
+
+    def forward_intermediates(self, x, shared_bias=None, attn=False):
+        """x (B, T, D) entering the block -> (output, X^l, attention maps, attention branch).
+
+        X^l = norm1(x) (B, T, D), computed once: what attention sees (and what MTO measures).
+        The maps (B, H, T, T) come from an explicit softmax when attn=True (analysis only);
+        otherwise SDPA runs and they are None. The branch (B, T, D) is what the attention adds
+        to the residual stream, after layer scale.
+        """
+        X = self.norm1(x)                                              # X^l
+        a, maps = self.attn(X, shared_bias, return_attn=attn)
+        a = self.ls1(a)                                                # the attention branch
+        x = x + self.drop_path1(a)
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return x, X, maps, a
+
+
+class Layers(NamedTuple):
+    """The per-layer tokens of `forward_intermediates`, for l = 0..k-1 over the k blocks run.
+
+    residual[l]  (B, T, D)     the residual stream entering block l (residual[0]: the embedding)
+    X[l]         (B, T, D)     X^l = norm1(residual[l]): what block l's attention sees; then
+                               X[k] = X^L, the final-normed output: k + 1 entries in all,
+                               X^0..X^L as the MTO loss takes them (MTO paper, Sec. 3)
+    pre_norm     (B, T, D)     the last block's output, before the final norm
+    attn[l]      (B, H, T, T)  block l's attention maps, rows = queries, [cls] first
+    attn_out[l]  (B, T, D)     the attention branch added to the residual stream, after
+                               layer scale
+    attn and attn_out are None unless forward_intermediates(..., attn=True).
+    T = 1 + N tokens ([cls] first), or 1 + |V| for MAE's encoder on the visible patches only.
+    """
+    residual: List[torch.Tensor]
+    X: List[torch.Tensor]
+    pre_norm: torch.Tensor
+    attn: Optional[List[torch.Tensor]]
+    attn_out: Optional[List[torch.Tensor]]
+
+
+def run_blocks(blocks, x, shared_bias, final_norm: nn.Module, attn: bool = False):
+    """Run `blocks` on the stream x (B, T, D), keeping each block's tokens -> (tokens, Layers).
+
+    tokens = final_norm(the last block's output), (B, T, D). Used by ViT and MAEDecoder.
+    The blocks run through Block.forward_intermediates: hooks on a Block's submodules fire,
+    hooks on the Block itself do not.
+    """
+    residual, X, maps, attn_out = [], [], [], []
+    for blk in blocks:
+        residual.append(x)                                             # entering block l
+        x, X_l, maps_l, attn_out_l = blk.forward_intermediates(x, shared_bias, attn)
+        X.append(X_l)
+        maps.append(maps_l)
+        attn_out.append(attn_out_l)
+    tokens = final_norm(x)                                             # X^L, L = len(blocks)
+    return tokens, Layers(residual=residual, X=X + [tokens], pre_norm=x,
+                          attn=maps if attn else None, attn_out=attn_out if attn else None)
 
 
 # -----------------------------------------------------------------------------
@@ -276,11 +333,13 @@ class ViT(nn.Module):
     def __init__(self, cfg: ViTConfig):
         super().__init__()
         if cfg.img_size % cfg.patch_size:
-            raise ValueError(f"img_size {cfg.img_size} is not a multiple of patch_size {cfg.patch_size}")
+            raise ValueError(f"img_size {cfg.img_size} is not a multiple of "
+                             f"patch_size {cfg.patch_size}")
         if cfg.global_pool not in ("token", "avg"):
             raise ValueError(f"global_pool must be 'token' or 'avg', got '{cfg.global_pool}'")
         if cfg.pos_embed not in ("learned", "sincos", "none"):
-            raise ValueError(f"pos_embed must be 'learned', 'sincos' or 'none', got '{cfg.pos_embed}'")
+            raise ValueError("pos_embed must be 'learned', 'sincos' or 'none', "
+                             f"got '{cfg.pos_embed}'")
         self.cfg = cfg
         D, g = cfg.embed_dim, cfg.grid
         self.patch_embed = nn.Module()
@@ -293,7 +352,8 @@ class ViT(nn.Module):
             self.register_buffer("pos_embed", sincos_pos_embed(D, g).unsqueeze(0))
         else:
             self.pos_embed = None
-        self.rel_pos_bias = RelativePositionBias(g, cfg.num_heads) if cfg.shared_rel_pos_bias else None
+        self.rel_pos_bias = (RelativePositionBias(g, cfg.num_heads)
+                             if cfg.shared_rel_pos_bias else None)
         dpr = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
         self.blocks = nn.ModuleList([
             Block(D, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias, g if cfg.rel_pos_bias else None,
@@ -348,53 +408,75 @@ class ViT(nn.Module):
         The patches are embedded with their positions first, then only the kept ones go on: the
         encoder never sees a masked patch or e_[M]."""
         if self.rel_pos_bias is not None or self.cfg.rel_pos_bias:
-            raise ValueError("keep= (visible patches only) needs absolute positions: relative position "
-                             "bias tables are laid out for all 1+N tokens")
+            raise ValueError("keep= (visible patches only) needs absolute positions: "
+                             "relative position bias tables are laid out for all 1+N tokens")
         x = self.embed(x)                                           # (B, 1+N, D)
         return torch.cat([x[:, :1], gather_tokens(x[:, 1:], keep)], dim=1)
 
-    def forward(self, x, mask=None, return_hiddens=False, keep=None, attn_maps=True):
+    def embed_input(self, x, mask=None, keep=None) -> torch.Tensor:
+        """Images (B, C, H, W) -> the stream entering block 0: (B, 1+N, D) with the patches
+        that `mask` (B, N) marks as e_[M], or (B, 1+|V|, D) for the patch ids `keep` (B, |V|)."""
+        if keep is None:
+            return self.embed(x, mask)
+        if mask is not None:
+            raise ValueError("give either mask (masked patches -> e_[M]) "
+                             "or keep (visible patches only)")
+        return self.embed_visible(x, keep)
+
+    def shared_bias(self) -> Optional[torch.Tensor]:
+        """The relative position bias all blocks share, (H, 1+N, 1+N), or None."""
+        return self.rel_pos_bias() if self.rel_pos_bias is not None else None
+
+    def forward_head(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Final-normed tokens (B, 1+N, D) -> logits (B, classes): [cls], or fc_norm(patch mean)."""
+        if self.fc_norm is None:
+            return self.head(tokens[:, 0])
+        return self.head(self.fc_norm(tokens[:, 1:].mean(1)))
+
+    def forward(self, x, mask=None, keep=None):
         """(B, C, H, W) -> final-normed tokens (B, 1+N, D), or logits (B, classes) with a head.
 
-        return_hiddens=True also returns a dict with, for l = 0..depth-1, 'hiddens'[l] = X^l
-        (block l's input after its norm1, (B, 1+N, D)), 'attn'[l] (B, heads, 1+N, 1+N) and
-        'attn_out'[l] (the attention branch added to the residual); 'hiddens' ends with the
-        final-normed output, so it has depth + 1 entries (layer 0 = the initial embedding).
-        attn_maps=False records only 'hiddens' and 'residual' and keeps the fast SDPA attention.
-        keep (B, |V|) patch ids: the encoder runs on [cls] + those patches only (MAE), so every
-        N above becomes |V|; it cannot be combined with `mask`.
+        mask (B, N) bool: those patches become e_[M] (SimMIM, distillation). keep (B, |V|)
+        patch ids: the encoder runs on [cls] + those patches only (MAE), so N becomes |V|;
+        it cannot be combined with `mask`. The fast path: SDPA attention, nothing kept.
+        For the per-layer tokens use `forward_intermediates`.
         """
-        if keep is not None:
-            if mask is not None:
-                raise ValueError("give either mask (masked patches -> e_[M]) or keep (visible patches only)")
-            x = self.embed_visible(x, keep)
-        else:
-            x = self.embed(x, mask)
-        shared_bias = self.rel_pos_bias() if self.rel_pos_bias is not None else None
-        record = None
-        if return_hiddens:
-            record = ({"hiddens": [], "attn": [], "attn_out": [], "residual": []} if attn_maps
-                      else {"hiddens": [], "residual": []})
+        x = self.embed_input(x, mask, keep)                            # (B, 1+N, D)
+        shared_bias = self.shared_bias()
         for blk in self.blocks:
-            if record is not None:
-                record["residual"].append(x)
-            x = blk(x, shared_bias, record)
-        if record is not None:
-            record["pre_norm"] = x
+            x = blk(x, shared_bias)
         x = self.norm(x)
-        if record is not None:
-            record["hiddens"].append(x)
-        if self.head is not None:
-            pooled = x[:, 0] if self.fc_norm is None else self.fc_norm(x[:, 1:].mean(1))  # (B, D)
-            x = self.head(pooled)
-        return (x, record) if return_hiddens else x
+        return x if self.head is None else self.forward_head(x)
+
+    def forward_intermediates(self, x, mask=None, keep=None, depth=None, attn=False):
+        """Forward that also returns the per-layer tokens (timm's convention, named as in MTO).
+
+        Args:
+            x: images (B, C, H, W).
+            mask, keep: as in `forward` (T = 1 + N tokens, or 1 + |V| with keep).
+            depth: run only the first `depth` blocks (None: all L). A probe of block k's output
+                before the final norm reads `layers.pre_norm` of depth=k+1.
+            attn: also return the attention maps and branches (explicit softmax, slower);
+                otherwise SDPA runs as in `forward`.
+        Returns:
+            (tokens, layers): tokens (B, T, D) = the final norm of the last block run's output,
+            as `forward` gives without a head (with one, forward_head(tokens) = its logits);
+            layers: the `Layers` of the blocks run (residual stream, X^0..X^L, pre-norm output,
+            attention).
+        """
+        if depth is not None and not 0 <= depth <= len(self.blocks):
+            raise ValueError(f"depth must be in 0..{len(self.blocks)}, got {depth}")
+        x = self.embed_input(x, mask, keep)                            # (B, T, D)
+        blocks = self.blocks[:depth] if depth is not None else self.blocks
+        return run_blocks(blocks, x, self.shared_bias(), self.norm, attn)
 
 
 # -----------------------------------------------------------------------------
 # Saving, loading, and moving weights to timm
 
 def encoder_state(model: ViT) -> dict:
-    """What `pretrain.py` saves as the encoder file: {'config': ViTConfig dict, 'model': weights}."""
+    """What `pretrain.py` saves as the encoder file:
+    {'config': ViTConfig dict, 'model': weights}."""
     return {"config": asdict(model.cfg), "model": model.state_dict()}
 
 
@@ -488,10 +570,11 @@ class SimMIM(nn.Module):
         nn.init.zeros_(self.head.bias)
 
     def forward(self, x, mask, return_hiddens=False):
-        out = self.encoder(x, mask, return_hiddens=return_hiddens, attn_maps=False)
-        tokens, record = out if return_hiddens else (out, None)
-        pred = self.head(tokens[:, 1:])                                # (B, N, p*p*C)
-        return pred, (record["hiddens"] if record else None)
+        """-> pred (B, N, p*p*C), and X^0..X^L (each (B, 1+N, D)) if return_hiddens else None."""
+        if not return_hiddens:
+            return self.head(self.encoder(x, mask)[:, 1:]), None
+        tokens, layers = self.encoder.forward_intermediates(x, mask)   # (B, 1+N, D)
+        return self.head(tokens[:, 1:]), layers.X                      # (B, N, p*p*C)
 
 
 class MAEDecoder(nn.Module):
@@ -503,10 +586,12 @@ class MAEDecoder(nn.Module):
     """
 
     def __init__(self, *, embed_dim: int, grid: int, patch_size: int, in_chans: int = 3,
-                 decoder_dim: int = 512, depth: int = 8, num_heads: int = 16, mlp_ratio: float = 4.0):
+                 decoder_dim: int = 512, depth: int = 8, num_heads: int = 16,
+                 mlp_ratio: float = 4.0):
         super().__init__()
         if decoder_dim % num_heads or decoder_dim % 4:
-            raise ValueError(f"decoder_dim {decoder_dim} must be divisible by decoder_heads {num_heads} and by 4")
+            raise ValueError(f"decoder_dim {decoder_dim} must be divisible by "
+                             f"decoder_heads {num_heads} and by 4")
         self.decoder_embed = nn.Linear(embed_dim, decoder_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
         self.register_buffer("decoder_pos_embed", sincos_pos_embed(decoder_dim, grid).unsqueeze(0))
@@ -520,27 +605,34 @@ class MAEDecoder(nn.Module):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def forward(self, x, keep, return_hiddens=False):
-        """x: encoder output (B, 1+|V|, D) for the patches `keep` (B, |V|) -> pred (B, N, p*p*C).
-
-        return_hiddens=True also returns {'hiddens': [X^0, ..., X^depth]}, each (B, 1+N, D_dec):
-        X^l = block l's input after its norm1 (X^0: mask tokens + positions, the initial
-        embedding), the last = the decoder_norm output.
-        """
+    def embed_input(self, x, keep):
+        """x: encoder output (B, 1+|V|, D) for the patches `keep` (B, |V|) -> the decoder's
+        stream (B, 1+N, D_dec): every masked position gets e_[M], all get their positions."""
         x = self.decoder_embed(x)                                      # (B, 1+|V|, Dd)
         B, _, Dd = x.shape
         N = self.decoder_pos_embed.shape[1] - 1
-        patches = self.mask_token.to(x.dtype).expand(B, N, Dd)         # every patch starts as e_[M] ...
-        patches = patches.scatter(1, keep.unsqueeze(-1).expand(-1, -1, Dd), x[:, 1:])  # ... visible put back
-        x = torch.cat([x[:, :1], patches], dim=1) + self.decoder_pos_embed.to(x.dtype)  # (B, 1+N, Dd)
-        record = {"hiddens": []} if return_hiddens else None
+        patches = self.mask_token.to(x.dtype).expand(B, N, Dd)         # every patch is e_[M] ...
+        visible = keep.unsqueeze(-1).expand(-1, -1, Dd)
+        patches = patches.scatter(1, visible, x[:, 1:])                # ... the visible put back
+        x = torch.cat([x[:, :1], patches], dim=1)                      # (B, 1+N, Dd)
+        return x + self.decoder_pos_embed.to(x.dtype)
+
+    def forward(self, x, keep):
+        """x: encoder output (B, 1+|V|, D) for the patches `keep` (B, |V|) -> pred (B, N, p*p*C)."""
+        x = self.embed_input(x, keep)                                  # (B, 1+N, Dd)
         for blk in self.decoder_blocks:
-            x = blk(x, None, record)
-        x = self.decoder_norm(x)
-        if record is not None:
-            record["hiddens"].append(x)
-        pred = self.decoder_pred(x[:, 1:])                             # (B, N, p*p*C)
-        return (pred, record) if return_hiddens else pred
+            x = blk(x)
+        return self.decoder_pred(self.decoder_norm(x)[:, 1:])          # (B, N, p*p*C)
+
+    def forward_intermediates(self, x, keep):
+        """As `forward`, also returning the decoder's `Layers` -> (pred (B, N, p*p*C), layers).
+
+        layers.X = X^0..X^L, each (B, 1+N, D_dec): X^l = block l's input after its norm1 (X^0:
+        mask tokens + positions, the initial embedding), X^L = the decoder_norm output.
+        """
+        x = self.embed_input(x, keep)                                  # (B, 1+N, Dd)
+        tokens, layers = run_blocks(self.decoder_blocks, x, None, self.decoder_norm)
+        return self.decoder_pred(tokens[:, 1:]), layers
 
 
 class MAE(nn.Module):
@@ -557,11 +649,13 @@ class MAE(nn.Module):
         encoder.mask_token.requires_grad_(False)
 
     def forward(self, x, mask, return_hiddens=False):
+        """-> pred (B, N, p*p*C), and the decoder's X^0..X^L if return_hiddens else None."""
         _, keep = mask_ids(mask)                                       # (B, |V|) visible patch ids
         latent = self.encoder(x, keep=keep)                            # (B, 1+|V|, D)
-        out = self.decoder(latent, keep, return_hiddens=return_hiddens)
-        pred, record = out if return_hiddens else (out, None)
-        return pred, (record["hiddens"] if record else None)
+        if not return_hiddens:
+            return self.decoder(latent, keep), None
+        pred, layers = self.decoder.forward_intermediates(latent, keep)
+        return pred, layers.X
 
 
 # -----------------------------------------------------------------------------
@@ -628,7 +722,8 @@ class CLIPTeacher(Teacher):
         s_mean, s_std = torch.tensor(student_mean), torch.tensor(student_std)
         c_mean, c_std = torch.tensor(mean), torch.tensor(std)
         self.register_buffer("scale", (s_std / c_std).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("shift", ((s_mean - c_mean) / c_std).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("shift", ((s_mean - c_mean) / c_std).view(1, 3, 1, 1),
+                             persistent=False)
         self.out_dim = visual.proj.shape[1]
         self.num_patches = visual.grid_size[0] * visual.grid_size[1]
 
@@ -671,7 +766,8 @@ def resolve_clip_weights(model_name: str, pretrained: str) -> str:
         raise RuntimeError(
             f"CLIP weights '{model_name}/{pretrained}' are not cached and cannot be downloaded "
             "(no network): download them on a machine with internet (open_clip.create_model("
-            f"'{model_name}', pretrained='{pretrained}')) and set teacher.pretrained=/path/to/weights")
+            f"'{model_name}', pretrained='{pretrained}')) "
+            "and set teacher.pretrained=/path/to/weights")
     return pretrained
 
 
@@ -732,13 +828,14 @@ def load_cnn(path: str) -> SmallCNN:
     return cnn
 
 
-def build_teacher(kind: str, student_encoder: Optional[ViT] = None, clip_model: str = "ViT-B-16-quickgelu",
-                  pretrained: str = "openai") -> Teacher:
+def build_teacher(kind: str, student_encoder: Optional[ViT] = None,
+                  clip_model: str = "ViT-B-16-quickgelu", pretrained: str = "openai") -> Teacher:
     """kind 'clip' (open_clip name + tag or file), 'checkpoint' (pretrained = an encoder file of
     this project) or 'ema' (a momentum copy of `student_encoder`)."""
     if kind == "clip":
         return CLIPTeacher(clip_model, pretrained)
-    if kind == "checkpoint":  # a fine-tuned classifier (finetune.py's best.pth) works too: its head is dropped
+    if kind == "checkpoint":  # a fine-tuned classifier (finetune.py's best.pth) works too:
+        # its head is dropped
         return ViTTeacher(load_encoder(pretrained, num_classes=0))
     if kind == "ema":
         return EMATeacher(student_encoder)

@@ -8,14 +8,15 @@ It reads the probe's config (same keys, plus the three below) and writes to out_
     attention_stats.csv  per block, averaged over heads and images: [cls]->[cls] attention,
                          [cls]->patches attention mass, entropy of the [cls] row over the patches
                          (renormalised without the [cls] column), mean entropy of the patch rows
-                         (over all 1+N keys), ||attention output|| / ||residual|| for [cls] and patches
+                         (over all 1+N keys), ||attention output|| / ||residual|| for [cls] and
+                         for the patches
     attention_stats.png  the same over depth
     attention_maps.png   validation images with the AbMILP attention (from out_dir/heads.pth) and
                          the last block's [cls] attention over the patches overlaid
 
 On your own checkpoint (entropies in nats; uniform attention over N patches has log N):
     from experiments.attention_analysis import information_flow
-    rows = information_flow(vit, images)       # one dict per block: {"block": l, "cls_to_cls": ..., ...}
+    rows = information_flow(vit, images)   # one dict per block: {"block": l, "cls_to_cls": ...}
 """
 import csv
 import math
@@ -35,7 +36,8 @@ import data  # noqa: E402
 import probe  # noqa: E402
 from common import ConfigError, parse_config, print0, run_main, setup_distributed  # noqa: E402
 
-STATS = ("cls_to_cls", "cls_to_patches", "cls_entropy", "patch_entropy", "cls_norm_ratio", "patch_norm_ratio")
+STATS = ("cls_to_cls", "cls_to_patches", "cls_entropy", "patch_entropy", "cls_norm_ratio",
+         "patch_norm_ratio")
 
 
 @dataclass
@@ -84,19 +86,21 @@ def information_flow(vit, images: torch.Tensor, batch_size: int = 64) -> list:
     vit.eval()
     per_block = [defaultdict(list) for _ in vit.blocks]
     for x in images.split(batch_size):
-        _, rec = vit(x, return_hiddens=True)
+        _, layers = vit.forward_intermediates(x, attn=True)
         for l, stats in enumerate(per_block):
-            for name, v in attention_stats(rec["attn"][l], rec["attn_out"][l], rec["residual"][l]).items():
+            block_stats = attention_stats(layers.attn[l], layers.attn_out[l], layers.residual[l])
+            for name, v in block_stats.items():
                 stats[name].append(v)
-    return [{"block": l, **{n: torch.cat(stats[n]).mean().item() for n in STATS}} for l, stats in enumerate(per_block)]
+    return [{"block": l, **{n: torch.cat(stats[n]).mean().item() for n in STATS}}
+            for l, stats in enumerate(per_block)]
 
 
 @torch.no_grad()
 def cls_attention_map(vit, images: torch.Tensor) -> torch.Tensor:
     """The last block's [cls] attention over the patches, mean over heads, renormalised: (B, N)."""
     vit.eval()
-    _, rec = vit(images, return_hiddens=True)
-    a = rec["attn"][-1][:, :, 0, 1:].mean(1)                         # (B, N)
+    _, layers = vit.forward_intermediates(images, attn=True)
+    a = layers.attn[-1][:, :, 0, 1:].mean(1)                         # (B, N)
     return a / a.sum(-1, keepdim=True)
 
 
@@ -124,15 +128,19 @@ def plot_stats(rows: list, num_patches: int, path: str):
     import matplotlib.pyplot as plt
     blocks = [r["block"] for r in rows]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    panels = [("attention of [cls]", [("cls_to_cls", "[cls] -> [cls]"), ("cls_to_patches", "[cls] -> patches")]),
-              ("entropy (nats)", [("cls_entropy", "[cls] row over patches"), ("patch_entropy", "patch rows")]),
-              ("||attention out|| / ||residual||", [("cls_norm_ratio", "[cls]"), ("patch_norm_ratio", "patches")])]
+    panels = [("attention of [cls]", [("cls_to_cls", "[cls] -> [cls]"),
+                                      ("cls_to_patches", "[cls] -> patches")]),
+              ("entropy (nats)", [("cls_entropy", "[cls] row over patches"),
+                                  ("patch_entropy", "patch rows")]),
+              ("||attention out|| / ||residual||", [("cls_norm_ratio", "[cls]"),
+                                                    ("patch_norm_ratio", "patches")])]
     for ax, (title, curves) in zip(axes, panels):
         for key, label in curves:
             ax.plot(blocks, [r[key] for r in rows], marker="o", label=label)
         ax.set_title(title)
         ax.set_xlabel("block")
-    axes[1].axhline(math.log(num_patches), color="grey", ls="--", lw=1, label="uniform over patches")
+    axes[1].axhline(math.log(num_patches), color="grey", ls="--", lw=1,
+                    label="uniform over patches")
     for ax in axes:
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -141,7 +149,8 @@ def plot_stats(rows: list, num_patches: int, path: str):
 
 
 def plot_maps(images: torch.Tensor, maps: dict, grid: int, path: str):
-    """One row per image: the image, then each map (B, N) upsampled and overlaid (min-max scaled)."""
+    """One row per image: the image, then each map (B, N) upsampled and overlaid (min-max
+    scaled)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -151,7 +160,8 @@ def plot_maps(images: torch.Tensor, maps: dict, grid: int, path: str):
     for i in range(B):
         axes[i, 0].imshow(pictures[i])
         for j, (name, m) in enumerate(maps.items(), start=1):
-            up = F.interpolate(m[i].view(1, 1, grid, grid).float().cpu(), size=(H, W), mode="nearest")[0, 0]
+            cells = m[i].view(1, 1, grid, grid).float().cpu()                # (1, 1, g, g)
+            up = F.interpolate(cells, size=(H, W), mode="nearest")[0, 0]      # (H, W)
             up = ((up - up.min()) / (up.max() - up.min() + 1e-12)).numpy()
             axes[i, j].imshow(pictures[i])
             axes[i, j].imshow(up, cmap="jet", alpha=0.5)
@@ -177,7 +187,8 @@ def main(argv):
                              transform=data.eval_transform(vit.cfg.img_size), subset=cfg.val_subset)
     n = min(cfg.num_images, len(val))
     images = torch.stack([val[i][0] for i in range(n)]).to(device)   # (n, C, H, W)
-    print0(f"backbone {cfg.backbone}: {len(vit.blocks)} blocks; statistics over {n} validation images")
+    print0(f"backbone {cfg.backbone}: {len(vit.blocks)} blocks; "
+           f"statistics over {n} validation images")
 
     # -------------------------------------------------------------------------
     # Statistics per block: CSV and plot
@@ -187,7 +198,8 @@ def main(argv):
     print0(f"{'block':>5} " + " ".join(f"{s:>16}" for s in STATS))
     for r in rows:
         print0(f"{r['block']:>5} " + " ".join(f"{r[s]:>16.4f}" for s in STATS))
-    print0(f"uniform attention over the {vit.num_patches} patches has entropy {math.log(vit.num_patches):.4f}")
+    print0(f"uniform attention over the {vit.num_patches} patches has entropy "
+           f"{math.log(vit.num_patches):.4f}")
 
     # -------------------------------------------------------------------------
     # Attention maps: AbMILP (the probe's trained head) and the last block's [cls]

@@ -41,8 +41,8 @@ from common import (ConfigError, make_config, parse_config, print0,  # noqa: E40
 
 @dataclass
 class Config:
-    checkpoints: List[str] = field(default_factory=list)  # checkpoint.pth or encoder.pth files, one per run
-    labels: List[str] = field(default_factory=list)       # legend names (default: the run folders' names)
+    checkpoints: List[str] = field(default_factory=list)  # checkpoint.pth or encoder.pth, one a run
+    labels: List[str] = field(default_factory=list)       # legend names (default: run folder names)
     num_images: int = 256              # validation images (each with its own mask)
     batch_size: int = 64
     seed: int = 0                      # mask seed (per image, as in pre-training)
@@ -53,7 +53,8 @@ class Config:
 
     def validate(self):
         if not self.checkpoints:
-            raise ConfigError("give the runs to compare: checkpoints=[runs/A/checkpoint.pth,runs/B/checkpoint.pth]")
+            raise ConfigError("give the runs to compare: "
+                              "checkpoints=[runs/A/checkpoint.pth,runs/B/checkpoint.pth]")
         if self.labels and len(self.labels) != len(self.checkpoints):
             raise ConfigError(f"{len(self.labels)} labels for {len(self.checkpoints)} checkpoints")
         if self.num_images < 1 or self.batch_size < 1:
@@ -69,7 +70,8 @@ def load_run(path: str):
     """checkpoint.pth or encoder.pth -> (net, run config): net is a ViT (mask tokens in the encoder)
     or an MAE (mask tokens in the decoder), in eval mode."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"'{path}' does not exist: give a checkpoint.pth or encoder.pth written by pretrain.py")
+        raise FileNotFoundError(f"'{path}' does not exist: give a checkpoint.pth or encoder.pth "
+                                "written by pretrain.py")
     ckpt = read_weights_or_checkpoint(path)
     if "optimizer" in ckpt:  # a full checkpoint: the run's config is inside
         run = make_config(pretrain.Config, ckpt["config"])
@@ -78,13 +80,15 @@ def load_run(path: str):
             net = pretrain.build_mim(run, encoder)
             net.load_state_dict(ckpt["model"], strict=True)
         else:  # distill or simmim: the encoder's weights, without the student's head
-            state = {k[len("encoder."):]: v for k, v in ckpt["model"].items() if k.startswith("encoder.")}
+            state = {k[len("encoder."):]: v for k, v in ckpt["model"].items()
+                     if k.startswith("encoder.")}
             encoder.load_state_dict(state, strict=True)
             net = encoder
         return net.eval(), run
     config_file = os.path.join(os.path.dirname(path), "config.yaml")
     if not os.path.isfile(config_file):
-        raise FileNotFoundError(f"'{path}' is an encoder file without the run's config.yaml next to it")
+        raise FileNotFoundError(f"'{path}' is an encoder file without the run's config.yaml "
+                                "next to it")
     with open(config_file) as f:
         run = make_config(pretrain.Config, yaml.safe_load(f))
     if run.framework == "mae":
@@ -102,35 +106,41 @@ def read_weights_or_checkpoint(path: str) -> dict:
 
 
 def masked_images(run, cfg: Config, img_size: int, grid: int):
-    """The first num_images validation images (B, C, H, W) and their masks (B, N), as the run masks."""
+    """The first num_images validation images (B, C, H, W) and their masks (B, N), as the run
+    masks them."""
     val = data.build_dataset(run.dataset, cfg.data_path or run.data_path, train=False,
                              transform=data.eval_transform(img_size), subset=cfg.num_images)
-    ds = data.MaskedImages(val, grid, cfg.mask_ratio or run.mask_ratio, run.mask, run.mask_min_patches,
-                           cfg.seed, mask_cell=run.mask_patch_size // run.patch_size)
+    ds = data.MaskedImages(val, grid, cfg.mask_ratio or run.mask_ratio, run.mask,
+                           run.mask_min_patches, cfg.seed,
+                           mask_cell=run.mask_patch_size // run.patch_size)
     samples = [ds[i] for i in range(len(ds))]
     return torch.stack([s[0] for s in samples]), torch.stack([s[1] for s in samples])
 
 
 @torch.no_grad()
-def layer_heterogeneity(net, images: torch.Tensor, masks: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+def layer_heterogeneity(net, images: torch.Tensor, masks: torch.Tensor,
+                        batch_size: int = 64) -> torch.Tensor:
     """H^l for every image and layer: (L+1, num_images), layer 0 = the initial embedding."""
     per_batch = []
     for x, m in zip(images.split(batch_size), masks.split(batch_size)):
         if isinstance(net, M.MAE):
-            _, hiddens = net(x, m, return_hiddens=True)              # decoder X^l, (b, 1+N, D_dec)
+            _, X = net(x, m, return_hiddens=True)                    # decoder X^l, (b, 1+N, D_dec)
         else:
-            hiddens = net(x, m, return_hiddens=True, attn_maps=False)[1]["hiddens"]  # encoder X^l
-        per_batch.append(torch.stack([losses.heterogeneity(h[:, 1:], m) for h in hiddens]))  # (L+1, b)
+            X = net.forward_intermediates(x, m)[1].X                 # encoder X^l, (b, 1+N, D)
+        H = [losses.heterogeneity(X_l[:, 1:], m) for X_l in X]       # [cls] left out
+        per_batch.append(torch.stack(H))                             # (L+1, b)
     return torch.cat(per_batch, dim=1)
 
 
 def run_heterogeneity(path: str, cfg: Config, device="cpu"):
-    """One run's checkpoint.pth or encoder.pth -> (H^l per layer and image (L+1, num_images), log |V|,
-    a one-line description). The images and masks are as the run's pre-training draws them."""
+    """One run's checkpoint.pth or encoder.pth -> (H^l per layer and image (L+1, num_images),
+    log |V|, a one-line description). The images and masks are as the run's pre-training draws
+    them."""
     net, run = load_run(path)
     vit = net.encoder if isinstance(net, M.MAE) else net
     images, masks = masked_images(run, cfg, vit.cfg.img_size, vit.cfg.grid)
-    curve = layer_heterogeneity(net.to(device), images.to(device), masks.to(device), cfg.batch_size).cpu()
+    curve = layer_heterogeneity(net.to(device), images.to(device), masks.to(device),
+                                cfg.batch_size).cpu()
     where = "decoder" if isinstance(net, M.MAE) else "encoder"
     note = (f"{run.framework}, H^l over the {where} blocks, {len(images)} images, "
             f"|M| = {int(masks[0].sum())}, |V| = {int((~masks[0]).sum())}")
@@ -160,7 +170,8 @@ def draw(ax, curves: dict, log_visible: dict, title: str = "mask vs visible toke
     for label, h in curves.items():
         ax.plot(range(h.shape[0]), h.mean(1).numpy(), marker="o", label=label)
     for i, value in enumerate(sorted(set(log_visible.values()))):
-        ax.axhline(value, color="grey", ls="--", lw=1, label="log |V| (uniform rows)" if i == 0 else None)
+        ax.axhline(value, color="grey", ls="--", lw=1,
+                   label="log |V| (uniform rows)" if i == 0 else None)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("layer depth (0 = initial embedding)")
     ax.set_ylabel("heterogeneity H (nats)")
@@ -183,7 +194,8 @@ def main(argv):
     cfg = parse_config(Config, argv)
     device = setup_distributed(cfg.device).device  # one process: the analysis is cheap
     os.makedirs(cfg.out_dir, exist_ok=True)
-    labels = cfg.labels or [os.path.basename(os.path.dirname(os.path.abspath(p))) for p in cfg.checkpoints]
+    labels = cfg.labels or [os.path.basename(os.path.dirname(os.path.abspath(p)))
+                            for p in cfg.checkpoints]
     curves, log_visible = {}, {}
     for label, path in zip(labels, cfg.checkpoints):
         curves[label], log_visible[label], note = run_heterogeneity(path, cfg, device)
@@ -192,7 +204,8 @@ def main(argv):
     plot(curves, log_visible, os.path.join(cfg.out_dir, "heterogeneity.png"))
     print0("layer " + " ".join(f"{label:>14}" for label in curves))
     for l in range(max(h.shape[0] for h in curves.values())):
-        print0(f"{l:>5} " + " ".join(f"{h[l].mean():>14.4f}" if l < h.shape[0] else " " * 14 for h in curves.values()))
+        cells = [f"{h[l].mean():>14.4f}" if l < h.shape[0] else " " * 14 for h in curves.values()]
+        print0(f"{l:>5} " + " ".join(cells))
     print0(f"done: {cfg.out_dir}/heterogeneity.csv, heterogeneity.png")
 
 

@@ -1,6 +1,8 @@
-"""Unit tests for model.py: the ViT against timm, masking, hiddens, saving/loading, teachers.
+"""Unit tests for model.py: the ViT against timm, masking, per-layer tokens (forward_intermediates),
+saving/loading, teachers.
 
-All models are tiny (embed_dim 32, depth 2, 32x32 images), everything runs on the CPU and offline.
+All models are tiny (embed_dim 32, depth 2, 32x32 images), everything runs on the CPU and
+offline.
 """
 import json
 import os
@@ -56,8 +58,9 @@ def test_learned_pos_layer_scale_matches_timm_vit():
     import timm.models.vision_transformer as tv
     ours = randomise(tiny(layer_scale=0.1)).eval()
     assert ours.blocks[0].attn.qkv.bias.abs().min() > 0  # the k part of the qkv bias is random too
-    ref = tv.VisionTransformer(img_size=IMG, patch_size=PATCH, embed_dim=D, depth=DEPTH, num_heads=HEADS,
-                               init_values=0.1, num_classes=0, global_pool="").eval()
+    ref = tv.VisionTransformer(img_size=IMG, patch_size=PATCH, embed_dim=D, depth=DEPTH,
+                               num_heads=HEADS, init_values=0.1, num_classes=0,
+                               global_pool="").eval()
     sd = to_timm(ours.state_dict())
     assert "mask_token" not in sd
     ref.load_state_dict(sd, strict=True)
@@ -71,8 +74,8 @@ def test_sincos_pos_matches_timm_vit():
     ours = randomise(tiny(pos_embed="sincos")).eval()
     assert "pos_embed" not in dict(ours.named_parameters())       # a fixed buffer ...
     assert "pos_embed" in ours.state_dict()                        # ... that is saved
-    ref = tv.VisionTransformer(img_size=IMG, patch_size=PATCH, embed_dim=D, depth=DEPTH, num_heads=HEADS,
-                               num_classes=0, global_pool="").eval()
+    ref = tv.VisionTransformer(img_size=IMG, patch_size=PATCH, embed_dim=D, depth=DEPTH,
+                               num_heads=HEADS, num_classes=0, global_pool="").eval()
     ref.load_state_dict(to_timm(ours.state_dict()), strict=True)  # buffer -> timm's pos_embed param
     close(ref.pos_embed.data, sincos_pos_embed(D, GRID).unsqueeze(0), atol=0)
     x = images()
@@ -121,7 +124,8 @@ def test_sincos_matches_mae_reference():
 
 
 def test_from_timm_round_trip():
-    """timm VisionTransformer weights -> from_timm -> our ViT (plus its own mask token) -> same output."""
+    """timm VisionTransformer weights -> from_timm -> our ViT (plus its own mask token) -> same
+    output."""
     import timm.models.vision_transformer as tv
     ref = randomise(tv.VisionTransformer(img_size=IMG, patch_size=PATCH, embed_dim=D, depth=DEPTH,
                                          num_heads=HEADS, init_values=0.1, num_classes=0,
@@ -134,7 +138,8 @@ def test_from_timm_round_trip():
     with torch.no_grad():
         close(ours(x), ref.forward_features(x))
     mae = {"model": {**ref.state_dict(), "decoder_embed.weight": torch.zeros(3, D),
-                     "decoder_pos_embed": torch.zeros(1, 1 + N, 3), "fc_norm.weight": torch.ones(D)}}
+                     "decoder_pos_embed": torch.zeros(1, 1 + N, 3),
+                     "fc_norm.weight": torch.ones(D)}}
     assert set(M.from_timm(mae)) == set(ref.state_dict())
 
 
@@ -174,28 +179,104 @@ def test_dropping_k_bias_is_exact():
 
 
 # -----------------------------------------------------------------------------
-# 2. return_hiddens
+# 2. forward_intermediates: the per-layer tokens X^l
 
-@pytest.mark.parametrize("kwargs", [dict(layer_scale=0.1),
-                                    dict(pos_embed="none", rel_pos_bias=True, shared_rel_pos_bias=True)])
-def test_return_hiddens_matches_fast_path(kwargs):
+INTERMEDIATE_CONFIGS = [dict(layer_scale=0.1),
+                        dict(pos_embed="none", rel_pos_bias=True, shared_rel_pos_bias=True)]
+
+
+@pytest.mark.parametrize("kwargs", INTERMEDIATE_CONFIGS)
+def test_forward_intermediates_matches_the_fast_path(kwargs):
+    """Without attn: the same SDPA path as forward, bit for bit, and the layers it documents."""
     ours = randomise(tiny(**kwargs)).eval()
     x = images(3)
     mask = torch.rand(3, N) < 0.5
     with torch.no_grad():
-        fast = ours(x, mask)
-        out, extra = ours(x, mask, return_hiddens=True)
-        close(out, fast)
-        hid, attn = extra["hiddens"], extra["attn"]
-        assert len(hid) == DEPTH + 1 and len(attn) == DEPTH and len(extra["attn_out"]) == DEPTH
-        assert all(h.shape == (3, 1 + N, D) for h in hid)
-        close(hid[0], ours.blocks[0].norm1(ours.embed(x, mask)), atol=0)  # layer 0: the embedding
-        torch.testing.assert_close(hid[-1], out, atol=0, rtol=0)          # last: the final output
-        close(ours.norm(extra["pre_norm"]), out, atol=0)
-        for a in attn:
-            assert a.shape == (3, HEADS, 1 + N, 1 + N)
-            assert (a >= 0).all()
-            close(a.sum(-1), torch.ones(3, HEADS, 1 + N))
+        tokens, layers = ours.forward_intermediates(x, mask)
+        assert torch.equal(tokens, ours(x, mask))                    # (3, 1+N, D)
+        assert len(layers.residual) == DEPTH and len(layers.X) == DEPTH + 1
+        assert all(X_l.shape == (3, 1 + N, D) for X_l in layers.X)
+        assert layers.attn is None and layers.attn_out is None
+        assert torch.equal(layers.residual[0], ours.embed(x, mask))  # the stream entering block 0
+        for l, blk in enumerate(ours.blocks):                        # X^l = norm1(residual^l)
+            assert torch.equal(layers.X[l], blk.norm1(layers.residual[l]))
+        assert layers.X[-1] is tokens                                # X^L: the final-normed output
+        assert torch.equal(ours.norm(layers.pre_norm), tokens)
+
+
+@pytest.mark.parametrize("kwargs", INTERMEDIATE_CONFIGS)
+def test_forward_intermediates_attention_maps(kwargs):
+    """attn=True: explicit softmax maps (rows sum to 1), the branches, the same tokens."""
+    ours = randomise(tiny(**kwargs)).eval()
+    x = images(3)
+    mask = torch.rand(3, N) < 0.5
+    with torch.no_grad():
+        fast, plain = ours.forward_intermediates(x, mask)
+        tokens, layers = ours.forward_intermediates(x, mask, attn=True)
+    close(tokens, fast)
+    for X_l, X_fast in zip(layers.X, plain.X):
+        close(X_l, X_fast)
+    assert len(layers.attn) == len(layers.attn_out) == DEPTH
+    for maps, branch in zip(layers.attn, layers.attn_out):
+        assert maps.shape == (3, HEADS, 1 + N, 1 + N) and (maps >= 0).all()
+        close(maps.sum(-1), torch.ones(3, HEADS, 1 + N))
+        assert branch.shape == (3, 1 + N, D)
+    # the branch is what the attention adds: residual^0 + branch^0 + MLP(...) = residual^1
+    blk, r0 = ours.blocks[0], layers.residual[0]
+    after_attn = r0 + layers.attn_out[0]
+    close(after_attn + blk.ls2(blk.mlp(blk.norm2(after_attn))), layers.residual[1])
+
+
+def hand_loop(vit, x, k):
+    """Block k's output before the final norm, by running the blocks by hand: (B, 1+N, D)."""
+    tokens = vit.embed(x)
+    shared_bias = vit.rel_pos_bias() if vit.rel_pos_bias is not None else None
+    for blk in vit.blocks[: k + 1]:
+        tokens = blk(tokens, shared_bias)
+    return tokens
+
+
+def test_forward_intermediates_depth_is_the_hand_loop():
+    """depth=k+1 runs blocks 0..k only: pre_norm is block k's output (what the probes read,
+    probe.frozen_tokens(vit, x, k)), tokens its final norm; bit for bit."""
+    vit = randomise(build_vit("vit_micro", depth=3, img_size=IMG, patch_size=PATCH,
+                              rel_pos_bias=True, shared_rel_pos_bias=True,
+                              layer_scale=0.1)).eval()
+    x = images()
+    calls = []  # the blocks that ran, seen by their first LayerNorm
+    hooks = [blk.norm1.register_forward_pre_hook(lambda m, args: calls.append(m))
+             for blk in vit.blocks]
+    with torch.no_grad():
+        for k in range(3):
+            expected = hand_loop(vit, x, k)
+            calls.clear()
+            tokens, layers = vit.forward_intermediates(x, depth=k + 1)
+            assert calls == [blk.norm1 for blk in vit.blocks[: k + 1]]  # later ones never run
+            assert torch.equal(layers.pre_norm, expected)
+            assert torch.equal(tokens, vit.norm(expected))
+            assert len(layers.X) == k + 2 and len(layers.residual) == k + 1
+            if k > 0:
+                assert torch.equal(layers.residual[k], hand_loop(vit, x, k - 1))
+        assert torch.equal(vit.forward_intermediates(x, depth=3)[1].pre_norm,
+                           vit.forward_intermediates(x)[1].pre_norm)
+        _, layers = vit.forward_intermediates(x, depth=0)            # no block: the embedding
+        assert torch.equal(layers.pre_norm, vit.embed(x)) and len(layers.X) == 1
+    for h in hooks:
+        h.remove()
+    for bad in (-1, 4):
+        with pytest.raises(ValueError, match="depth must be in 0..3"):
+            vit.forward_intermediates(x, depth=bad)
+
+
+def test_forward_intermediates_with_keep():
+    """MAE's encoder path: [cls] + the visible patches only, T = 1 + |V|."""
+    ours = randomise(tiny(layer_scale=0.1)).eval()
+    x = images()
+    keep = torch.stack([torch.randperm(N)[:20].sort().values for _ in range(2)])  # (2, |V|)
+    with torch.no_grad():
+        tokens, layers = ours.forward_intermediates(x, keep=keep)
+        assert torch.equal(tokens, ours(x, keep=keep))
+    assert tokens.shape == (2, 21, D) and layers.X[0].shape == (2, 21, D)
 
 
 # -----------------------------------------------------------------------------
@@ -236,7 +317,8 @@ def test_distill_student_shapes_and_gradients():
 
 def patch_slice(j):
     r, c = divmod(j, GRID)
-    return (slice(None), slice(None), slice(r * PATCH, (r + 1) * PATCH), slice(c * PATCH, (c + 1) * PATCH))
+    rows, cols = slice(r * PATCH, (r + 1) * PATCH), slice(c * PATCH, (c + 1) * PATCH)
+    return (slice(None), slice(None), rows, cols)
 
 
 def test_masked_patch_uses_mask_token():
@@ -258,7 +340,8 @@ def test_masked_patch_uses_mask_token():
         torch.testing.assert_close(emb[1, 1 + j], expected, atol=0, rtol=0)
         # unmasked: they are
         assert (ours(y) - ours(x)).abs().max() > 1e-3
-        assert (ours(y, torch.zeros_like(mask)) - ours(x, torch.zeros_like(mask))).abs().max() > 1e-3
+        none = torch.zeros_like(mask)
+        assert (ours(y, none) - ours(x, none)).abs().max() > 1e-3
         # an all-False mask is the same as no mask
         close(ours(x, torch.zeros_like(mask)), ours(x), atol=0)
         # the mask token itself matters (a random change: adding a constant to every channel
@@ -274,7 +357,8 @@ def test_masked_patch_uses_mask_token():
 # 5. saving and loading encoders
 
 @pytest.mark.parametrize("kwargs", [dict(layer_scale=0.1),
-                                    dict(pos_embed="sincos", rel_pos_bias=True, shared_rel_pos_bias=True)])
+                                    dict(pos_embed="sincos", rel_pos_bias=True,
+                                         shared_rel_pos_bias=True)])
 def test_encoder_state_round_trip(tmp_path, kwargs):
     ours = randomise(tiny(**kwargs)).eval()
     path = tmp_path / "encoder.pth"
@@ -306,7 +390,7 @@ def test_load_encoder_errors(tmp_path):
     missing = str(tmp_path / "nope" / "encoder.pth")
     with pytest.raises(FileNotFoundError) as e:
         load_encoder(missing)
-    assert missing in str(e.value) and "encoder.pth" in str(e.value) and "pretrain.py" in str(e.value)
+    assert all(word in str(e.value) for word in (missing, "encoder.pth", "pretrain.py"))
     bogus = tmp_path / "weights.pth"
     torch.save(tiny().state_dict(), bogus)
     with pytest.raises(ValueError, match="'config' and 'model'"):
@@ -338,8 +422,8 @@ def test_checkpoint_teacher_from_a_classifier_drops_the_head(tmp_path):
     t = build_teacher("checkpoint", pretrained=str(path))(x)
     assert t.shape == (2, N, D)
     with torch.no_grad():
-        _, record = clf(x, return_hiddens=True)
-    close(t, record["hiddens"][-1][:, 1:])  # the classifier's final-normed patch tokens
+        tokens, _ = clf.forward_intermediates(x)
+    close(t, tokens[:, 1:])  # the classifier's final-normed patch tokens
 
 
 # -----------------------------------------------------------------------------
@@ -354,7 +438,7 @@ def test_build_vit_rejects_unknown_name_and_options():
     with pytest.raises(ValueError) as e:
         build_vit("vit_micro", img_size=IMG, patch_size=PATCH, embed_dims=64)
     msg = str(e.value)
-    assert "embed_dims" in msg and "embed_dim'" in msg and "patch_size" in msg and "layer_scale" in msg
+    assert all(word in msg for word in ("embed_dims", "embed_dim'", "patch_size", "layer_scale"))
     with pytest.raises(ValueError, match="pos_embed"):
         tiny(pos_embed="rope")
     with pytest.raises(ValueError, match="multiple"):
@@ -363,7 +447,8 @@ def test_build_vit_rejects_unknown_name_and_options():
 
 def test_build_vit_sizes():
     vit = tiny()
-    assert vit.cfg.embed_dim == D and len(vit.blocks) == DEPTH and vit.blocks[0].attn.num_heads == HEADS
+    assert vit.cfg.embed_dim == D and len(vit.blocks) == DEPTH
+    assert vit.blocks[0].attn.num_heads == HEADS
     assert vit.num_patches == N
     assert vit(images()).shape == (2, 1 + N, D)
     assert tiny(num_classes=4)(images()).shape == (2, 4)
@@ -406,7 +491,8 @@ def test_clip_teacher_matches_open_clip_visual_tokens(tiny_clip):
     assert teacher.out_dim == CLIP_CFG["embed_dim"]
     assert teacher.num_patches == (IMG // 8) ** 2
     pixels = torch.rand(2, 3, IMG, IMG)  # in [0, 1]
-    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     x_student = (pixels - mean) / std
     c_mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
     c_std = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
@@ -490,8 +576,9 @@ def test_resolve_clip_weights_fails_fast_without_network(offline):
 
 def test_resolve_clip_weights_uses_the_hf_cache(offline):
     """A tag whose weights are in the Hugging Face cache resolves to the cached file, offline.
-    open_clip's hf_hub entry for ViT-B-16-quickgelu/openai is 'timm/vit_base_patch16_clip_224.openai/'
-    (repo id + '/' + empty filename -> open_clip's default weight file names)."""
+    open_clip's hf_hub entry for ViT-B-16-quickgelu/openai is
+    'timm/vit_base_patch16_clip_224.openai/' (repo id + '/' + empty filename -> open_clip's
+    default weight file names)."""
     cache, probed = offline
     import open_clip
     hub = open_clip.get_pretrained_cfg("ViT-B-16-quickgelu", "openai")["hf_hub"]
@@ -506,7 +593,8 @@ def test_resolve_clip_weights_uses_the_hf_cache(offline):
     cached = snap / "open_clip_model.safetensors"
     cached.write_bytes(b"not really weights")
     from huggingface_hub import try_to_load_from_cache
-    assert try_to_load_from_cache(repo, "open_clip_model.safetensors") == str(cached)  # the fake cache works
+    # the fake cache works
+    assert try_to_load_from_cache(repo, "open_clip_model.safetensors") == str(cached)
     assert resolve_clip_weights("ViT-B-16-quickgelu", "openai") == str(cached)
     assert probed == []
 
@@ -515,13 +603,15 @@ def test_resolve_clip_weights_local_files_and_unknown_tags(offline, tmp_path):
     existing = tmp_path / "weights.bin"
     existing.write_bytes(b"x")
     assert resolve_clip_weights("ViT-B-16-quickgelu", str(existing)) == str(existing)
-    for missing in (str(tmp_path / "nope.pt"), "nope.safetensors", os.path.join("some", "dir", "w")):
+    missing_files = (str(tmp_path / "nope.pt"), "nope.safetensors",
+                     os.path.join("some", "dir", "w"))
+    for missing in missing_files:
         with pytest.raises(FileNotFoundError, match="does not exist"):
             resolve_clip_weights("ViT-B-16-quickgelu", missing)
     with pytest.raises(ValueError) as e:
         resolve_clip_weights("ViT-B-16-quickgelu", "laion9000")
     msg = str(e.value)
-    assert "laion9000" in msg and "'openai'" in msg and "dfn2b" in msg and "teacher.pretrained" in msg
+    assert all(word in msg for word in ("laion9000", "'openai'", "dfn2b", "teacher.pretrained"))
 
 
 # -----------------------------------------------------------------------------

@@ -167,10 +167,10 @@ def test_frozen_tokens_are_the_blocks_outputs():
     vit = M.build_vit("vit_micro", depth=3, img_size=16, patch_size=4, shared_rel_pos_bias=True,
                       rel_pos_bias=True, layer_scale=0.1).eval()
     x = torch.randn(2, 3, 16, 16)
-    out, rec = vit(x, return_hiddens=True)
+    out, layers = vit.forward_intermediates(x)
     torch.testing.assert_close(probe.frozen_tokens(vit, x, -1, final_norm=True), out)
-    torch.testing.assert_close(probe.frozen_tokens(vit, x, -1), rec["pre_norm"])
-    torch.testing.assert_close(probe.frozen_tokens(vit, x, 0), rec["residual"][1])
+    torch.testing.assert_close(probe.frozen_tokens(vit, x, -1), layers.pre_norm)
+    torch.testing.assert_close(probe.frozen_tokens(vit, x, 0), layers.residual[1])
 
 
 def test_timm_and_mae_weights_load_strictly(tmp_path):
