@@ -17,12 +17,14 @@ import shutil
 import signal
 import socket
 import sys
+import time
 import typing
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 import yaml
+from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 
@@ -718,3 +720,233 @@ class SkipSampler(torch.utils.data.Sampler):
 
     def __len__(self):
         return len(self.sampler) - self.skip
+
+
+def train_loader(dataset, micro_batch: int, dist_: Dist, seed: int, num_workers: int) -> DataLoader:
+    """A shuffled, sharded training loader that can resume mid-epoch (its SkipSampler skips what
+    a resumed epoch has seen; `Run.epoch_batches` positions it). The workers ignore SIGTERM/SIGINT."""
+    shards = DistributedSampler(dataset, num_replicas=dist_.world, rank=dist_.rank, shuffle=True,
+                                seed=seed, drop_last=True)
+    return DataLoader(dataset, batch_size=micro_batch, sampler=SkipSampler(shards),
+                      num_workers=num_workers, pin_memory=dist_.device.type == "cuda",
+                      drop_last=True, worker_init_fn=ignore_stop_signals)
+
+
+def no_sync(model: torch.nn.Module, micro: int, accum_steps: int):
+    """DDP: all-reduce the gradients only on the last micro-batch of a step (a no-op otherwise)."""
+    if micro == accum_steps - 1 or not hasattr(model, "no_sync"):
+        return contextlib.nullcontext()
+    return model.no_sync()
+
+
+# -----------------------------------------------------------------------------
+# A training run's plumbing behind one-line calls; the stage scripts keep only the method
+
+class Run:
+    """The run folder, resume, saving, stopping and logging of one training run:
+
+        run = Run(cfg, dist, record, RESUME_KEYS)  # lock out_dir; check config vs checkpoint
+        run.resume(steps_per_epoch, load, state)   # auto-resume, also mid-epoch
+        for epoch in run.epochs():
+            batches = run.epoch_batches(epoch, loader)
+            for step in run.steps(epoch):          # progress bar; ends early on a signal
+                run.set_lr(optimizer, lr_at[step])
+                ...                                # the method
+                if run.finite(loss):               # skip_nonfinite: drop a non-finite step
+                    optimizer.step()
+                    run.add({"loss": loss})        # reduced over ranks at each log step
+            run.end_epoch(epoch)                   # stopped mid-epoch: save, exit 128 + signal
+            run.save(epoch + 1, outputs)           # outputs first, then checkpoint.pth
+            run.exit_if_stopped(epoch + 1)
+        run.finish(outputs)                        # a rerun of a finished run: rewrite lost outputs
+
+    What it guarantees: one run per folder (a lock); config.yaml written only once a checkpoint
+    is known to match it; a checkpoint never names a step whose outputs are not on disk; a
+    resumed run sees the same data and draws the same random numbers as an uninterrupted one
+    (the data order and `step_seed` depend only on (seed, epoch, step)); the log holds no line
+    past the checkpoint; logged values are averaged over all ranks, in one host sync per line.
+    """
+
+    def __init__(self, cfg, dist_: Dist, record: dict = None, resume_keys=None):
+        self.cfg, self.dist = cfg, dist_
+        self.record = record if record is not None else config_dict(cfg)
+        self.micro_batch = split_batch(cfg.batch_size, dist_.world, cfg.accum_steps)
+        print0(yaml.safe_dump(self.record, sort_keys=False))
+        print0(f"world size {dist_.world}, micro-batch {self.micro_batch} per process, "
+               f"{cfg.accum_steps} accumulation step(s), global batch {cfg.batch_size}")
+        self.stop = StopRequest()  # SIGTERM (SLURM, torchrun) / SIGINT (Ctrl-C)
+        open_run_dir(cfg.out_dir)  # one run per folder; temp files of a killed save removed
+        self.ckpt_path, self.log_path = self.path("checkpoint.pth"), self.path("log.jsonl")
+        self.step, self.steps_per_epoch, self.skipped, self.stopping = 0, 0, 0, False
+        self.lr, self._sums, self._count, self._data = 0.0, {}, 0, None
+        self._ckpt = None
+        if resume_keys is not None and os.path.isfile(self.ckpt_path):  # checked before any work
+            self._ckpt = load_checkpoint(self.ckpt_path)
+            check_resume_config(self._ckpt["config"], self.record, resume_keys, self.ckpt_path)
+        write_config(cfg.out_dir, self.record)
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.cfg.out_dir, name)
+
+    # ---- resume and save
+
+    def resume(self, steps_per_epoch: int, load, state, data_keys="batch_size and subset"):
+        """Resume from checkpoint.pth if there is one: load(ckpt) restores the modules; `state()`
+        gives what a checkpoint holds besides the position in the run. -> the checkpoint or None."""
+        if steps_per_epoch == 0:
+            raise ConfigError(f"the data gives no full step of {self.cfg.batch_size} images: "
+                              "lower batch_size")
+        self.steps_per_epoch, self._state = steps_per_epoch, state
+        ckpt, self._ckpt = self._ckpt, None
+        if ckpt is not None:
+            check_steps_per_epoch(ckpt, steps_per_epoch, self.ckpt_path, data_keys)
+            load(ckpt)
+            self.step, self.skipped = ckpt["step"], ckpt.get("skipped_steps", 0)
+            print0(f"resumed from {self.ckpt_path} at epoch {self.step // steps_per_epoch}, "
+                   f"step {self.step}")
+        trim_log(self.log_path, self.step, self.step // steps_per_epoch)  # lines past the ckpt
+        return ckpt
+
+    def save(self, epochs_done: int, outputs: dict = None, keep: bool = False):
+        """Write the outputs ({path: obj}) and then checkpoint.pth (rank 0); keep=True also
+        keeps a copy, checkpoint-<epochs_done>.pth."""
+        if not self.dist.main:
+            return
+        state = {**self._state(), "epoch": epochs_done, "step": self.step,
+                 "steps_per_epoch": self.steps_per_epoch, "skipped_steps": self.skipped,
+                 "config": self.record}
+        save_run(self.ckpt_path, state, outputs or {})
+        if keep:
+            save_atomic(state, self.path(f"checkpoint-{epochs_done:04d}.pth"))
+        print0(f"saved {self.ckpt_path} at step {self.step} "
+               f"(epoch {self.step / self.steps_per_epoch:.2f})")
+
+    def finish(self, outputs: dict):
+        """A rerun of a finished run: rewrite an output lost after its checkpoint (rank 0)."""
+        if self.dist.main:
+            ensure_outputs(outputs, self.step)
+
+    # ---- the loop
+
+    def epochs(self) -> range:
+        return range(self.step // self.steps_per_epoch, self.cfg.epochs)
+
+    def seen(self, epoch: int) -> int:
+        """Micro-batches this rank has already taken in `epoch` (> 0 after a mid-epoch resume)."""
+        return (self.step - epoch * self.steps_per_epoch) * self.cfg.accum_steps
+
+    def epoch_batches(self, epoch: int, loader: DataLoader):
+        """Position a `train_loader` at this epoch: skip what a resumed epoch has seen, draw this
+        epoch's augmentation, count corrupt images from zero. -> an iterator of batches."""
+        loader.sampler.set_epoch(epoch, skip=self.seen(epoch) * self.micro_batch)
+        self._data = loader.dataset
+        self._data.set_epoch(epoch)
+        _reset_corrupt(self._data)
+        return iter(loader)
+
+    def steps(self, epoch: int):
+        """Yield the steps of `epoch` left to run, each with its own torch seed (drop path, mixup:
+        the same draws after a resume). At each log step: the log line, the corrupt-image check,
+        and a stop asked by a signal (the same answer on every rank) ends the epoch early."""
+        end = (epoch + 1) * self.steps_per_epoch
+        bar = tqdm(total=self.steps_per_epoch, initial=self.step - epoch * self.steps_per_epoch,
+                   desc=f"epoch {epoch + 1}/{self.cfg.epochs}", disable=not self.dist.main,
+                   dynamic_ncols=True)
+        self._t0 = time.time()
+        try:
+            while self.step < end:
+                torch.manual_seed(step_seed(self.cfg.seed, self.step, self.dist.rank))
+                yield self.step
+                self.step += 1
+                bar.update(1)
+                if self.step % self.cfg.log_every == 0 or self.step == end:
+                    self._write_log(epoch, bar)
+                    self.check_corrupt()
+                    if self.stop.should_stop(self.dist.device):
+                        self.stopping = True
+                        break
+        finally:
+            bar.close()
+
+    def set_lr(self, optimizer: torch.optim.Optimizer, lr: float):
+        """Set this step's lr (times a group's `lr_scale`, e.g. layer decay) and log it."""
+        self.lr = lr
+        for group in optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+
+    def finite(self, loss: torch.Tensor) -> bool:
+        """skip_nonfinite > 0: is this step's loss finite on every rank (a host sync)? A bad step
+        is counted and skipped; more than skip_nonfinite of them stop the run. 0: always True."""
+        allowed = getattr(self.cfg, "skip_nonfinite", 0)
+        if not allowed or bool(all_reduce_sum(loss.detach()).isfinite()):
+            return True
+        self.skipped += 1
+        if self.skipped > allowed:
+            raise NonFiniteLoss(f"loss is not finite at step {self.step}, {self.skipped} bad steps "
+                                f"in all (skip_nonfinite={allowed}); the last good checkpoint is "
+                                f"{self.ckpt_path}: lower the lr or check the data")
+        print0(f"warning: non-finite loss at step {self.step}: step skipped "
+               f"({self.skipped}/{allowed})")
+        return False
+
+    def add(self, values: dict, n: int = 1):
+        """Add this step's values ({name: tensor}, each a sum over n micro-batches) to the log."""
+        for name, value in values.items():
+            self._sums[name] = self._sums.get(name, 0) + value.detach()
+        self._count += n
+
+    def _write_log(self, epoch: int, bar):
+        """Reduce the values added since the last line (one host sync) and write the line."""
+        count, self._count = self._count, 0
+        sums, self._sums = self._sums, {}
+        if count == 0:  # every step since the last line was skipped (skip_nonfinite)
+            return
+        means = all_reduce_mean(torch.stack([v.float() for v in sums.values()]) / count).tolist()
+        values = dict(zip(sums, means))
+        bad = [(k, v) for k, v in values.items() if not math.isfinite(v)]
+        if bad:
+            raise NonFiniteLoss(f"{bad[0][0]} is {bad[0][1]} at step {self.step} (epoch {epoch + 1}); the "
+                                f"last good checkpoint is {self.ckpt_path}: lower the lr, check "
+                                "the data, or set skip_nonfinite")
+        images = count * self.micro_batch * self.dist.world
+        ips, self._t0 = images / (time.time() - self._t0), time.time()
+        bar.set_postfix({**{k: f"{v:.4f}" for k, v in values.items()}, "lr": f"{self.lr:.2e}",
+                         "img_s": f"{ips:.0f}"})
+        if self.dist.main:
+            log_json(self.log_path, {"epoch": epoch + 1, "step": self.step, **values,
+                                     "lr": self.lr, "img_per_s": ips})
+
+    def check_corrupt(self) -> int:
+        """Corrupt images skipped this epoch on all ranks; too many stop the run (a collective)."""
+        if self._data is None:
+            return 0
+        max_frac = getattr(self.cfg, "max_corrupt_frac", 0.0)
+        return check_corrupt(_corrupt_count(self._data), len(self._data), max_frac,
+                             self.dist.device)
+
+    def end_epoch(self, epoch: int):
+        """Stopped mid-epoch: save where the run is and exit (128 + signal). Otherwise report
+        the corrupt images the epoch skipped."""
+        if self.step < (epoch + 1) * self.steps_per_epoch:
+            self.save(epoch)
+            print0(f"stopped by signal at step {self.step}; rerun the same command to resume")
+            self.stop.exit()
+        skipped = self.check_corrupt()
+        if skipped:
+            print0(f"epoch {epoch + 1}: skipped {skipped} corrupt image(s) (paths above)")
+
+    def exit_if_stopped(self, epochs_done: int):
+        """A signal arrived in the epoch's last log interval: the epoch is saved; exit now."""
+        if self.stopping:
+            print0(f"stopped by signal after epoch {epochs_done}; rerun the same command to resume")
+            self.stop.exit()
+
+
+def _corrupt_count(ds) -> int:
+    import data  # the data sets count the corrupt images they skip (data.SafeImageFolder)
+    return data.corrupt_count(ds)
+
+
+def _reset_corrupt(ds):
+    import data
+    data.reset_corrupt_count(ds)

@@ -25,33 +25,27 @@ decoder. With mto=false the per-layer hidden states are not even collected.
 A run directory holds config.yaml, log.jsonl, checkpoint.pth (resumed automatically; with MAE's
 decoder) and encoder.pth (the encoder alone, for probe.py, finetune.py and the `checkpoint` teacher).
 """
-import contextlib
 import math
 import os
 import random
-import time
 from dataclasses import dataclass, field
 from typing import List, Tuple
 
 import torch
 import torch.nn.functional as F
-import yaml
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 from torchvision.transforms import v2 as T
 from tqdm import tqdm
 
+import common
 import data
 import losses
 import model as M
-from common import (ConfigError, NonFiniteLoss, ShardSampler, SkipSampler, StopRequest,
-                    all_reduce_mean, all_reduce_sum, check_choice, check_corrupt,
-                    check_resume_config, check_steps_per_epoch, config_dict, cosine_lr,
-                    ensure_outputs,
-                    ignore_stop_signals, load_checkpoint, load_optimizer, load_state, log_json,
-                    open_run_dir, param_groups, parse_config, print0, read_weights, run_main,
-                    save_atomic, save_run, setup_distributed, split_batch, step_seed, trim_log,
-                    write_config)
+from common import (ConfigError, Run, ShardSampler, all_reduce_sum, check_choice, config_dict,
+                    cosine_lr, load_optimizer, load_state, log_json, no_sync, param_groups,
+                    parse_config, print0, read_weights, run_main, save_atomic,
+                    setup_distributed)
 
 FRAMEWORKS = ("distill", "simmim", "mae")
 MTO_TERMS = ("spa", "e", "r")  # L_spa (Eq. 3), L_e (Eq. 4), L_r (Eq. 5)
@@ -390,279 +384,242 @@ def train_cnn_teacher(cfg: "Config", dist, path: str):
         torch.distributed.barrier()
 
 
+# -----------------------------------------------------------------------------
+# Building the run: data, models, loss, schedules
+
 # the settings that shape the model or its data: a resume must keep them
-RESUME_KEYS = ("framework", "dataset", "img_size", "model", "patch_size", "pos_embed", "rel_pos_bias",
-               "shared_rel_pos_bias", "layer_scale", "teacher", "teacher_model", "decoder_dim",
-               "decoder_depth", "decoder_heads")
+RESUME_KEYS = ("framework", "dataset", "img_size", "model", "patch_size", "pos_embed",
+               "rel_pos_bias", "shared_rel_pos_bias", "layer_scale", "teacher", "teacher_model",
+               "decoder_dim", "decoder_depth", "decoder_heads")
 
 
-def resume(cfg: Config, record: dict, ckpt_path: str, student, optimizer, ema_teacher, steps_per_epoch: int):
-    """Auto-resume from out_dir/checkpoint.pth, also mid-epoch (after SIGTERM/SIGINT): load the
-    weights (weights only: a checkpoint cannot run code) -> (step, skipped steps); (0, 0) if none."""
-    if not os.path.isfile(ckpt_path):
-        return 0, 0
-    ckpt = load_checkpoint(ckpt_path)
-    check_resume_config(ckpt["config"], record, RESUME_KEYS, ckpt_path)
-    check_steps_per_epoch(ckpt, steps_per_epoch, ckpt_path, "batch_size and subset")
-    load_state(student, ckpt["model"], ckpt_path)
-    load_optimizer(optimizer, ckpt["optimizer"], ckpt_path)
-    if ema_teacher is not None:
-        load_state(ema_teacher.encoder, ckpt["teacher"], ckpt_path)
-    step = ckpt["step"]
-    print0(f"resumed from {ckpt_path} at epoch {step // steps_per_epoch}, step {step}")
-    return step, ckpt.get("skipped_steps", 0)
-
-
-def main(argv):
-    cfg = parse_config(Config, argv)
-    dist = setup_distributed(cfg.device, cfg.dist_timeout_s)
-    stop = StopRequest()  # SIGTERM (SLURM, torchrun) / SIGINT (Ctrl-C): checkpoint at the next log step, exit
-    micro_batch = split_batch(cfg.batch_size, dist.world, cfg.accum_steps)
-    record = config_record(cfg)
-    print0(yaml.safe_dump(record, sort_keys=False))
-    print0(f"world size {dist.world}, micro-batch {micro_batch} per process, "
-           f"{cfg.accum_steps} accumulation step(s), global batch {cfg.batch_size}")
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank (the EMA teacher copies them)
-    open_run_dir(cfg.out_dir)  # one run per folder (a lock), leftovers of a killed save removed
-    ckpt_path = os.path.join(cfg.out_dir, "checkpoint.pth")
-    log_path = os.path.join(cfg.out_dir, "log.jsonl")
-
-    # -------------------------------------------------------------------------
-    # Data: (image, mask, label) with per-sample seeded augmentation and mask
+def build_data(cfg: Config, dist, micro_batch: int):
+    """-> (dataset of (image, mask, label) with per-sample seeded augmentation and mask, loader)."""
     grid = cfg.img_size // cfg.patch_size
-    num_patches = grid * grid
+    tf = data.pretrain_transform(cfg.img_size, cfg.crop_scale_min, cfg.color_jitter)
     base = data.build_dataset(cfg.dataset, cfg.data_path, train=True, subset=cfg.subset,
-                              transform=data.pretrain_transform(cfg.img_size, cfg.crop_scale_min, cfg.color_jitter))
-    dataset = data.MaskedImages(base, grid, cfg.mask_ratio, cfg.mask, cfg.mask_min_patches, cfg.seed,
-                                mask_cell=cfg.mask_patch_size // cfg.patch_size)
-    if cfg.framework != "distill" and not 0 < dataset.num_masked < num_patches:
-        raise ConfigError(f"mask_ratio {cfg.mask_ratio} masks {dataset.num_masked} of {num_patches} patches: "
-                          "pixel reconstruction needs both masked and visible patches")
-    sampler = SkipSampler(DistributedSampler(dataset, num_replicas=dist.world, rank=dist.rank, shuffle=True,
-                                             seed=cfg.seed, drop_last=True))  # skips what a resumed epoch has seen
-    loader = DataLoader(dataset, batch_size=micro_batch, sampler=sampler, num_workers=cfg.num_workers,
-                        pin_memory=dist.device.type == "cuda", drop_last=True, worker_init_fn=ignore_stop_signals)
-    steps_per_epoch = len(sampler) // micro_batch // cfg.accum_steps
-    if steps_per_epoch == 0:
+                              transform=tf)
+    dataset = data.MaskedImages(base, grid, cfg.mask_ratio, cfg.mask, cfg.mask_min_patches,
+                                cfg.seed, mask_cell=cfg.mask_patch_size // cfg.patch_size)
+    if cfg.framework != "distill" and not 0 < dataset.num_masked < grid * grid:
+        raise ConfigError(f"mask_ratio {cfg.mask_ratio} masks {dataset.num_masked} of "
+                          f"{grid * grid} patches: pixel reconstruction needs both masked and "
+                          "visible patches")
+    loader = common.train_loader(dataset, micro_batch, dist, cfg.seed, cfg.num_workers)
+    if len(loader) < cfg.accum_steps:
         raise ConfigError(f"the data set has {len(dataset)} images, fewer than one global batch "
                           f"({cfg.batch_size}): lower batch_size")
-    print0(f"{len(dataset)} training images, {num_patches} patches per image, "
-           f"{dataset.num_masked} masked, {steps_per_epoch} steps per epoch")
+    print0(f"{len(dataset)} training images, {grid * grid} patches per image, "
+           f"{dataset.num_masked} masked")
+    return dataset, loader
 
-    # -------------------------------------------------------------------------
-    # Student (+ teacher for distill), optimizer
+
+def build_teacher(cfg: Config, dist, encoder: M.ViT) -> M.Teacher:
+    """The teacher of framework=distill; teacher=cnn is trained first (or read from its cache)."""
+    path = cfg.teacher_pretrained
+    if cfg.teacher == "cnn":
+        path = path if path.endswith(".pth") else os.path.join(cfg.out_dir, "teacher_cnn.pth")
+        train_cnn_teacher(cfg, dist, path)
+    elif cfg.teacher == "checkpoint":
+        read_weights(path, "teacher_pretrained")  # one line if unreadable
+    elif cfg.teacher == "ema":
+        print0("warning: teacher=ema (self-distillation) collapses in short runs: the encoder "
+               "ends no better than random init; teacher=cnn or clip gives a teacher worth "
+               "distilling")
+    teacher = M.build_teacher(cfg.teacher, encoder, cfg.teacher_model, path)
+    if teacher.num_patches != encoder.num_patches:
+        raise ConfigError(f"the teacher gives {teacher.num_patches} tokens but the student has "
+                          f"{encoder.num_patches} patches: match img_size/patch_size to the "
+                          "teacher's")
+    return teacher
+
+
+def build_models(cfg: Config, dist):
+    """-> (student, teacher): distill: DistillStudent and its teacher; simmim / mae: the pixel
+    reconstruction model (+ decoder) and no teacher."""
     encoder = build_encoder(cfg)
-    teacher = None
-    if cfg.framework == "distill":
-        teacher_file = cfg.teacher_pretrained
-        if cfg.teacher == "cnn":
-            if not teacher_file.endswith(".pth"):
-                teacher_file = os.path.join(cfg.out_dir, "teacher_cnn.pth")
-            train_cnn_teacher(cfg, dist, teacher_file)
-        elif cfg.teacher == "checkpoint":
-            read_weights(cfg.teacher_pretrained, "teacher_pretrained")  # one line if unreadable
-        elif cfg.teacher == "ema":
-            print0("warning: teacher=ema (self-distillation) collapses in short runs: the encoder ends no "
-                   "better than random init; teacher=cnn or clip gives a teacher worth distilling")
-        teacher = M.build_teacher(cfg.teacher, encoder, cfg.teacher_model, teacher_file)
-        if teacher.num_patches != num_patches:
-            raise ConfigError(f"the teacher gives {teacher.num_patches} tokens but the student has {num_patches} "
-                              "patches: match img_size/patch_size to the teacher's")
-        student = M.DistillStudent(encoder, teacher.out_dim).to(dist.device)
-        teacher = teacher.to(dist.device)
-        print0(f"student {cfg.model}: {sum(p.numel() for p in student.parameters()) / 1e6:.2f}M parameters; "
-               f"teacher {cfg.teacher} -> {teacher.out_dim}-d targets")
-    else:
+    millions = lambda m: f"{sum(p.numel() for p in m.parameters()) / 1e6:.2f}M"  # noqa: E731
+    if cfg.framework != "distill":
         student = build_mim(cfg, encoder).to(dist.device)
         where = {"simmim": "encoder", "mae": "decoder"}[cfg.framework]
-        note = (f"MTO over the {where} blocks (w_spa {cfg.mto_spa}, w_e {cfg.mto_e}, w_r {cfg.mto_r})"
-                if cfg.mto else "no MTO")
-        print0(f"{cfg.framework} {cfg.model}: {sum(p.numel() for p in student.parameters()) / 1e6:.2f}M "
-               f"parameters ({sum(p.numel() for p in encoder.parameters()) / 1e6:.2f}M encoder); {note}")
-    ema = teacher is not None and cfg.teacher == "ema"
-    lr = cfg.lr if cfg.lr > 0 else cfg.blr * cfg.batch_size / 256
-    print0(f"peak lr {lr:.3g} " + (f"(lr, as given: BEiT v2 convention)" if cfg.lr > 0 else
-                                   f"(blr {cfg.blr:g} x batch {cfg.batch_size} / 256: MAE convention)"))
-    optimizer = torch.optim.AdamW(param_groups(student, cfg.weight_decay), lr=lr, betas=(0.9, cfg.beta2),
-                                  fused=dist.device.type == "cuda")
+        mto = (f"MTO over the {where} blocks (w_spa {cfg.mto_spa}, w_e {cfg.mto_e}, "
+               f"w_r {cfg.mto_r})" if cfg.mto else "no MTO")
+        print0(f"{cfg.framework} {cfg.model}: {millions(student)} parameters "
+               f"({millions(encoder)} encoder); {mto}")
+        return student, None
+    teacher = build_teacher(cfg, dist, encoder)
+    student = M.DistillStudent(encoder, teacher.out_dim).to(dist.device)
+    print0(f"student {cfg.model}: {millions(student)} parameters; teacher {cfg.teacher} -> "
+           f"{teacher.out_dim}-d targets")
+    return student, teacher.to(dist.device)
 
-    step, num_skipped = resume(cfg, record, ckpt_path, student, optimizer, teacher if ema else None,
-                               steps_per_epoch)
-    trim_log(log_path, step, step // steps_per_epoch)   # lines a killed run wrote past its checkpoint
-    write_config(cfg.out_dir, record)                   # only now: the checkpoint matches it
-    enc_path = os.path.join(cfg.out_dir, "encoder.pth")
 
-    def save_checkpoint(epochs_done: int, keep: bool):
-        """The unwrapped student (+ MAE decoder), optimizer, teacher (ema), position in the run;
-        encoder.pth first, so a checkpoint never says a step is done whose encoder is missing."""
-        if not dist.main:
-            return
-        state = {"model": student.state_dict(), "optimizer": optimizer.state_dict(),
-                 "epoch": epochs_done, "step": step, "steps_per_epoch": steps_per_epoch,
-                 "skipped_steps": num_skipped, "config": record}
-        if ema:
-            state["teacher"] = teacher.encoder.state_dict()
-        save_run(ckpt_path, state, {enc_path: M.encoder_state(student.encoder)})
-        if keep:
-            save_atomic(state, os.path.join(cfg.out_dir, f"checkpoint-{epochs_done:04d}.pth"))
-        print0(f"saved {ckpt_path} and encoder.pth at step {step} "
-               f"(epoch {step / steps_per_epoch:.2f})")
+class PretrainLoss:
+    """The loss of one micro-batch -> (loss, {term: value} for the log).
 
-    model = student
-    if cfg.compile:
-        model = torch.compile(model)
-    if dist.world > 1:
-        model = DDP(model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None)
+    distill: DTM (DTM paper Eqs. 1-5; or a Table 9-11 variant) between the student's tokens u
+    and the teacher's v. The levels (N_m, k) are drawn from (seed, step, micro-step), so every
+    rank and a resumed run draw the same. simmim / mae: L_pixel on the masked patches (MTO
+    Eq. 1), plus w_spa L_spa + w_e L_e + w_r L_r (MTO Eqs. 3-5) over the per-layer tokens X^l of
+    the blocks that hold the mask tokens."""
 
-    def loss_fn(u, v, step, micro):
+    def __init__(self, cfg: Config, num_patches: int):
+        self.cfg, self.num_patches = cfg, num_patches
+        self.grid = round(math.sqrt(num_patches))
+        self.mto_weights = {t: getattr(cfg, f"mto_{t}") for t in MTO_TERMS}
+
+    def __call__(self, model, img, mask, v, step: int, micro: int):
+        if self.cfg.framework == "distill":
+            u = model(img, mask)                                  # (B, N, C) online tokens
+            return self.dtm(u, v, step, micro), {}
+        return self.pixels(model, img, mask)
+
+    def dtm(self, u: torch.Tensor, v: torch.Tensor, step: int, micro: int) -> torch.Tensor:
+        cfg, N = self.cfg, self.num_patches
         if cfg.loss == "tokenwise":
             return losses.tokenwise_loss(u, v, cfg.distance)
         if cfg.loss == "downsample":
-            assign = losses.downsample_assignment(grid, u.shape[0], u.device)
-            return losses.morphed_distance(u, v, assign, ((grid + 1) // 2) ** 2, cfg.distance)
+            assign = losses.downsample_assignment(self.grid, u.shape[0], u.device)
+            return losses.morphed_distance(u, v, assign, ((self.grid + 1) // 2) ** 2,
+                                           cfg.distance)
         if cfg.loss == "fixed":
-            levels = losses.fixed_levels(num_patches)
-        else:  # same levels on every rank: the rng depends only on (seed, step, micro-step)
+            levels = losses.fixed_levels(N)
+        else:  # the same levels on every rank: the rng depends only on (seed, step, micro-step)
             rng = random.Random((cfg.seed * 1_000_003 + step) * 1009 + micro)
-            levels = losses.sample_levels(num_patches, cfg.dtm_levels, cfg.dtm_max_iters, cfg.dtm_min_morphed, rng)
+            levels = losses.sample_levels(N, cfg.dtm_levels, cfg.dtm_max_iters,
+                                          cfg.dtm_min_morphed, rng)
         matching = "kmeans" if cfg.loss == "dtm_kmeans" else "bipartite"
         return losses.dtm_loss(u, v, levels, cfg.distance, matching=matching)
 
-    mto_weights = {t: getattr(cfg, f"mto_{t}") for t in MTO_TERMS}
-
-    def forward_loss(img, mask, v, step, micro):
-        """One micro-batch (inside autocast and DDP) -> loss, {term: detached value} for the log."""
-        if cfg.framework == "distill":
-            u = model(img, mask)                                  # (B, N, C) online tokens
-            return loss_fn(u, v, step, micro), {}
-        pred, hiddens = model(img, mask, return_hiddens=cfg.mto)  # (B, N, p*p*C); X^0..X^L or None
+    def pixels(self, model, img, mask):
+        cfg = self.cfg
+        pred, hiddens = model(img, mask, return_hiddens=cfg.mto)  # (B, N, p*p*C); X^0..X^L
         loss = reconstruction_loss(cfg, pred, img, mask)
         terms = {"pixel": loss.detach()}
         if cfg.mto:
-            mto = losses.mto_losses([h[:, 1:] for h in hiddens], mask, cfg.mto_printed_sign, cfg.mto_eps,
-                                    exclude_self=cfg.mto_spa_exclude_self)
-            for name, w in mto_weights.items():
-                if w > 0:  # a switched-off term is still logged, never added (0 * inf would be nan)
+            mto = losses.mto_losses([h[:, 1:] for h in hiddens], mask, cfg.mto_printed_sign,
+                                    cfg.mto_eps, exclude_self=cfg.mto_spa_exclude_self)
+            for name, w in self.mto_weights.items():
+                if w > 0:  # a switched-off term is still logged, never added (0 * inf is nan)
                     loss = loss + w * mto[name]
                 terms[name] = mto[name].detach()
         return loss, terms
 
-    def log_step(epoch, step, lr_now, loss_sum, term_sums, loss_count, t0, bar):
-        """Reduce the metrics since the last log line (the only host sync of a step) and write them."""
-        if loss_count == 0:  # every step since the last line was skipped (skip_nonfinite)
-            return
-        mean_loss = all_reduce_mean(loss_sum / loss_count).item()
-        if not math.isfinite(mean_loss):
-            raise NonFiniteLoss(f"loss is {mean_loss} at step {step} (epoch {epoch + 1}); the last good "
-                                f"checkpoint is {ckpt_path}: lower blr, check the data, or set skip_nonfinite")
-        ips = loss_count * micro_batch * dist.world / (time.time() - t0)
-        bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr_now:.2e}", img_s=f"{ips:.0f}")
-        extra = {}
-        if term_sums:  # one reduction for all terms
-            means = all_reduce_mean(torch.stack(list(term_sums.values())) / loss_count).tolist()
-            extra = dict(zip(term_sums, means))
-        if dist.main:
-            log_json(log_path, {"epoch": epoch + 1, "step": step, "loss": mean_loss, "lr": lr_now,
-                                "img_per_s": ips, **extra})
 
-    # -------------------------------------------------------------------------
-    # Training loop
-    total_steps = cfg.epochs * steps_per_epoch
-    warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
+def peak_lr(cfg: Config) -> float:
+    """BEiT v2 (DTM): lr as given; MAE / SimMIM: blr x batch / 256 (when lr = 0)."""
+    lr = cfg.lr if cfg.lr > 0 else cfg.blr * cfg.batch_size / 256
+    print0(f"peak lr {lr:.3g} " + ("(lr, as given: BEiT v2 convention)" if cfg.lr > 0 else
+                                   f"(blr {cfg.blr:g} x batch {cfg.batch_size} / 256: MAE "
+                                   "convention)"))
+    return lr
+
+
+def schedules(cfg: Config, lr: float, steps_per_epoch: int):
+    """Per-step arrays: lr (warm-up, then cosine or multistep) and the EMA teacher's momentum
+    (cosine from ema_momentum to ema_momentum_end)."""
+    total, warmup = cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch)
+    milestones = [e * steps_per_epoch for e in cfg.lr_milestones]
+    lr_at = [cosine_lr(s, total, warmup, lr, cfg.min_lr) if cfg.lr_schedule == "cosine"
+             else multistep_lr(s, warmup, lr, milestones, cfg.lr_gamma) for s in range(total)]
+    m0, m1 = cfg.ema_momentum, cfg.ema_momentum_end
+    momentum_at = [m1 - (m1 - m0) * (math.cos(math.pi * s / total) + 1) / 2 for s in range(total)]
+    return lr_at, momentum_at
+
+
+def run_state(student, optimizer, teacher) -> dict:
+    """What checkpoint.pth holds besides the position in the run: the unwrapped student (+ MAE
+    decoder), the optimizer, and an EMA teacher's weights (the others are fixed)."""
+    state = {"model": student.state_dict(), "optimizer": optimizer.state_dict()}
+    if isinstance(teacher, M.EMATeacher):
+        state["teacher"] = teacher.encoder.state_dict()
+    return state
+
+
+def load_run_state(ckpt: dict, student, optimizer, teacher, path: str):
+    load_state(student, ckpt["model"], path)
+    load_optimizer(optimizer, ckpt["optimizer"], path)
+    if isinstance(teacher, M.EMATeacher):
+        load_state(teacher.encoder, ckpt["teacher"], path)
+
+
+def wrap(student, cfg: Config, dist):
+    """The module the loop calls: compiled (compile=true) and in DDP with several processes."""
+    model = torch.compile(student) if cfg.compile else student
+    if dist.world > 1:
+        model = DDP(model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None)
+    return model
+
+
+def knn_during_training(cfg: Config, encoder: M.ViT, dist, run: Run, epochs_done: int):
+    """eval_knn_every: k-NN top-1 on knn_val test images, printed and logged (for RAUC)."""
+    if not cfg.eval_knn_every or (epochs_done % cfg.eval_knn_every and epochs_done < cfg.epochs):
+        return
+    acc = knn_eval(cfg, {"encoder": encoder}, dist, cfg.knn_val)
+    print0(f"epoch {epochs_done}: k-NN top-1 {acc['encoder mean']:.4f} (patch mean), "
+           f"{acc['encoder [cls]']:.4f} ([cls])")
+    if dist.main:
+        log_json(run.log_path, {"epoch": epochs_done, "knn_top1": acc["encoder mean"],
+                                "knn_top1_cls": acc["encoder [cls]"]})
+
+
+# -----------------------------------------------------------------------------
+# The training loop
+
+def main(argv):
+    cfg = parse_config(Config, argv)
+    dist = setup_distributed(cfg.device, cfg.dist_timeout_s)
+    run = Run(cfg, dist, config_record(cfg), RESUME_KEYS)  # out_dir locked, config checked
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    dataset, loader = build_data(cfg, dist, run.micro_batch)
+    student, teacher = build_models(cfg, dist)  # teacher: None for simmim / mae
+    loss_fn = PretrainLoss(cfg, student.encoder.num_patches)
+    lr = peak_lr(cfg)
+    optimizer = torch.optim.AdamW(param_groups(student, cfg.weight_decay), lr=lr,
+                                  betas=(0.9, cfg.beta2), fused=dist.device.type == "cuda")
+    steps_per_epoch = len(loader) // cfg.accum_steps
+    run.resume(steps_per_epoch, lambda ckpt: load_run_state(ckpt, student, optimizer, teacher,
+                                                            run.ckpt_path),
+               lambda: run_state(student, optimizer, teacher))
+    encoder_file = lambda: {run.path("encoder.pth"): M.encoder_state(student.encoder)}  # noqa
+    lr_at, momentum_at = schedules(cfg, lr, steps_per_epoch)
+    model = wrap(student, cfg, dist)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dist.device.type == "cuda")
-    for epoch in range(step // steps_per_epoch, cfg.epochs):
-        seen = step - epoch * steps_per_epoch                     # > 0 after a mid-epoch resume
-        sampler.set_epoch(epoch, skip=seen * cfg.accum_steps * micro_batch)
-        dataset.set_epoch(epoch)
-        data.reset_corrupt_count(dataset)
+    print0(f"{steps_per_epoch} steps per epoch")
+
+    for epoch in run.epochs():
+        batches = run.epoch_batches(epoch, loader)
         model.train()
-        loss_sum = torch.zeros((), device=dist.device)
-        term_sums = {}                                            # simmim/mae: pixel and MTO terms
-        loss_count, t0, stopping = 0, time.time(), False
-        bar = tqdm(total=steps_per_epoch, initial=seen, desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                   disable=not dist.main, dynamic_ncols=True)
-        it = iter(loader)
-        for _ in range(seen, steps_per_epoch):
-            torch.manual_seed(step_seed(cfg.seed, step, dist.rank))  # drop path: same draws after a resume
-            if cfg.lr_schedule == "cosine":
-                lr_now = cosine_lr(step, total_steps, warmup_steps, lr, cfg.min_lr)
-            else:
-                lr_now = multistep_lr(step, warmup_steps, lr, [e * steps_per_epoch for e in cfg.lr_milestones],
-                                      cfg.lr_gamma)
-            for g in optimizer.param_groups:
-                g["lr"] = lr_now
-            step_loss = torch.zeros((), device=dist.device)
-            step_terms = {}
+        for step in run.steps(epoch):  # a progress bar; log, stop signal, corrupt data: `run`
+            run.set_lr(optimizer, lr_at[step])
+            logged = {}                                           # this step's loss terms
             for micro in range(cfg.accum_steps):
-                img, mask, _ = next(it)
+                img, mask, _ = next(batches)                      # (B, C, H, W), (B, N) bool
                 img = img.to(dist.device, non_blocking=True)
                 mask = mask.to(dist.device, non_blocking=True)
-                v = teacher(img) if teacher is not None else None  # (B, N, C) targets, full image
-                sync = micro == cfg.accum_steps - 1 or dist.world == 1
-                with autocast, (contextlib.nullcontext() if sync else model.no_sync()):
-                    loss, terms = forward_loss(img, mask, v, step, micro)
+                v = teacher(img) if teacher is not None else None  # (B, N, C) targets
+                with autocast, no_sync(model, micro, cfg.accum_steps):
+                    loss, terms = loss_fn(model, img, mask, v, step, micro)
                     (loss / cfg.accum_steps).backward()
-                step_loss += loss.detach()
-                for name, value in terms.items():
-                    step_terms[name] = step_terms.get(name, 0) + value
-            if cfg.skip_nonfinite and not bool(all_reduce_sum(step_loss).isfinite()):  # host sync, opt-in
-                num_skipped += 1
-                if num_skipped > cfg.skip_nonfinite:
-                    raise NonFiniteLoss(f"loss is not finite at step {step} (epoch {epoch + 1}), {num_skipped} bad "
-                                        f"steps in all (skip_nonfinite={cfg.skip_nonfinite}); the last good "
-                                        f"checkpoint is {ckpt_path}: lower blr or check the data")
-                print0(f"warning: non-finite loss at step {step}: step skipped ({num_skipped}/{cfg.skip_nonfinite})")
-                optimizer.zero_grad(set_to_none=True)
-            else:
+                for name, value in {"loss": loss.detach(), **terms}.items():
+                    logged[name] = logged.get(name, 0) + value
+            if run.finite(logged["loss"]):  # skip_nonfinite: a NaN step is dropped, not applied
                 if cfg.clip_grad > 0:
                     torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.clip_grad)
                 optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                if ema:
-                    m = cfg.ema_momentum_end - (cfg.ema_momentum_end - cfg.ema_momentum) * \
-                        (math.cos(math.pi * step / total_steps) + 1) / 2
-                    teacher.update(student.encoder, m)
-                loss_sum += step_loss
-                for name, value in step_terms.items():
-                    term_sums[name] = term_sums.get(name, 0) + value
-                loss_count += cfg.accum_steps
-            step += 1
-            bar.update(1)
-            if step % cfg.log_every == 0 or step % steps_per_epoch == 0:
-                log_step(epoch, step, lr_now, loss_sum, term_sums, loss_count, t0, bar)
-                check_corrupt(data.corrupt_count(dataset), len(dataset), cfg.max_corrupt_frac, dist.device)
-                loss_sum.zero_()
-                term_sums = {}
-                loss_count, t0 = 0, time.time()
-                if stop.should_stop(dist.device):  # the same answer on every rank
-                    stopping = True
-                    break
-        bar.close()
-
+                if isinstance(teacher, M.EMATeacher):
+                    teacher.update(student.encoder, momentum_at[step])
+                run.add(logged, n=cfg.accum_steps)
+            optimizer.zero_grad(set_to_none=True)
+        run.end_epoch(epoch)  # stopped by a signal mid-epoch: save and exit
         done = epoch + 1
-        if step < done * steps_per_epoch:  # stopped mid-epoch: save where we are and leave
-            save_checkpoint(epoch, keep=False)
-            print0(f"stopped by signal at step {step}; rerun the same command to resume")
-            stop.exit()
-        skipped_images = check_corrupt(data.corrupt_count(dataset), len(dataset), cfg.max_corrupt_frac, dist.device)
-        if skipped_images:
-            print0(f"epoch {done}: skipped {skipped_images} corrupt image(s) (paths above)")
-        if cfg.eval_knn_every and (done % cfg.eval_knn_every == 0 or done == cfg.epochs):
-            acc = knn_eval(cfg, {"encoder": student.encoder}, dist, cfg.knn_val)
-            print0(f"epoch {done}: k-NN top-1 {acc['encoder mean']:.4f} (patch mean), "
-                   f"{acc['encoder [cls]']:.4f} ([cls])")
-            if dist.main:
-                log_json(log_path, {"epoch": done, "knn_top1": acc["encoder mean"],
-                                    "knn_top1_cls": acc["encoder [cls]"]})
-        if done % cfg.save_every == 0 or done == cfg.epochs or stopping:
-            save_checkpoint(done, keep=bool(cfg.keep_every) and done % cfg.keep_every == 0)
-        if stopping:
-            print0(f"stopped by signal after epoch {done}; rerun the same command to resume")
-            stop.exit()
-    if dist.main:  # a rerun of a finished run: rewrite an encoder.pth lost after the checkpoint
-        ensure_outputs({enc_path: M.encoder_state(student.encoder)}, step)
+        knn_during_training(cfg, student.encoder, dist, run, done)
+        if done % cfg.save_every == 0 or done == cfg.epochs or run.stopping:
+            run.save(done, encoder_file(), keep=bool(cfg.keep_every) and done % cfg.keep_every == 0)
+        run.exit_if_stopped(done)
+    run.finish(encoder_file())
     if cfg.final_knn:
-        final_knn_report(cfg, student.encoder, dist, log_path)
+        final_knn_report(cfg, student.encoder, dist, run.log_path)
     print0(f"done: {cfg.out_dir}/encoder.pth")
 
 
