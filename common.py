@@ -52,7 +52,8 @@ def parse_config(cls, argv):
             key, text = arg.split("=", 1)
             values[key] = yaml.safe_load(text) if text != "" else ""
         else:
-            raise ConfigError(f"cannot read argument '{arg}': use --config FILE.yaml and key=value overrides")
+            raise ConfigError(f"cannot read argument '{arg}': use --config FILE.yaml and "
+                              "key=value overrides")
     return make_config(cls, values)
 
 
@@ -81,7 +82,8 @@ def make_config(cls, values: dict):
         if key not in fields:
             close = difflib.get_close_matches(key, fields, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ConfigError(f"unknown config key '{key}'{hint}; see the Config class for the allowed keys")
+            raise ConfigError(f"unknown config key '{key}'{hint}; see the Config class for the "
+                              "allowed keys")
         kwargs[key] = _check_type(key, value, hints[key])
     cfg = cls(**kwargs)
     check_ranges(cfg)
@@ -105,7 +107,8 @@ def _check_type(key, value, kind):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
         (item,) = set(typing.get_args(kind)) - {Ellipsis} or {object}
-        return origin(_check_type(key, v, item) if item in (int, float, str, bool) else v for v in value)
+        plain = item in (int, float, str, bool)
+        return origin(_check_type(key, v, item) if plain else v for v in value)
     return value
 
 
@@ -160,14 +163,18 @@ def setup_distributed(device: str = "auto", timeout_s: int = 1800) -> Dist:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device=cuda but no CUDA device is visible: use device=cpu or device=auto")
+        raise ConfigError("device=cuda but no CUDA device is visible: use device=cpu or "
+                          "device=auto")
     if "RANK" not in os.environ:
         return Dist(device=torch.device(device))
-    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local = int(os.environ["LOCAL_RANK"])
     if device == "cuda":
         torch.cuda.set_device(local)
-    dist.init_process_group("nccl" if device == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s))
-    return Dist(rank, world, local, torch.device(device, local) if device == "cuda" else torch.device("cpu"))
+    dist.init_process_group("nccl" if device == "cuda" else "gloo",
+                            timeout=timedelta(seconds=timeout_s))
+    where = torch.device(device, local) if device == "cuda" else torch.device("cpu")
+    return Dist(rank, world, local, where)
 
 
 def cleanup_distributed():
@@ -588,7 +595,8 @@ def log_json(path: str, record: dict):
         f.write(json.dumps(record) + "\n")
 
 
-LOST_PEER = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "timed out", "Timed out",
+LOST_PEER = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "timed out",
+             "Timed out",
              "NCCL communicator was aborted", "watchdog")
 
 
@@ -611,7 +619,8 @@ def run_main(main):
         msg = str(e).strip()
         if isinstance(e, RunError) or "cannot be downloaded" in msg:
             _fail(msg, 3)
-        if dist.is_initialized() and (isinstance(e, dist.DistError) or any(s in msg for s in LOST_PEER)):
+        lost = isinstance(e, dist.DistError) or any(s in msg for s in LOST_PEER)
+        if dist.is_initialized() and lost:
             _fail(f"rank {dist.get_rank()} lost contact with another process "
                   f"({first_line(e)[:200]}): a process died or a node failed; rerun the same "
                   "command to resume from the last checkpoint", 3)
@@ -629,7 +638,7 @@ def first_line(e: BaseException) -> str:
 
 
 def _fail(message: str, code: int):
-    for bar in list(getattr(tqdm, "_instances", ())):  # end open progress bars: the error gets its own line
+    for bar in list(getattr(tqdm, "_instances", ())):  # end open bars: the error gets a line
         bar.close()
     print(f"error: {message}", file=sys.stderr, flush=True)
     if code == 3 and dist.is_initialized():  # peers may be gone: do not wait for them in a barrier
@@ -652,8 +661,9 @@ def check_corrupt(count: int, data_size: int, max_frac: float, device) -> int:
     data set is corrupt. Every rank calls it at the same step (a collective)."""
     total = int(all_reduce_sum(torch.tensor(float(count), device=device)).item())
     if total > max_frac * data_size:
-        raise DataError(f"{total} of {data_size} images are corrupt (more than max_corrupt_frac={max_frac}); "
-                        "their paths are printed above: fix or remove them, or raise max_corrupt_frac")
+        raise DataError(f"{total} of {data_size} images are corrupt (more than "
+                        f"max_corrupt_frac={max_frac}); their paths are printed above: fix or "
+                        "remove them, or raise max_corrupt_frac")
     return total
 
 
@@ -683,7 +693,8 @@ class StopRequest:
         if self.signum:  # a second signal: stop now
             raise KeyboardInterrupt
         self.signum = signum
-        print(f"signal {signal.Signals(signum).name}: saving a checkpoint at the next log step", flush=True)
+        print(f"signal {signal.Signals(signum).name}: saving a checkpoint at the next log step",
+              flush=True)
 
     def should_stop(self, device) -> bool:
         flag = torch.tensor(float(self.signum), device=device)
@@ -724,7 +735,8 @@ class SkipSampler(torch.utils.data.Sampler):
 
 def train_loader(dataset, micro_batch: int, dist_: Dist, seed: int, num_workers: int) -> DataLoader:
     """A shuffled, sharded training loader that can resume mid-epoch (its SkipSampler skips what
-    a resumed epoch has seen; `Run.epoch_batches` positions it). The workers ignore SIGTERM/SIGINT."""
+    a resumed epoch has seen; `Run.epoch_batches` positions it). The workers ignore SIGTERM and
+    SIGINT."""
     shards = DistributedSampler(dataset, num_replicas=dist_.world, rank=dist_.rank, shuffle=True,
                                 seed=seed, drop_last=True)
     return DataLoader(dataset, batch_size=micro_batch, sampler=SkipSampler(shards),
@@ -905,7 +917,8 @@ class Run:
         values = dict(zip(sums, means))
         bad = [(k, v) for k, v in values.items() if not math.isfinite(v)]
         if bad:
-            raise NonFiniteLoss(f"{bad[0][0]} is {bad[0][1]} at step {self.step} (epoch {epoch + 1}); the "
+            name, value = bad[0]
+            raise NonFiniteLoss(f"{name} is {value} at step {self.step} (epoch {epoch + 1}); the "
                                 f"last good checkpoint is {self.ckpt_path}: lower the lr, check "
                                 "the data, or set skip_nonfinite")
         images = count * self.micro_batch * self.dist.world

@@ -7,13 +7,16 @@ Papers: "Masked Image Modeling via Dynamic Token Morphing", Kim, Heo, Han, arXiv
     # the default: a small ViT on Fashion-MNIST distilled from a small supervised CNN (the
     # offline stand-in for CLIP), 2-core CPU, about 10 minutes, ends with k-NN vs baselines
     python pretrain.py --config configs/fmnist_dtm.yaml
-    # SimMIM / MAE with Masked Token Optimization on Fashion-MNIST (CPU); without: *_simmim.yaml, *_mae.yaml
+    # SimMIM / MAE with Masked Token Optimization on Fashion-MNIST (CPU)
+    # (without MTO: configs/fmnist_simmim.yaml, configs/fmnist_mae.yaml)
     python pretrain.py --config configs/fmnist_simmim_mto.yaml
     python pretrain.py --config configs/fmnist_mae_mto.yaml
     # one node, 8 GPUs, the DTM paper's ViT-B/16 recipe with a CLIP ViT-B/16 teacher
-    torchrun --nproc_per_node=8 pretrain.py --config configs/in1k_vit_base_dtm.yaml data_path=/data/imagenet
+    torchrun --nproc_per_node=8 pretrain.py --config configs/in1k_vit_base_dtm.yaml \
+        data_path=/data/imagenet
     # several nodes: the same command on each node, plus --nnodes, --node_rank, --master_addr
-    torchrun --nnodes=4 --node_rank=$RANK --master_addr=$HOST --nproc_per_node=8 pretrain.py --config ...
+    torchrun --nnodes=4 --node_rank=$RANK --master_addr=$HOST --nproc_per_node=8 \
+        pretrain.py --config ...
 
 Per step: the teacher sees the full image and gives target tokens v (B, N, C); the student sees
 the same view with masked patches replaced by e_[M] and gives u = h(f(x^M)) (B, N, C); the loss
@@ -23,7 +26,8 @@ patches (model.SimMIM, model.MAE; losses.pixel_loss, Eq. 1); mto=true adds the M
 (losses.mto_losses, Eqs. 3-5) over the blocks that hold the mask tokens: SimMIM's encoder, MAE's
 decoder. With mto=false the per-layer hidden states are not even collected.
 A run directory holds config.yaml, log.jsonl, checkpoint.pth (resumed automatically; with MAE's
-decoder) and encoder.pth (the encoder alone, for probe.py, finetune.py and the `checkpoint` teacher).
+decoder) and encoder.pth (the encoder alone, for probe.py, finetune.py and the `checkpoint`
+teacher). The loop in `main` is the method; the run's plumbing is `common.Run`.
 """
 import math
 import os
@@ -53,18 +57,22 @@ MTO_TERMS = ("spa", "e", "r")  # L_spa (Eq. 3), L_e (Eq. 4), L_r (Eq. 5)
 
 @dataclass
 class Config:
-    framework: str = "distill"         # distill (teacher; DTM / token-wise) | simmim | mae (MTO paper)
+    framework: str = "distill"         # distill (teacher; DTM / token-wise) | simmim | mae (MTO
+                                       # paper)
     # data
     dataset: str = "fashion_mnist"     # fashion_mnist | imagefolder | cifar10 | cifar100
-    data_path: str = "data"            # imagefolder: root with train/ (and val/); others: download dir
+    data_path: str = "data"            # imagefolder: root with train/ (and val/); others: download
+                                       # dir
     subset: int = 0                    # use only the first `subset` training images (0 = all)
     img_size: int = 28                 # input side in pixels
     crop_scale_min: float = 0.2        # RandomResizedCrop scale lower bound (BEiT v2: 0.08 at 224)
     color_jitter: float = 0.4          # DTM Table 12
     num_workers: int = 2               # loader processes per GPU/process
-    max_corrupt_frac: float = 0.01     # imagefolder: skip corrupt images, stop when more than this fraction
+    max_corrupt_frac: float = 0.01     # imagefolder: skip corrupt images, stop when more than this
+                                       # fraction
     # student
-    model: str = "vit_tiny"            # vit_micro | vit_mini | vit_tiny | vit_small | vit_base | vit_large
+    model: str = "vit_tiny"            # vit_micro | vit_mini | vit_tiny | vit_small | vit_base |
+                                       # vit_large
     patch_size: int = 4
     pos_embed: str = "learned"         # learned | sincos | none
     rel_pos_bias: bool = False         # BEiT relative position bias in every block
@@ -74,13 +82,17 @@ class Config:
     drop_path: float = 0.0
     # masking
     mask: str = "block"                # block (BEiT) | random (MAE) | simmim (random coarse cells)
-    mask_ratio: float = 0.4            # |M| = floor(r N); DTM: 75 of 196; simmim: ceil(r cells) cells
+    mask_ratio: float = 0.4            # |M| = floor(r N); DTM: 75 of 196; simmim: ceil(r cells)
+                                       # cells
     mask_min_patches: int = 16         # smallest block of the block-wise mask
-    mask_patch_size: int = 32          # mask=simmim: side of a mask cell in pixels (SimMIM: 32 at 224)
+    mask_patch_size: int = 32          # mask=simmim: side of a mask cell in pixels (SimMIM: 32 at
+                                       # 224)
     # teacher
-    teacher: str = "ema"               # clip | checkpoint | ema | cnn (supervised stand-in for CLIP)
+    teacher: str = "ema"               # clip | checkpoint | ema | cnn (supervised stand-in for
+                                       # CLIP)
     teacher_model: str = "ViT-B-16-quickgelu"  # open_clip model name (teacher=clip)
-    teacher_pretrained: str = "openai" # open_clip tag or local weights file; encoder.pth for checkpoint;
+    teacher_pretrained: str = "openai" # open_clip tag or local weights file; encoder.pth for
+                                       # checkpoint;
                                        # cnn: the cached CNN's .pth (else out_dir/teacher_cnn.pth)
     teacher_epochs: int = 1            # teacher=cnn: supervised epochs over the training images
     ema_momentum: float = 0.996        # teacher=ema: momentum at the start, cosine-increased to ...
@@ -97,17 +109,21 @@ class Config:
     decoder_dim: int = 512             # mae decoder width (MAE ViT-B: 512)
     decoder_depth: int = 8             # mae decoder blocks (MAE ViT-B: 8)
     decoder_heads: int = 16            # mae decoder heads (MAE ViT-B: 16)
-    # Masked Token Optimization: loss = L_pixel + w_spa L_spa + w_e L_e + w_r L_r (DECISIONS.md: all 1)
-    mto: bool = False                  # on: simmim over the encoder blocks, mae over the decoder blocks
+    # Masked Token Optimization: loss = L_pixel + w_spa L_spa + w_e L_e + w_r L_r
+    # (the weights: DECISIONS.md, all 1)
+    mto: bool = False                  # on: simmim over the encoder blocks, mae over the decoder
+                                       # blocks
     mto_spa: float = 1.0               # weight of L_spa, Eq. 3 (0 = off: Table 3's ablation)
     mto_e: float = 1.0                 # weight of L_e, Eq. 4
     mto_r: float = 1.0                 # weight of L_r, Eq. 5
     mto_eps: float = 1e-6              # epsilon of L_e = 1 / (H^0 + eps)
-    mto_printed_sign: bool = False     # L_r as printed (H rising with depth); default falling (DECISIONS.md)
+    mto_printed_sign: bool = False     # L_r as printed (H rising with depth); default falling
+                                       # (DECISIONS.md)
     mto_spa_exclude_self: bool = False # L_spa without a token's similarity to itself (DECISIONS.md)
     # k-NN accuracy per epoch on frozen features (an accuracy-vs-epoch curve for RAUC, Eq. 6)
     eval_knn_every: int = 0            # epochs between evaluations (0 = never)
-    knn_bank: int = 5000               # training images in the memory bank (every process holds all)
+    knn_bank: int = 5000               # training images in the memory bank (every process holds
+                                       # all)
     knn_val: int = 1000                # validation images scored (sharded over processes)
     knn_k: int = 20                    # neighbours voting, weighted by exp(cosine / 0.07) (DINO)
     final_knn: bool = False            # at the end: k-NN on the whole test split for this encoder,
@@ -120,8 +136,10 @@ class Config:
     blr: float = 1.5e-4                # MAE convention: peak lr = blr * batch_size / 256
     lr: float = 0.0                    # BEiT v2 convention: peak lr as given (> 0: blr is ignored)
     min_lr: float = 1e-6
-    lr_schedule: str = "cosine"        # cosine (to min_lr) | multistep (x lr_gamma at each lr_milestones epoch)
-    lr_milestones: List[int] = field(default_factory=list)  # multistep epochs (SimMIM ViT-B 800 ep: [700])
+    lr_schedule: str = "cosine"        # cosine (to min_lr) | multistep (x lr_gamma at each
+                                       # lr_milestones epoch)
+    lr_milestones: List[int] = field(default_factory=list)  # multistep epochs (SimMIM ViT-B 800 ep:
+                                                            # [700])
     lr_gamma: float = 0.1
     weight_decay: float = 0.05
     beta2: float = 0.98                # AdamW betas (0.9, beta2)
@@ -129,11 +147,15 @@ class Config:
     # run
     out_dir: str = "runs/pretrain"
     save_every: int = 1                # epochs between checkpoints (and at the end)
-    keep_every: int = 0                # also keep checkpoint-EPOCH.pth every this many epochs (0 = never)
-    log_every: int = 20                # optimizer steps between log lines (metrics reduced, SIGTERM checked)
-    skip_nonfinite: int = 0            # skip up to this many steps with a NaN/inf loss, then stop (0: stop at
+    keep_every: int = 0                # also keep checkpoint-EPOCH.pth every this many epochs (0 =
+                                       # never)
+    log_every: int = 20                # optimizer steps between log lines (metrics reduced, SIGTERM
+                                       # checked)
+    skip_nonfinite: int = 0            # skip up to this many steps with a NaN/inf loss, then stop
+                                       # (0: stop at
                                        # the first; > 0 checks every step: one host sync per step)
-    dist_timeout_s: int = 1800         # a collective that waits longer than this fails the run (lost process)
+    dist_timeout_s: int = 1800         # a collective that waits longer than this fails the run
+                                       # (lost process)
     seed: int = 0
     device: str = "auto"               # auto | cpu | cuda
     compile: bool = False              # torch.compile the student
@@ -152,54 +174,64 @@ class Config:
         if not 0 < self.mask_ratio < 1:
             raise ConfigError(f"config key 'mask_ratio' must be in (0, 1), got {self.mask_ratio}")
         if self.img_size % self.patch_size:
-            raise ConfigError(f"img_size {self.img_size} must be a multiple of patch_size {self.patch_size}")
+            raise ConfigError(f"img_size {self.img_size} must be a multiple of patch_size "
+                              f"{self.patch_size}")
         num_patches = (self.img_size // self.patch_size) ** 2
         if not 1 <= self.dtm_min_morphed <= num_patches:
             raise ConfigError(f"config key 'dtm_min_morphed' must be in [1, N = {num_patches}], "
                               f"got {self.dtm_min_morphed}")
         if not 0 <= self.max_corrupt_frac <= 1:
-            raise ConfigError(f"config key 'max_corrupt_frac' must be in [0, 1], got {self.max_corrupt_frac}")
+            raise ConfigError(f"config key 'max_corrupt_frac' must be in [0, 1], got "
+                              f"{self.max_corrupt_frac}")
         if self.skip_nonfinite < 0:
-            raise ConfigError(f"config key 'skip_nonfinite' must be >= 0, got {self.skip_nonfinite}")
+            raise ConfigError(f"config key 'skip_nonfinite' must be >= 0, got "
+                              f"{self.skip_nonfinite}")
         if self.teacher == "cnn" and self.framework == "distill" and self.patch_size != 4:
             raise ConfigError(f"teacher=cnn gives one token per 4 x 4 px patch: set patch_size=4 "
                               f"(got {self.patch_size})")
         if self.lr < 0 or self.blr < 0:
             raise ConfigError(f"config keys 'lr' and 'blr' must be >= 0, got {self.lr}, {self.blr}")
-        for key in ("epochs", "batch_size", "accum_steps", "dtm_levels", "dtm_max_iters", "log_every", "save_every",
-                    "dist_timeout_s", "teacher_epochs"):
+        for key in ("epochs", "batch_size", "accum_steps", "dtm_levels", "dtm_max_iters",
+                    "log_every", "save_every", "dist_timeout_s", "teacher_epochs"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"config key '{key}' must be >= 1, got {getattr(self, key)}")
         self.validate_mim()
 
     def validate_mim(self):
         """The SimMIM / MAE / MTO / k-NN keys."""
-        if self.mask == "simmim" and (self.mask_patch_size % self.patch_size or self.img_size % self.mask_patch_size):
-            raise ConfigError(f"mask=simmim needs mask_patch_size ({self.mask_patch_size}) to be a multiple of "
-                              f"patch_size ({self.patch_size}) and to divide img_size ({self.img_size})")
-        if self.framework == "mae" and (self.rel_pos_bias or self.shared_rel_pos_bias or self.pos_embed == "none"):
-            raise ConfigError("framework=mae runs the encoder on the visible patches only: it needs pos_embed "
-                              "learned or sincos and no relative position bias")
-        if self.framework == "mae" and (self.decoder_dim % self.decoder_heads or self.decoder_dim % 4):
-            raise ConfigError(f"decoder_dim ({self.decoder_dim}) must be divisible by decoder_heads "
-                              f"({self.decoder_heads}) and by 4 (sin-cos positions)")
+        cell = self.mask_patch_size
+        if self.mask == "simmim" and (cell % self.patch_size or self.img_size % cell):
+            raise ConfigError(f"mask=simmim needs mask_patch_size ({cell}) to be a multiple of "
+                              f"patch_size ({self.patch_size}) and to divide img_size "
+                              f"({self.img_size})")
+        relative = self.rel_pos_bias or self.shared_rel_pos_bias
+        if self.framework == "mae" and (relative or self.pos_embed == "none"):
+            raise ConfigError("framework=mae runs the encoder on the visible patches only: it "
+                              "needs pos_embed learned or sincos and no relative position bias")
+        if self.framework == "mae" and (self.decoder_dim % self.decoder_heads
+                                        or self.decoder_dim % 4):
+            raise ConfigError(f"decoder_dim ({self.decoder_dim}) must be divisible by "
+                              f"decoder_heads ({self.decoder_heads}) and by 4 (sin-cos positions)")
         if self.mto and self.framework == "distill":
-            raise ConfigError("mto=true needs framework=simmim or framework=mae (MTO acts on the mask tokens "
-                              "of a pixel-reconstruction model)")
+            raise ConfigError("mto=true needs framework=simmim or framework=mae (MTO acts on the "
+                              "mask tokens of a pixel-reconstruction model)")
         weights = [getattr(self, f"mto_{t}") for t in MTO_TERMS]
         if min(weights) < 0:
             raise ConfigError(f"the MTO weights mto_spa, mto_e, mto_r must be >= 0, got {weights}")
         if self.mto and max(weights) == 0:
-            raise ConfigError("mto=true but mto_spa, mto_e and mto_r are all 0: switch mto off instead")
+            raise ConfigError("mto=true but mto_spa, mto_e and mto_r are all 0: switch mto off "
+                              "instead")
         if self.eval_knn_every < 0:
-            raise ConfigError(f"config key 'eval_knn_every' must be >= 0, got {self.eval_knn_every}")
+            raise ConfigError(f"config key 'eval_knn_every' must be >= 0, got "
+                              f"{self.eval_knn_every}")
         for key in ("knn_bank", "knn_val", "knn_k"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"config key '{key}' must be >= 1, got {getattr(self, key)}")
 
 
-TEACHER_KEYS = ("teacher", "teacher_model", "teacher_pretrained", "teacher_epochs", "ema_momentum",
-                "ema_momentum_end", "loss", "distance", "dtm_levels", "dtm_max_iters", "dtm_min_morphed")
+TEACHER_KEYS = ("teacher", "teacher_model", "teacher_pretrained", "teacher_epochs",
+                "ema_momentum", "ema_momentum_end", "loss", "distance", "dtm_levels",
+                "dtm_max_iters", "dtm_min_morphed")
 PIXEL_KEYS = ("norm_pix_loss", "decoder_dim", "decoder_depth", "decoder_heads")
 
 
@@ -236,15 +268,18 @@ def config_record(cfg: Config) -> dict:
     return {k: v for k, v in config_dict(cfg).items() if k not in off}
 
 
-def multistep_lr(step: int, warmup: int, base_lr: float, milestones: List[int], gamma: float) -> float:
-    """SimMIM's ViT-B schedule: linear warm-up, then base_lr x gamma^(milestones passed), in steps."""
+def multistep_lr(step: int, warmup: int, base_lr: float, milestones: List[int],
+                 gamma: float) -> float:
+    """SimMIM's ViT-B schedule: linear warm-up, then base_lr x gamma^(milestones passed), in
+    steps."""
     if step < warmup:
         return base_lr * step / warmup
     return base_lr * gamma ** sum(step >= m for m in milestones)
 
 
 def build_encoder(cfg: Config) -> M.ViT:
-    return M.build_vit(cfg.model, img_size=cfg.img_size, patch_size=cfg.patch_size, pos_embed=cfg.pos_embed,
+    return M.build_vit(cfg.model, img_size=cfg.img_size, patch_size=cfg.patch_size,
+                       pos_embed=cfg.pos_embed,
                        rel_pos_bias=cfg.rel_pos_bias, shared_rel_pos_bias=cfg.shared_rel_pos_bias,
                        layer_scale=cfg.layer_scale, drop_path=cfg.drop_path, fix_init=cfg.fix_init)
 
@@ -253,14 +288,17 @@ def build_mim(cfg: Config, encoder: M.ViT) -> torch.nn.Module:
     """framework simmim -> model.SimMIM; mae -> model.MAE with its decoder."""
     if cfg.framework == "simmim":
         return M.SimMIM(encoder)
-    decoder = M.MAEDecoder(embed_dim=encoder.cfg.embed_dim, grid=encoder.cfg.grid, patch_size=cfg.patch_size,
-                           decoder_dim=cfg.decoder_dim, depth=cfg.decoder_depth, num_heads=cfg.decoder_heads)
+    decoder = M.MAEDecoder(embed_dim=encoder.cfg.embed_dim, grid=encoder.cfg.grid,
+                           patch_size=cfg.patch_size, decoder_dim=cfg.decoder_dim,
+                           depth=cfg.decoder_depth, num_heads=cfg.decoder_heads)
     return M.MAE(encoder, decoder)
 
 
-def reconstruction_loss(cfg: Config, pred: torch.Tensor, img: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def reconstruction_loss(cfg: Config, pred: torch.Tensor, img: torch.Tensor,
+                        mask: torch.Tensor) -> torch.Tensor:
     """L_pixel (MTO Eq. 1) on the masked patches only. Targets are the pixels of the (ImageNet-
-    normalised) input: SimMIM's L1 on them, MAE's MSE on them normalised per patch (norm_pix_loss)."""
+    normalised) input: SimMIM's L1 on them, MAE's MSE on them normalised per patch
+    (norm_pix_loss)."""
     target = M.patchify(img, cfg.patch_size)                      # (B, N, p*p*C)
     if cfg.framework == "simmim":
         return losses.pixel_loss(pred, target, mask, "l1")
@@ -301,7 +339,8 @@ def knn_top1(bank: torch.Tensor, bank_labels, val: torch.Tensor, val_labels, k: 
     centre = bank.mean(0, keepdim=True)
     votes = losses.knn_votes(bank - centre, bank_labels, val - centre, num_classes, k)
     correct = (votes.argmax(1) == val_labels).sum().float()
-    counts = all_reduce_sum(torch.stack([correct, torch.tensor(float(len(val)), device=correct.device)]))
+    scored = torch.tensor(float(len(val)), device=correct.device)
+    counts = all_reduce_sum(torch.stack([correct, scored]))
     return (counts[0] / counts[1]).item()
 
 
@@ -309,11 +348,13 @@ def knn_eval(cfg: "Config", encoders: dict, dist, val_size: int) -> dict:
     """k-NN top-1 of every feature of `encoders`: bank = the first knn_bank training images,
     queries = the first val_size test images (0 = all), sharded over the processes."""
     tf = data.eval_transform(cfg.img_size)
-    bank_set = data.build_dataset(cfg.dataset, cfg.data_path, train=True, transform=tf, subset=cfg.knn_bank)
-    val_set = data.build_dataset(cfg.dataset, cfg.data_path, train=False, transform=tf, subset=val_size)
+    bank_set = data.build_dataset(cfg.dataset, cfg.data_path, train=True, transform=tf,
+                                  subset=cfg.knn_bank)
+    val_set = data.build_dataset(cfg.dataset, cfg.data_path, train=False, transform=tf,
+                                 subset=val_size)
     shard = ShardSampler(len(val_set), dist.rank, dist.world)
     loaders = [DataLoader(ds, batch_size=256, sampler=smp, num_workers=cfg.num_workers,
-                          generator=torch.Generator())  # own generator: training randomness untouched
+                          generator=torch.Generator())  # own: training randomness untouched
                for ds, smp in ((bank_set, None), (val_set, shard))]
     bank, bank_labels = knn_features(loaders[0], encoders, dist.device)
     val, val_labels = knn_features(loaders[1], encoders, dist.device)
@@ -326,16 +367,19 @@ def final_knn_report(cfg: "Config", encoder: M.ViT, dist, log_path: str):
     """Print and log k-NN top-1 on the whole test split: this encoder against the two baselines
     any encoder must beat, raw pixels and a random-init encoder of the same config."""
     torch.manual_seed(cfg.seed)                                   # the student's initial weights
-    encoders = {"pixels": None, "random-init": build_encoder(cfg).to(dist.device), "trained": encoder}
+    random_init = build_encoder(cfg).to(dist.device)
+    encoders = {"pixels": None, "random-init": random_init, "trained": encoder}
     acc = knn_eval(cfg, encoders, dist, val_size=0)
     best = {n: max(acc[f"{n} [cls]"], acc[f"{n} mean"]) for n in ("random-init", "trained")}
     print0(f"k-NN top-1 on the test split (bank: {cfg.knn_bank} training images, k={cfg.knn_k}, "
            f"centred cosine):")
     print0(f"  raw pixels               {100 * acc['pixels']:5.1f}")
     for n in ("random-init", "trained"):
-        print0(f"  {n + ' ' + cfg.model:<24} {100 * best[n]:5.1f}   ([cls] {100 * acc[n + ' [cls]']:.1f}, "
+        print0(f"  {n + ' ' + cfg.model:<24} {100 * best[n]:5.1f}   "
+               f"([cls] {100 * acc[n + ' [cls]']:.1f}, "
                f"patch mean {100 * acc[n + ' mean']:.1f})")
-    margin = [100 * (best["trained"] - acc["pixels"]), 100 * (best["trained"] - best["random-init"])]
+    margin = [100 * (best["trained"] - acc["pixels"]),
+              100 * (best["trained"] - best["random-init"])]
     verdict = "beats" if min(margin) > 0 else "does NOT beat"
     print0(f"the trained encoder {verdict} both baselines: {margin[0]:+.1f} over raw pixels, "
            f"{margin[1]:+.1f} over random init")
@@ -355,14 +399,16 @@ def train_cnn_teacher(cfg: "Config", dist, path: str):
     if dist.main:
         torch.manual_seed(cfg.seed)
         tf = T.Compose([T.RandomHorizontalFlip(), data.eval_transform(cfg.img_size)])
-        train_set = data.build_dataset(cfg.dataset, cfg.data_path, train=True, transform=tf, subset=cfg.subset)
+        train_set = data.build_dataset(cfg.dataset, cfg.data_path, train=True, transform=tf,
+                                       subset=cfg.subset)
         test_set = data.build_dataset(cfg.dataset, cfg.data_path, train=False,
                                       transform=data.eval_transform(cfg.img_size))
         num_classes = len(test_set.classes)
         cnn = M.SmallCNN(num_classes).to(dist.device)
         opt = torch.optim.AdamW(cnn.parameters(), lr=2e-3, weight_decay=0.05)
         loader = DataLoader(train_set, batch_size=128, shuffle=True, drop_last=True,
-                            num_workers=cfg.num_workers, generator=torch.Generator().manual_seed(cfg.seed))
+                            num_workers=cfg.num_workers,
+                            generator=torch.Generator().manual_seed(cfg.seed))
         total = cfg.teacher_epochs * len(loader)
         print0(f"teacher=cnn: training a small CNN with labels for {cfg.teacher_epochs} epoch(s) "
                f"({len(train_set)} images), a stand-in for CLIP (which needs a download)")
@@ -378,8 +424,10 @@ def train_cnn_teacher(cfg: "Config", dist, path: str):
         with torch.no_grad():
             hits = [(cnn.classify(x.to(dist.device)).argmax(1).cpu() == y).sum()
                     for x, y in DataLoader(test_set, batch_size=512)]
-        print0(f"teacher=cnn: test top-1 {100 * sum(hits).item() / len(test_set):.1f}%; saved {path}")
-        save_atomic({"num_classes": num_classes, "width": cnn.width, "model": cnn.cpu().state_dict()}, path)
+        top1 = 100 * sum(hits).item() / len(test_set)
+        print0(f"teacher=cnn: test top-1 {top1:.1f}%; saved {path}")
+        save_atomic({"num_classes": num_classes, "width": cnn.width,
+                     "model": cnn.cpu().state_dict()}, path)
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
 
