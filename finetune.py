@@ -19,30 +19,22 @@ where they differ from BEiT v2 / timm: DECISIONS.md, section 5.
 The run directory keeps checkpoint.pth (auto-resume), best.pth, log.jsonl, and model_timm.pth:
 the fine-tuned model in timm's format with the arguments to build it.
 """
-import contextlib
 import copy
-import math
 import os
-import time
 from dataclasses import dataclass, asdict
 
 import torch
 import torch.nn.functional as F
-import yaml
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 from torchvision.transforms import v2 as T
-from tqdm import tqdm
 
+import common
 import data
 import model as M
-from common import (ConfigError, NonFiniteLoss, ShardSampler, SkipSampler, StopRequest,
-                    all_reduce_mean, all_reduce_sum, check_choice, check_corrupt,
-                    check_resume_config, check_steps_per_epoch, config_dict, cosine_lr,
-                    ensure_outputs,
-                    ignore_stop_signals, load_checkpoint, load_optimizer, load_state, log_json,
-                    open_run_dir, parse_config, print0, read_weights, run_main, save_atomic,
-                    save_run, setup_distributed, split_batch, step_seed, trim_log, write_config)
+from common import (ConfigError, Run, ShardSampler, all_reduce_sum, check_choice, config_dict,
+                    cosine_lr, load_optimizer, load_state, log_json, no_sync, parse_config,
+                    print0, read_weights, run_main, save_atomic, setup_distributed)
 
 
 @dataclass
@@ -53,8 +45,10 @@ class Config:
     subset: int = 0                  # use only the first `subset` training images (0 = all)
     img_size: int = 28
     num_workers: int = 2
-    max_corrupt_frac: float = 0.01   # imagefolder: skip corrupt images, stop when more than this fraction
-    # model: `init` is an encoder.pth of pretrain.py, a timm/MAE-format weights file, or "" (scratch)
+    max_corrupt_frac: float = 0.01   # imagefolder: skip corrupt images, stop when more than this
+                                     # fraction
+    # model: `init` is an encoder.pth of pretrain.py, a timm/MAE-format weights file, or ""
+    # (scratch)
     init: str = ""
     model: str = "vit_tiny"          # architecture when init is "" or a timm/MAE file
     patch_size: int = 4
@@ -84,7 +78,8 @@ class Config:
     model_ema_decay: float = 0.9999
     # run
     out_dir: str = "runs/finetune"
-    log_every: int = 20              # steps between log lines (loss reduced, SIGTERM/SIGINT checked)
+    log_every: int = 20              # steps between log lines (loss reduced, SIGTERM/SIGINT
+                                     # checked)
     dist_timeout_s: int = 1800       # a collective that waits longer fails the run (a lost process)
     seed: int = 0
     device: str = "auto"
@@ -133,7 +128,8 @@ def build_model(cfg: Config, num_classes: int) -> M.ViT:
     """The classifier: encoder weights (if any) + a new Linear head on [cls] (global_pool=token)
     or on a new LayerNorm of the patch-token mean (avg: fc_norm, the final norm dropped)."""
     vit_cfg = dict(M.VIT_SIZES[cfg.model], img_size=cfg.img_size, patch_size=cfg.patch_size,
-                   pos_embed=cfg.pos_embed, rel_pos_bias=cfg.rel_pos_bias, layer_scale=cfg.layer_scale)
+                   pos_embed=cfg.pos_embed, rel_pos_bias=cfg.rel_pos_bias,
+                   layer_scale=cfg.layer_scale)
     state = None
     if cfg.init:
         ckpt = read_weights(cfg.init, "init")
@@ -270,10 +266,11 @@ def evaluate(model, loader, device, num_classes):
             logits = model(img)
         top = logits.float().topk(k, dim=-1).indices                  # (B, k)
         hit = top == labels.unsqueeze(-1)
-        counts += torch.stack([hit[:, 0].sum(), hit.any(-1).sum(), torch.tensor(len(labels), device=device)])
-    counts = all_reduce_sum(counts)
-    return {"top1": 100.0 * counts[0].item() / counts[2].item(), "top5": 100.0 * counts[1].item() / counts[2].item(),
-            "count": int(counts[2].item())}
+        counts += torch.stack([hit[:, 0].sum(), hit.any(-1).sum(),
+                               torch.tensor(len(labels), device=device)])
+    correct1, correct5, total = all_reduce_sum(counts).tolist()
+    return {"top1": 100.0 * correct1 / total, "top5": 100.0 * correct5 / total,
+            "count": int(total)}
 
 
 def export_timm(model: M.ViT) -> dict:
@@ -294,158 +291,170 @@ def export_timm(model: M.ViT) -> dict:
 
 
 # -----------------------------------------------------------------------------
+# Setup: data, model (+ EMA), optimizer, what a checkpoint holds
 
-def main(argv):
-    cfg = parse_config(Config, argv)
-    dist = setup_distributed(cfg.device, cfg.dist_timeout_s)
-    stop = StopRequest()  # SIGTERM / SIGINT: checkpoint at the next log step, exit 128 + signal
-    micro_batch = split_batch(cfg.batch_size, dist.world, cfg.accum_steps)
-    print0(yaml.safe_dump(config_dict(cfg), sort_keys=False))
-    open_run_dir(cfg.out_dir)  # one run per folder (a lock), temp files of a killed save removed
-    ckpt_path = os.path.join(cfg.out_dir, "checkpoint.pth")
-    log_path = os.path.join(cfg.out_dir, "log.jsonl")
-    timm_path = os.path.join(cfg.out_dir, "model_timm.pth")
+def check_init(cfg: Config):
+    """init names a file that exists (checked here, not in validate(): configs parse anywhere)."""
+    if cfg.init and not os.path.isfile(cfg.init):
+        raise FileNotFoundError(f"config key 'init': file '{cfg.init}' does not exist (an "
+                                "encoder.pth of pretrain.py, a timm/MAE weights file, or "
+                                "init=\"\" to train from scratch)")
 
-    if cfg.init and not os.path.isfile(cfg.init):  # checked here, not in validate(): configs parse anywhere
-        raise FileNotFoundError(f"config key 'init': file '{cfg.init}' does not exist (an encoder.pth of "
-                                "pretrain.py, a timm/MAE weights file, or init=\"\" to train from scratch)")
 
-    # data
-    train_set = data.SeededImages(data.build_dataset(cfg.dataset, cfg.data_path, train=True, subset=cfg.subset,
-                                                     transform=train_transform(cfg)), cfg.seed)
-    val_set = data.build_dataset(cfg.dataset, cfg.data_path, train=False, transform=data.eval_transform(cfg.img_size))
+def build_data(cfg: Config, dist, micro_batch: int):
+    """-> (training loader: augmentation seeded by (seed, epoch, index); validation loader: a
+    shard per rank; number of classes)."""
+    train = data.build_dataset(cfg.dataset, cfg.data_path, train=True, subset=cfg.subset,
+                               transform=train_transform(cfg))
+    train_set = data.SeededImages(train, cfg.seed)
+    val_set = data.build_dataset(cfg.dataset, cfg.data_path, train=False,
+                                 transform=data.eval_transform(cfg.img_size))
     num_classes = len(_classes(train_set))
-    sampler = SkipSampler(DistributedSampler(train_set, num_replicas=dist.world, rank=dist.rank, shuffle=True,
-                                             seed=cfg.seed, drop_last=True))  # skips what a resumed epoch has seen
-    loader = DataLoader(train_set, batch_size=micro_batch, sampler=sampler, num_workers=cfg.num_workers,
-                        pin_memory=dist.device.type == "cuda", drop_last=True, worker_init_fn=ignore_stop_signals)
-    val_loader = DataLoader(val_set, batch_size=micro_batch, sampler=ShardSampler(len(val_set), dist.rank, dist.world),
-                            num_workers=cfg.num_workers)
-    steps_per_epoch = len(sampler) // micro_batch // cfg.accum_steps
-    if steps_per_epoch == 0:
-        raise ConfigError(f"{len(train_set)} training images are fewer than one global batch ({cfg.batch_size})")
-    mix = mix_batch(cfg, num_classes)
-
-    # model, optimizer
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg, num_classes).to(dist.device)
-    ema = copy.deepcopy(model).eval().requires_grad_(False) if cfg.model_ema else None
-    lr, lr_note = peak_lr(cfg)
-    print0(lr_note)
-    groups = layer_decay_groups(model, cfg.weight_decay, cfg.layer_decay)
-    optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), fused=dist.device.type == "cuda")
-    print0(f"{len(train_set)} training / {len(val_set)} validation images, {num_classes} classes, "
-           f"{steps_per_epoch} steps per epoch")
-
-    step, best = 0, 0.0
-    if os.path.isfile(ckpt_path):  # auto-resume, also mid-epoch (after SIGTERM/SIGINT)
-        ckpt = load_checkpoint(ckpt_path)
-        check_resume_config(ckpt["config"], config_dict(cfg), RESUME_KEYS, ckpt_path)
-        check_steps_per_epoch(ckpt, steps_per_epoch, ckpt_path, "batch_size and subset")
-        load_state(model, ckpt["model"], ckpt_path)
-        load_optimizer(optimizer, ckpt["optimizer"], ckpt_path)
-        if ema is not None and "ema" in ckpt:
-            load_state(ema, ckpt["ema"], ckpt_path)
-        step, best = ckpt["step"], ckpt["best"]
-        print0(f"resumed from {ckpt_path} at epoch {step // steps_per_epoch}, step {step}")
-    trim_log(log_path, step, step // steps_per_epoch)  # drop what a killed run logged after it
-    write_config(cfg.out_dir, cfg)
-
-    def final_outputs() -> dict:
-        """What the next stage reads: the (EMA) model in timm's format."""
-        return {timm_path: export_timm(ema if ema is not None else model)}
-
-    def save_checkpoint(epochs_done: int, outputs: dict):
-        """Outputs first, then the checkpoint that says how far the run got (rank 0)."""
-        if dist.main:
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epochs_done,
-                     "step": step, "steps_per_epoch": steps_per_epoch, "best": best, "config": config_dict(cfg),
-                     "vit_config": asdict(model.cfg)}
-            if ema is not None:
-                state["ema"] = ema.state_dict()
-            save_run(ckpt_path, state, outputs)
-
-    net = DDP(model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None) if dist.world > 1 else model
-    total_steps, warmup_steps = cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dist.device.type == "cuda")
-
-    for epoch in range(step // steps_per_epoch, cfg.epochs):
-        done_steps = step - epoch * steps_per_epoch               # > 0 after a mid-epoch resume
-        sampler.set_epoch(epoch, skip=done_steps * cfg.accum_steps * micro_batch)
-        train_set.set_epoch(epoch)                                # augmentation seeded by (seed, epoch, index)
-        data.reset_corrupt_count(train_set)
-        net.train()
-        loss_sum, seen, t0, stopping = torch.zeros((), device=dist.device), 0, time.time(), False
-        it = iter(loader)
-        for _ in tqdm(range(done_steps, steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                      disable=not dist.main, dynamic_ncols=True):
-            torch.manual_seed(step_seed(cfg.seed, step, dist.rank))  # mixup / cutmix and drop path of this step
-            lr_now = cosine_lr(step, total_steps, warmup_steps, lr, cfg.min_lr)
-            for g in optimizer.param_groups:
-                g["lr"] = lr_now * g["lr_scale"]
-            for micro in range(cfg.accum_steps):
-                img, labels = next(it)
-                img, target = mix(img, labels)
-                img, target = img.to(dist.device, non_blocking=True), target.to(dist.device, non_blocking=True)
-                sync = micro == cfg.accum_steps - 1 or dist.world == 1
-                with autocast, (contextlib.nullcontext() if sync else net.no_sync()):
-                    loss = soft_cross_entropy(net(img), target)
-                    (loss / cfg.accum_steps).backward()
-                loss_sum += loss.detach()
-                seen += 1
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if ema is not None:
-                with torch.no_grad():
-                    for pe, pm in zip(ema.parameters(), model.parameters()):
-                        pe.lerp_(pm, 1 - cfg.model_ema_decay)
-            step += 1
-            if step % cfg.log_every == 0 or step % steps_per_epoch == 0:
-                mean_loss = all_reduce_mean(loss_sum / seen).item()  # the only host sync
-                if not math.isfinite(mean_loss):
-                    raise NonFiniteLoss(f"loss is {mean_loss} at step {step}; the last good checkpoint is {ckpt_path}: "
-                                        "lower lr / blr or check the data")
-                if dist.main:
-                    log_json(log_path, {"epoch": epoch + 1, "step": step, "loss": mean_loss, "lr": lr_now,
-                                        "img_per_s": seen * micro_batch * dist.world / (time.time() - t0)})
-                loss_sum.zero_()
-                seen, t0 = 0, time.time()
-                check_corrupt(data.corrupt_count(train_set), len(train_set), cfg.max_corrupt_frac, dist.device)
-                if stop.should_stop(dist.device):
-                    stopping = True
-                    break
-
-        if step < (epoch + 1) * steps_per_epoch:  # stopped mid-epoch: save where we are and leave
-            save_checkpoint(epoch, {})
-            print0(f"stopped by signal at step {step}; rerun the same command to resume")
-            stop.exit()
-        # evaluation on every rank's shard, then checkpoints
-        stats = evaluate(model, val_loader, dist.device, num_classes)
-        record = {"epoch": epoch + 1, "step": step, **{f"val_{k}": v for k, v in stats.items()}}
-        if ema is not None:
-            record.update({f"ema_{k}": v for k, v in evaluate(ema, val_loader, dist.device, num_classes).items()})
-        print0(f"epoch {epoch + 1}: top-1 {stats['top1']:.2f}  top-5 {stats['top5']:.2f}"
-               + (f"  (EMA top-1 {record['ema_top1']:.2f})" if ema is not None else ""))
-        is_best = stats["top1"] > best
-        best = max(best, stats["top1"])
-        if dist.main:
-            log_json(log_path, record)
-            if is_best:
-                save_atomic({"config": asdict(model.cfg), "model": model.state_dict(), "top1": best},
-                            os.path.join(cfg.out_dir, "best.pth"))
-        save_checkpoint(epoch + 1, final_outputs() if epoch + 1 == cfg.epochs else {})
-        if stopping:
-            print0(f"stopped by signal after epoch {epoch + 1}; rerun the same command to resume")
-            stop.exit()
-    if dist.main:
-        ensure_outputs(final_outputs(), step)  # a resumed finished run: rewrite what is missing
-    print0(f"best top-1 {best:.2f}; timm export in {timm_path}")
+    loader = common.train_loader(train_set, micro_batch, dist, cfg.seed, cfg.num_workers)
+    val_loader = DataLoader(val_set, batch_size=micro_batch, num_workers=cfg.num_workers,
+                            sampler=ShardSampler(len(val_set), dist.rank, dist.world))
+    if len(loader) < cfg.accum_steps:
+        raise ConfigError(f"{len(train_set)} training images are fewer than one global batch "
+                          f"({cfg.batch_size})")
+    print0(f"{len(train_set)} training / {len(val_set)} validation images, {num_classes} "
+           f"classes, {len(loader) // cfg.accum_steps} steps per epoch")
+    return loader, val_loader, num_classes
 
 
 def _classes(ds):
     while not hasattr(ds, "classes"):  # Subset, SeededImages
         ds = ds.dataset
     return ds.classes
+
+
+def build_models(cfg: Config, dist, num_classes: int):
+    """-> (classifier, its EMA copy or None: model_ema=false)."""
+    model = build_model(cfg, num_classes).to(dist.device)
+    ema = copy.deepcopy(model).eval().requires_grad_(False) if cfg.model_ema else None
+    return model, ema
+
+
+@torch.no_grad()
+def update_ema(ema: M.ViT, model: M.ViT, decay: float):
+    for pe, pm in zip(ema.parameters(), model.parameters()):
+        pe.lerp_(pm, 1 - decay)
+
+
+def build_optimizer(cfg: Config, model: M.ViT, dist):
+    """-> (AdamW over the layer-decay groups (each with its lr_scale), the peak lr)."""
+    lr, note = peak_lr(cfg)
+    print0(note)
+    groups = layer_decay_groups(model, cfg.weight_decay, cfg.layer_decay)
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999),
+                                  fused=dist.device.type == "cuda")
+    return optimizer, lr
+
+
+def lr_schedule(cfg: Config, lr: float, steps_per_epoch: int) -> list:
+    """The lr of every step: linear warm-up, then cosine down to min_lr."""
+    total, warmup = cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch
+    return [cosine_lr(s, total, warmup, lr, cfg.min_lr) for s in range(total)]
+
+
+def run_state(model: M.ViT, optimizer, ema, best: float) -> dict:
+    """What checkpoint.pth holds besides the position in the run."""
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "best": best,
+             "vit_config": asdict(model.cfg)}
+    if ema is not None:
+        state["ema"] = ema.state_dict()
+    return state
+
+
+def load_run_state(ckpt: dict, model: M.ViT, optimizer, ema, path: str):
+    load_state(model, ckpt["model"], path)
+    load_optimizer(optimizer, ckpt["optimizer"], path)
+    if ema is not None and "ema" in ckpt:
+        load_state(ema, ckpt["ema"], path)
+
+
+def wrap(model: M.ViT, dist):
+    """The module the loop calls: in DDP with several processes."""
+    if dist.world == 1:
+        return model
+    return DDP(model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None)
+
+
+def evaluate_epoch(model, ema, val_loader, dist, num_classes: int, run: Run,
+                   epochs_done: int) -> float:
+    """Top-1 / top-5 of the model (and of its EMA) on the validation set, printed and logged.
+    -> the model's top-1."""
+    stats = evaluate(model, val_loader, dist.device, num_classes)
+    record = {"epoch": epochs_done, "step": run.step,
+              **{f"val_{k}": v for k, v in stats.items()}}
+    if ema is not None:
+        ema_stats = evaluate(ema, val_loader, dist.device, num_classes)
+        record.update({f"ema_{k}": v for k, v in ema_stats.items()})
+    print0(f"epoch {epochs_done}: top-1 {stats['top1']:.2f}  top-5 {stats['top5']:.2f}"
+           + (f"  (EMA top-1 {record['ema_top1']:.2f})" if ema is not None else ""))
+    if dist.main:
+        log_json(run.log_path, record)
+    return stats["top1"]
+
+
+def save_best(model: M.ViT, top1: float, run: Run):
+    if run.dist.main:
+        save_atomic({"config": asdict(model.cfg), "model": model.state_dict(), "top1": top1},
+                    run.path("best.pth"))
+
+
+# -----------------------------------------------------------------------------
+# The training loop
+
+def main(argv):
+    cfg = parse_config(Config, argv)
+    dist = setup_distributed(cfg.device, cfg.dist_timeout_s)
+    run = Run(cfg, dist, config_dict(cfg), RESUME_KEYS)  # out_dir locked, config checked
+    check_init(cfg)
+    loader, val_loader, num_classes = build_data(cfg, dist, run.micro_batch)
+    mix = mix_batch(cfg, num_classes)  # Mixup / CutMix, then label smoothing: soft targets
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    model, ema = build_models(cfg, dist, num_classes)  # ema: None unless model_ema
+    optimizer, lr = build_optimizer(cfg, model, dist)
+    steps_per_epoch = len(loader) // cfg.accum_steps
+    best = 0.0  # the best top-1 so far (best.pth)
+    ckpt = run.resume(steps_per_epoch,
+                      lambda c: load_run_state(c, model, optimizer, ema, run.ckpt_path),
+                      lambda: run_state(model, optimizer, ema, best))
+    best = ckpt["best"] if ckpt is not None else best
+    exported = ema if ema is not None else model  # model_timm.pth: the EMA model if any
+    timm_file = lambda: {run.path("model_timm.pth"): export_timm(exported)}  # noqa: E731
+    lr_at = lr_schedule(cfg, lr, steps_per_epoch)
+    net = wrap(model, dist)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dist.device.type == "cuda")
+
+    for epoch in run.epochs():
+        batches = run.epoch_batches(epoch, loader)
+        net.train()
+        for step in run.steps(epoch):  # a progress bar; log, stop signal, corrupt data: `run`
+            run.set_lr(optimizer, lr_at[step])  # times each group's lr_scale (layer decay)
+            for micro in range(cfg.accum_steps):
+                img, labels = next(batches)
+                img, target = mix(img, labels)                    # (B, C, H, W), (B, classes)
+                img = img.to(dist.device, non_blocking=True)
+                target = target.to(dist.device, non_blocking=True)
+                with autocast, no_sync(net, micro, cfg.accum_steps):
+                    loss = soft_cross_entropy(net(img), target)
+                    (loss / cfg.accum_steps).backward()
+                run.add({"loss": loss})
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                update_ema(ema, model, cfg.model_ema_decay)
+        run.end_epoch(epoch)  # stopped by a signal mid-epoch: save and exit
+        done = epoch + 1
+        top1 = evaluate_epoch(model, ema, val_loader, dist, num_classes, run, done)
+        if top1 > best:
+            best = top1
+            save_best(model, best, run)
+        run.save(done, timm_file() if done == cfg.epochs else {})
+        run.exit_if_stopped(done)
+    run.finish(timm_file())  # a rerun of a finished run: rewrite a lost model_timm.pth
+    print0(f"best top-1 {best:.2f}; timm export in {run.path('model_timm.pth')}")
 
 
 if __name__ == "__main__":
