@@ -3,7 +3,8 @@
 Paper: "Beyond [cls]: Exploring the true potential of Masked Image Modeling representations",
 Przewięźlikowski, Balestriero, Jasiński, Śmieja, Zieliński, arXiv:2412.03215. Choices: DECISIONS.md.
 
-    # the default: the Fashion-MNIST encoder of `pretrain.py --config configs/fmnist_dtm.yaml`, CPU, minutes
+    # the default: the Fashion-MNIST encoder of
+    # `pretrain.py --config configs/fmnist_dtm.yaml`, on the CPU in minutes
     python probe.py --config configs/fmnist_probe.yaml
     # MAE's ViT-B/16 weights from a local file, MAE's ImageNet protocol, one node with 8 GPUs
     torchrun --nproc_per_node=8 probe.py backbone=mae_pretrain_vit_base.pth backbone_format=timm \
@@ -31,60 +32,59 @@ heads, for eval_only and experiments/attention_analysis.py) and results.json (he
 with every protocol choice).
 """
 import argparse
-import contextlib
 import copy
-import json
 import itertools
+import json
 import math
 import os
 from dataclasses import asdict, dataclass, field
-from typing import List, NamedTuple
+from typing import List, NamedTuple, Optional
 
 import torch
 import torch.distributed as tdist
-import yaml
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torchvision.transforms import v2 as T
 
 import data
 import losses
 import model as M
-from common import (ConfigError, NonFiniteLoss, SkipSampler, StopRequest, all_reduce_mean,
-                    all_reduce_sum, check_choice, check_corrupt, check_resume_config,
-                    check_steps_per_epoch, config_dict, cosine_lr, ensure_outputs, first_line,
-                    ignore_stop_signals, load_checkpoint,
-                    load_optimizer, load_state, log_json, open_run_dir, parse_config, print0,
-                    read_weights, run_main, save_run, setup_distributed, split_batch, trim_log,
-                    write_config)
+from common import (ConfigError, Run, all_reduce_mean, all_reduce_sum, check_choice,
+                    check_corrupt, config_dict, cosine_lr, first_line, load_optimizer,
+                    load_state, log_json, no_sync, parse_config, print0, read_weights, run_main,
+                    setup_distributed, train_loader)
 
 
 @dataclass
 class Config:
     # backbone (frozen, eval mode, no grad)
-    backbone: str = "runs/fmnist_dtm/encoder.pth"  # encoder.pth of pretrain.py, or a timm / MAE weights file
-    backbone_format: str = "project"   # project (model.load_encoder) | timm (timm ViT or MAE checkpoint)
-    model: str = "vit_base"            # timm format only: the architecture, with patch_size, img_size, layer_scale
+    # encoder.pth of pretrain.py, or a timm / MAE weights file
+    backbone: str = "runs/fmnist_dtm/encoder.pth"
+    backbone_format: str = "project"   # project (model.load_encoder) | timm (timm ViT or MAE ckpt)
+    # timm format only: the architecture, with patch_size, img_size, layer_scale
+    model: str = "vit_base"
     patch_size: int = 16               # timm format only
     layer_scale: float = 0.0           # timm format only: > 0 if the weights have ls1/ls2 gammas
     img_size: int = 0                  # input side; 0 = the encoder's own (project) or 224 (timm)
-    block: int = -1                    # features = output of this block (0-based, -1 = last), as the authors
+    block: int = -1                    # features = block's output (0-based, -1 = last): the authors
     final_norm: bool = False           # also apply the backbone's final LayerNorm (the authors: no)
     # data
     dataset: str = "fashion_mnist"     # fashion_mnist | imagefolder | cifar10 | cifar100
-    data_path: str = "data"            # imagefolder: root with train/ and val/; others: download dir
+    data_path: str = "data"            # imagefolder: root with train/ and val/; else download dir
     subset: int = 0                    # use only the first `subset` training images (0 = all)
     val_subset: int = 0                # use only the first `val_subset` validation images (0 = all)
-    crop_scale_min: float = 0.08       # streaming path: RandomResizedCrop scale lower bound (MAE linprobe)
+    crop_scale_min: float = 0.08       # streaming: RandomResizedCrop's lowest scale (MAE linprobe)
     num_workers: int = 2               # loader processes per process
     # heads: pool -> BatchNorm1d(affine=False) -> Linear
     # cls | cls_norm ([cls] after the final norm: MAE's linear probe) | mean | abmilp
     heads: List[str] = field(default_factory=lambda: ["cls", "cls_norm", "mean", "abmilp"])
     abmilp_depth: int = 1              # scorer layers: 1 = w^T x + b (the headline setting)
     abmilp_activation: str = "tanh"    # tanh | relu | gelu between scorer layers (depth > 1)
-    abmilp_self_attn: str = "none"     # none | map (score a 1-head self-attention's output) | both (and pool it)
+    # none | map (score a 1-head self-attention's output) | both (and pool it)
+    abmilp_self_attn: str = "none"
     abmilp_pos_embed: bool = False     # add the fixed sin-cos position table to the scorer input
-    knn: List[str] = field(default_factory=lambda: ["cls", "mean"])  # features for k-NN: cls | mean ([] = off)
+    # features for k-NN: cls | mean ([] = off)
+    knn: List[str] = field(default_factory=lambda: ["cls", "mean"])
     knn_k: int = 20                    # DINO: k = 20
     knn_temperature: float = 0.07      # DINO: votes weighted by exp(cos / 0.07)
     knn_centre: bool = True            # subtract the bank's mean feature first (as pretrain.py)
@@ -99,16 +99,17 @@ class Config:
     min_lr: float = 0.0
     weight_decay: float = 0.0          # MAE linprobe: none
     # path
-    cache: str = "auto"                # auto | always | never: train the heads on frozen tokens extracted once
-    cache_max_gb: float = 4.0          # auto: cache when the train + val tokens take at most this much memory
+    # auto | always | never: train the heads on frozen tokens extracted once
+    cache: str = "auto"
+    cache_max_gb: float = 4.0          # auto: cache when the train + val tokens take at most this
     # run
     out_dir: str = "runs/probe"
     eval_only: bool = False            # no training: load heads_path and evaluate
     heads_path: str = ""               # eval_only: trained heads ('' = out_dir/heads.pth)
     eval_every: int = 10               # epochs between evaluations (and always after the last)
-    log_every: int = 50                # optimizer steps between log lines (metrics reduced, SIGTERM checked)
-    max_corrupt_frac: float = 0.01     # imagefolder: skip corrupt images, stop when more than this fraction
-    dist_timeout_s: int = 1800         # a collective that waits longer fails the run (a lost process)
+    log_every: int = 50                # optimizer steps between log lines (and SIGTERM checks)
+    max_corrupt_frac: float = 0.01     # imagefolder: skip corrupt images; more than this: stop
+    dist_timeout_s: int = 1800         # a collective that waits longer fails the run (lost process)
     seed: int = 0
     device: str = "auto"               # auto | cpu | cuda
 
@@ -121,7 +122,8 @@ class Config:
         for name in self.knn:
             check_choice("knn", name, ("cls", "mean"))  # k-NN needs no training, so no AbMILP
         if len(set(self.heads)) < len(self.heads) or len(set(self.knn)) < len(self.knn):
-            raise ConfigError(f"config keys 'heads' and 'knn' must not repeat a name, got {self.heads}, {self.knn}")
+            raise ConfigError(f"config keys 'heads' and 'knn' must not repeat a name, got "
+                              f"{self.heads}, {self.knn}")
         if not self.heads and not self.knn:
             raise ConfigError("nothing to evaluate: give at least one of 'heads' or 'knn'")
         check_choice("abmilp_activation", self.abmilp_activation, sorted(losses.ACTIVATIONS))
@@ -129,11 +131,13 @@ class Config:
         check_choice("optimizer", self.optimizer, ("lars", "sgd"))
         check_choice("cache", self.cache, ("auto", "always", "never"))
         check_choice("device", self.device, ("auto", "cpu", "cuda"))
-        for key in ("epochs", "batch_size", "accum_steps", "abmilp_depth", "knn_k", "eval_every", "log_every"):
+        for key in ("epochs", "batch_size", "accum_steps", "abmilp_depth", "knn_k", "eval_every",
+                    "log_every"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"config key '{key}' must be >= 1, got {getattr(self, key)}")
         if self.knn_temperature <= 0:
-            raise ConfigError(f"config key 'knn_temperature' must be > 0, got {self.knn_temperature}")
+            raise ConfigError(f"config key 'knn_temperature' must be > 0, got "
+                              f"{self.knn_temperature}")
 
 
 HEADS = (*losses.POOLS, "cls_norm")
@@ -145,8 +149,9 @@ HEADS = (*losses.POOLS, "cls_norm")
 def load_backbone(cfg: Config) -> M.ViT:
     """The ViT named by cfg.backbone, strictly loaded, in eval mode with requires_grad off."""
     if not os.path.isfile(cfg.backbone):
-        raise FileNotFoundError(f"backbone file '{cfg.backbone}' does not exist: give the encoder.pth that "
-                                "pretrain.py wrote, or a timm / MAE weights file with backbone_format=timm")
+        raise FileNotFoundError(f"backbone file '{cfg.backbone}' does not exist: give the "
+                                "encoder.pth that pretrain.py wrote, or a timm / MAE weights file "
+                                "with backbone_format=timm")
     if cfg.backbone_format == "project":
         read_weights(cfg.backbone, "backbone")  # unreadable, unsafe or a checkpoint.pth: one line
         try:
@@ -155,8 +160,9 @@ def load_backbone(cfg: Config) -> M.ViT:
             raise ConfigError(f"backbone '{cfg.backbone}': {first_line(e)}; for timm or MAE "
                               "weights set backbone_format=timm") from None
         if cfg.img_size and cfg.img_size != vit.cfg.img_size:
-            raise ConfigError(f"img_size={cfg.img_size} but the encoder was trained at {vit.cfg.img_size} and "
-                              "position embeddings are not resized here: set img_size=0")
+            raise ConfigError(f"img_size={cfg.img_size} but the encoder was trained at "
+                              f"{vit.cfg.img_size} and position embeddings are not resized here: "
+                              "set img_size=0")
     else:
         vit = M.build_vit(cfg.model, img_size=cfg.img_size or 224, patch_size=cfg.patch_size,
                           layer_scale=cfg.layer_scale)
@@ -165,8 +171,9 @@ def load_backbone(cfg: Config) -> M.ViT:
 
 
 def load_timm_weights(vit: M.ViT, path: str):
-    """timm ViT or MAE checkpoint -> vit. Every key and shape must match; dropped explicitly are only
-    what a probe never uses: MAE's decoder and its mask token, fc_norm (model.from_timm), a head."""
+    """timm ViT or MAE checkpoint -> vit. Every key and shape must match; dropped explicitly are
+    only what a probe never uses: MAE's decoder and its mask token, fc_norm (model.from_timm), a
+    head."""
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
         raw = load_file(path)
@@ -175,25 +182,25 @@ def load_timm_weights(vit: M.ViT, path: str):
     sd = {k: v for k, v in M.from_timm(raw).items() if not k.startswith("head.")}
     own = vit.state_dict()
     if "mask_token" not in sd or sd["mask_token"].shape != own["mask_token"].shape:
-        sd["mask_token"] = own["mask_token"]  # MAE's mask token is its decoder's; a probe never masks
+        sd["mask_token"] = own["mask_token"]  # MAE's is its decoder's; a probe never masks
     missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
     wrong = [k for k in own if k in sd and sd[k].shape != own[k].shape]
     if missing or unexpected or wrong:
         c = vit.cfg
-        raise ConfigError(f"'{path}' does not fit model={c.depth}x{c.embed_dim}d img_size={c.img_size} "
-                          f"patch_size={c.patch_size} layer_scale={c.layer_scale}: missing {missing[:3]}, "
-                          f"unexpected {unexpected[:3]}, wrong shape {wrong[:3]}; set the checkpoint's architecture")
+        raise ConfigError(f"'{path}' does not fit model={c.depth}x{c.embed_dim}d "
+                          f"img_size={c.img_size} patch_size={c.patch_size} "
+                          f"layer_scale={c.layer_scale}: missing {missing[:3]}, unexpected "
+                          f"{unexpected[:3]}, wrong shape {wrong[:3]}; set the checkpoint's "
+                          "architecture")
     vit.load_state_dict(sd, strict=True)
 
 
-def frozen_tokens(vit: M.ViT, images: torch.Tensor, block: int = -1, final_norm: bool = False) -> torch.Tensor:
+def frozen_tokens(vit: M.ViT, images: torch.Tensor, block: int = -1,
+                  final_norm: bool = False) -> torch.Tensor:
     """Images (B, C, H, W) -> tokens (B, 1+N, D), [cls] first: the output of block `block`,
     before the final LayerNorm unless final_norm. Blocks after `block` are not run."""
-    x = vit.embed(images)                                            # (B, 1+N, D)
-    shared_bias = vit.rel_pos_bias() if vit.rel_pos_bias is not None else None
-    for blk in vit.blocks[: block % len(vit.blocks) + 1]:
-        x = blk(x, shared_bias)
-    return vit.norm(x) if final_norm else x
+    tokens, layers = vit.forward_intermediates(images, depth=block % len(vit.blocks) + 1)
+    return tokens if final_norm else layers.pre_norm
 
 
 @torch.no_grad()
@@ -237,7 +244,8 @@ def row_name(source: str, name: str) -> str:
 
 def train_transform(img_size: int, crop_scale_min: float):
     """MAE's linear probe: RandomResizedCrop + flip, no colour jitter; ImageNet mean/std."""
-    return T.Compose([T.ToImage(), T.RandomResizedCrop(img_size, scale=(crop_scale_min, 1.0), antialias=True),
+    return T.Compose([T.ToImage(),
+                      T.RandomResizedCrop(img_size, scale=(crop_scale_min, 1.0), antialias=True),
                       T.RandomHorizontalFlip(), T.ToDtype(torch.float32, scale=True),
                       T.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)])
 
@@ -261,7 +269,8 @@ def eval_loader(ds, batch: int, world: int, rank: int, cfg: Config, device) -> D
 
 
 class Shard(NamedTuple):
-    """One rank's share of a data set as frozen features: (M, ...) features, (M,) labels, (M,) valid."""
+    """One rank's share of a data set as frozen features: (M, ...) features, (M,) labels,
+    (M,) valid."""
     feats: torch.Tensor
     labels: torch.Tensor
     valid: torch.Tensor
@@ -380,15 +389,15 @@ def build_heads(cfg: Config, vit: M.ViT, num_classes: int, sources: dict = None)
     return heads
 
 
-HEAD_KEYS = ("heads", "block", "final_norm", "abmilp_depth", "abmilp_activation", "abmilp_self_attn",
-             "abmilp_pos_embed", "baselines")
+HEAD_KEYS = ("heads", "block", "final_norm", "abmilp_depth", "abmilp_activation",
+             "abmilp_self_attn", "abmilp_pos_embed", "baselines")
 
 
 def load_heads(path: str, cfg: Config, vit: M.ViT, num_classes: int, sources: dict = None) -> Heads:
     """Heads saved by probe.py, checked to belong to the same features and head settings."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"trained heads '{path}' do not exist: run probe.py without eval_only "
-                                "first, or set heads_path")
+        raise FileNotFoundError(f"trained heads '{path}' do not exist: run probe.py without "
+                                "eval_only first, or set heads_path")
     saved = torch.load(path, map_location="cpu", weights_only=True)
     old = {k: saved["config"].get(k, getattr(Config, k, None)) for k in HEAD_KEYS}  # older files
     diff = {k: v for k, v in old.items() if v != getattr(cfg, k)}
@@ -404,13 +413,14 @@ RESUME_KEYS = ("backbone", "backbone_format", "model", "patch_size", "layer_scal
                "dataset", "subset", *HEAD_KEYS)
 
 
-def resume(ckpt: dict, path: str, heads, optimizer, steps_per_epoch: int) -> int:
-    """Load a checkpoint.pth of this run into the heads and optimizer -> the step it reached."""
-    check_steps_per_epoch(ckpt, steps_per_epoch, path, "batch_size and cache")
+def probe_state(heads: Heads, optimizer) -> dict:
+    """What checkpoint.pth holds besides the position in the run: the heads and the optimizer."""
+    return {"heads": heads.state_dict(), "optimizer": optimizer.state_dict()}
+
+
+def load_probe_state(ckpt: dict, heads: Heads, optimizer, path: str):
     load_state(heads, ckpt["heads"], path)
     load_optimizer(optimizer, ckpt["optimizer"], path)
-    print0(f"resumed from {path} at epoch {ckpt['epoch']}, step {ckpt['step']}")
-    return ckpt["step"]
 
 
 class LARS(torch.optim.Optimizer):
@@ -431,7 +441,8 @@ class LARS(torch.optim.Optimizer):
                 if p.ndim > 1:  # no decay, no trust ratio for biases
                     d = d.add(p, alpha=g["weight_decay"])
                     w_norm, d_norm = p.norm(), d.norm()
-                    trust = torch.where((w_norm > 0) & (d_norm > 0), g["trust_coefficient"] * w_norm / d_norm,
+                    trust = torch.where((w_norm > 0) & (d_norm > 0),
+                                        g["trust_coefficient"] * w_norm / d_norm,
                                         torch.ones_like(w_norm))
                     d = d.mul(trust)
                 mu = self.state[p].setdefault("mu", torch.zeros_like(p))
@@ -489,11 +500,12 @@ def knn_evaluate(bank: Shard, val: Shard, num_classes: int, cfg: Config) -> dict
 
 
 def results_table(counts: dict) -> dict:
-    return {name: {"top1": 100.0 * c1 / n, "top5": 100.0 * c5 / n, "correct_top1": c1, "correct_top5": c5,
-                   "images": n} for name, (c1, c5, n) in counts.items()}
+    return {name: {"top1": 100.0 * c1 / n, "top5": 100.0 * c5 / n, "correct_top1": c1,
+                   "correct_top5": c5, "images": n} for name, (c1, c5, n) in counts.items()}
 
 
-READS = {"cls": "[cls] token", "mean": "mean of the patch tokens", "abmilp": "AbMILP over the patch tokens",
+READS = {"cls": "[cls] token", "mean": "mean of the patch tokens",
+         "abmilp": "AbMILP over the patch tokens",
          "cls_norm": "[cls] after the final LayerNorm (MAE's linear probe)",
          "knn_cls": "k-NN on the [cls] token", "knn_mean": "k-NN on the patch mean",
          "pixels_linear": "BASELINE raw pixels: linear probe (BN -> Linear) on the image",
@@ -507,19 +519,22 @@ def reads(row: str) -> str:
     return READS[row]
 
 
-def protocol_of(cfg: Config, vit: M.ViT, cached: bool, lr: float, train_images: int, val_images: int,
-                num_classes: int, world: int, rows) -> dict:
+def protocol_of(cfg: Config, vit: M.ViT, cached: bool, lr: float, train_images: int,
+                val_images: int, num_classes: int, world: int, rows) -> dict:
     """Every choice a reader needs to interpret the numbers (DECISIONS.md, section 8)."""
     depth = len(vit.blocks)
     block = cfg.block % depth
     return {
-        "backbone": cfg.backbone, "backbone_format": cfg.backbone_format, "architecture": asdict(vit.cfg),
-        "backbone_mode": "eval() (no dropout, no drop path), requires_grad=False, torch.no_grad; bf16 on CUDA",
+        "backbone": cfg.backbone, "backbone_format": cfg.backbone_format,
+        "architecture": asdict(vit.cfg),
+        "backbone_mode": "eval() (no dropout, no drop path), requires_grad=False, torch.no_grad; "
+                         "bf16 on CUDA",
         "features": f"output of block {block} (0-based) of {depth}, "
                     f"{'after' if cfg.final_norm else 'before'} the final LayerNorm",
         "block": block, "num_blocks": depth, "final_norm": cfg.final_norm,
         "tokens": {n: reads(n) for n in rows},
-        "head": "pool -> BatchNorm1d(D, affine=False, eps=1e-6) -> Linear(D, C), Linear init N(0, 0.01)",
+        "head": "pool -> BatchNorm1d(D, affine=False, eps=1e-6) -> Linear(D, C), "
+                "Linear init N(0, 0.01)",
         "abmilp": {"over": "patch tokens only (no [cls])", "depth": cfg.abmilp_depth,
                    "activation": cfg.abmilp_activation, "self_attn": cfg.abmilp_self_attn,
                    "pos_embed": cfg.abmilp_pos_embed},
@@ -535,241 +550,283 @@ def protocol_of(cfg: Config, vit: M.ViT, cached: bool, lr: float, train_images: 
         "train_augmentation": "none (tokens extracted once with the eval transform)" if cached
         else f"RandomResizedCrop(scale=({cfg.crop_scale_min}, 1)) + horizontal flip",
         "eval_transform": "data.eval_transform: resize + centre crop, ImageNet mean/std",
-        "optimizer": cfg.optimizer + " (momentum 0.9" + (", trust 0.001)" if cfg.optimizer == "lars" else ")"),
+        "optimizer": cfg.optimizer + " (momentum 0.9"
+                     + (", trust 0.001)" if cfg.optimizer == "lars" else ")"),
         "lr": lr, "blr": cfg.blr, "batch_size": cfg.batch_size, "weight_decay": cfg.weight_decay,
-        "epochs": cfg.epochs, "warmup_epochs": cfg.warmup_epochs, "schedule": "linear warmup + half-cosine, per step",
-        "eval_only": cfg.eval_only, "reported": "after the last epoch (no selection on the validation set)",
-        "train_images": train_images, "val_images": val_images, "num_classes": num_classes, "world_size": world,
+        "epochs": cfg.epochs, "warmup_epochs": cfg.warmup_epochs,
+        "schedule": "linear warmup + half-cosine, per step",
+        "eval_only": cfg.eval_only,
+        "reported": "after the last epoch (no selection on the validation set)",
+        "train_images": train_images, "val_images": val_images, "num_classes": num_classes,
+        "world_size": world,
     }
 
 
-def main(argv):
-    cfg = parse_config(Config, argv)
-    dist = setup_distributed(cfg.device, cfg.dist_timeout_s)
-    stop = StopRequest()  # SIGTERM / SIGINT: checkpoint at the next log step, exit 128 + signal
-    device = dist.device
-    micro_batch = split_batch(cfg.batch_size, dist.world, cfg.accum_steps)
-    print0(yaml.safe_dump(config_dict(cfg), sort_keys=False))
-    print0(f"world size {dist.world}, micro-batch {micro_batch} per process, "
-           f"{cfg.accum_steps} accumulation step(s), global batch {cfg.batch_size}")
-    open_run_dir(cfg.out_dir)  # one run per folder (a lock), temp files of a killed save removed
-    ckpt_path = os.path.join(cfg.out_dir, "checkpoint.pth")
-    heads_path = cfg.heads_path or os.path.join(cfg.out_dir, "heads.pth")
-    log_path = os.path.join(cfg.out_dir, "log.jsonl")
-    ckpt = None
-    if cfg.heads and not cfg.eval_only and os.path.isfile(ckpt_path):  # resume: checked before work
-        ckpt = load_checkpoint(ckpt_path)
-        check_resume_config(ckpt["config"], config_dict(cfg), RESUME_KEYS, ckpt_path)
-    write_config(cfg.out_dir, cfg)
+# -----------------------------------------------------------------------------
+# Setup: the backbone, the data (cached or streamed), the heads and their optimizer
 
-    # -------------------------------------------------------------------------
-    # Backbone: frozen, eval mode, no grad; features = output of `block` (+ final norm if asked)
+def build_backbone(cfg: Config, device) -> tuple:
+    """-> (the frozen backbone, {source: encoder}): features = the output of block `block`
+    (+ the final norm if asked); with baselines also a random-init encoder and the pixels."""
     vit = load_backbone(cfg).to(device)
     depth = len(vit.blocks)
     if not -depth <= cfg.block < depth:
-        raise ConfigError(f"config key 'block' must be in [-{depth}, {depth - 1}] for this {depth}-block backbone, "
-                          f"got {cfg.block}")
-    block = cfg.block % depth
-    print0(f"backbone {cfg.backbone} ({cfg.backbone_format}): {depth} blocks x {vit.cfg.embed_dim}d, "
-           f"{vit.num_patches} patches; features = block {block} output, "
-           f"{'with' if cfg.final_norm else 'without'} the final norm")
-    sources = feature_sources(cfg, vit)  # + a random-init encoder and the pixels with baselines
+        raise ConfigError(f"config key 'block' must be in [-{depth}, {depth - 1}] for this "
+                          f"{depth}-block backbone, got {cfg.block}")
+    print0(f"backbone {cfg.backbone} ({cfg.backbone_format}): {depth} blocks x "
+           f"{vit.cfg.embed_dim}d, {vit.num_patches} patches; features = block "
+           f"{cfg.block % depth} output, {'with' if cfg.final_norm else 'without'} the final norm")
+    sources = feature_sources(cfg, vit)
     if cfg.baselines:
         print0(f"baselines: a random-init encoder of this architecture (seed {cfg.seed}) and raw "
                "pixels, through the same heads and k-NN on the same split")
+    return vit, sources
 
-    # -------------------------------------------------------------------------
-    # Data: train and val; evaluation shards are padded by DistributedSampler, the padding masked
-    img_size = vit.cfg.img_size
-    eval_tf = data.eval_transform(img_size)
-    train_eval = data.build_dataset(cfg.dataset, cfg.data_path, train=True, transform=eval_tf, subset=cfg.subset)
-    val = data.build_dataset(cfg.dataset, cfg.data_path, train=False, transform=eval_tf, subset=cfg.val_subset)
+
+class EvalData(NamedTuple):
+    """The training and validation sets with the eval transform, each rank's shard in order:
+    DistributedSampler pads the shards, `*_valid` marks the real images."""
+    train: Dataset
+    val: Dataset
+    train_loader: DataLoader
+    val_loader: DataLoader
+    train_valid: torch.Tensor
+    val_valid: torch.Tensor
+    num_classes: int
+
+
+def build_eval_data(cfg: Config, dist, img_size: int, micro_batch: int) -> EvalData:
+    tf = data.eval_transform(img_size)
+    train = data.build_dataset(cfg.dataset, cfg.data_path, train=True, transform=tf,
+                               subset=cfg.subset)
+    val = data.build_dataset(cfg.dataset, cfg.data_path, train=False, transform=tf,
+                             subset=cfg.val_subset)
     num_classes = num_classes_of(val)
-    train_valid = shard_valid(len(train_eval), dist.world, dist.rank)
-    val_valid = shard_valid(len(val), dist.world, dist.rank)
-    train_eval_loader = eval_loader(train_eval, micro_batch, dist.world, dist.rank, cfg, device)
-    val_loader = eval_loader(val, micro_batch, dist.world, dist.rank, cfg, device)
-    print0(f"{len(train_eval)} training and {len(val)} validation images, {num_classes} classes")
+    print0(f"{len(train)} training and {len(val)} validation images, {num_classes} classes")
+    w, r = dist.world, dist.rank
+    return EvalData(train, val, eval_loader(train, micro_batch, w, r, cfg, dist.device),
+                    eval_loader(val, micro_batch, w, r, cfg, dist.device),
+                    shard_valid(len(train), w, r), shard_valid(len(val), w, r), num_classes)
 
-    # -------------------------------------------------------------------------
-    # The fast path: extract the frozen tokens once, train on the cache (no augmentation)
+
+class Cache(NamedTuple):
+    """The cached path's frozen features, each rank's shard: train (None when no head trains)
+    and val."""
+    train: Optional[Shard]
+    val: Shard
+
+
+def extract_cache(cfg: Config, vit: M.ViT, sources: dict, ev: EvalData, train: bool,
+                  device) -> Optional[Cache]:
+    """The cached path (when the features fit in cache_max_gb, or cache=always): the frozen
+    features of both sets, extracted once with the eval transform. None: the streaming path."""
+    img_size = vit.cfg.img_size
     per_image = sum((1 + vit.num_patches) * vit.cfg.embed_dim if enc is not None
                     else vit.cfg.in_chans * img_size ** 2 for enc in sources.values())
-    cache_gb = (len(train_eval) + len(val)) * per_image * 4 / 1e9
+    cache_gb = (len(ev.train) + len(ev.val)) * per_image * 4 / 1e9
     cached = cfg.cache == "always" or (cfg.cache == "auto" and cache_gb <= cfg.cache_max_gb)
     if cfg.baselines and not cached:
         raise ConfigError(f"baselines=true needs the cached path, but the features would take "
                           f"{cache_gb:.1f} GB (cache={cfg.cache}, cache_max_gb="
                           f"{cfg.cache_max_gb}): "
                           "raise cache_max_gb, lower subset, or set baselines=false")
-    train_cache = val_cache = None
-    if cached:
-        print0(f"path: cached - frozen tokens extracted once ({cache_gb:.2f} GB), heads trained on the cache, "
-               "no augmentation")
-        if not cfg.eval_only and cfg.heads:
-            train_cache = extract(sources, train_eval_loader, train_valid, cfg, device)
-        val_cache = extract(sources, val_loader, val_valid, cfg, device)
-        check_corrupt(data.corrupt_count(train_eval) + data.corrupt_count(val), len(train_eval) + len(val),
-                      cfg.max_corrupt_frac, device)
+    if not cached:
+        print0("path: streaming - the backbone runs every step on RandomResizedCrop(scale="
+               f"({cfg.crop_scale_min}, 1)) + flip views (a cache would take {cache_gb:.1f} GB > "
+               f"cache_max_gb={cfg.cache_max_gb})")
+        return None
+    print0(f"path: cached - frozen tokens extracted once ({cache_gb:.2f} GB), heads trained on "
+           "the cache, no augmentation")
+    train_cache = extract(sources, ev.train_loader, ev.train_valid, cfg, device) if train else None
+    val_cache = extract(sources, ev.val_loader, ev.val_valid, cfg, device)
+    check_corrupt(data.corrupt_count(ev.train) + data.corrupt_count(ev.val),
+                  len(ev.train) + len(ev.val), cfg.max_corrupt_frac, device)
+    return Cache(train_cache, val_cache)
+
+
+def build_train_data(cfg: Config, dist, img_size: int, cache: Optional[Cache], micro_batch: int,
+                     num_images: int) -> tuple:
+    """-> (loader, steps per epoch). Streaming: a loader of RandomResizedCrop + flip views,
+    augmentation seeded by (seed, epoch, index), that resumes mid-epoch. Cached: no loader."""
+    if cache is not None:
+        loader, micro_batches = None, len(cache.train.labels) // micro_batch
     else:
-        print0(f"path: streaming - the backbone runs every step on RandomResizedCrop(scale=({cfg.crop_scale_min}, 1))"
-               f" + flip views (a cache would take {cache_gb:.1f} GB > cache_max_gb={cfg.cache_max_gb})")
+        dataset = data.SeededImages(data.build_dataset(
+            cfg.dataset, cfg.data_path, train=True, subset=cfg.subset,
+            transform=train_transform(img_size, cfg.crop_scale_min)), cfg.seed)
+        loader = train_loader(dataset, micro_batch, dist, cfg.seed, cfg.num_workers)
+        micro_batches = len(loader)
+    if micro_batches < cfg.accum_steps:
+        raise ConfigError(f"{num_images} training images are fewer than one global batch "
+                          f"({cfg.batch_size}): lower batch_size")
+    return loader, micro_batches // cfg.accum_steps
 
-    # -------------------------------------------------------------------------
-    # Heads and optimizer (MAE linear probe: LARS or SGD, lr = blr * batch / 256, no weight decay)
-    torch.manual_seed(cfg.seed)  # the same initial heads on every rank
-    lr = cfg.blr * cfg.batch_size / 256
-    train = bool(cfg.heads) and not cfg.eval_only
-    step = 0
-    if cfg.heads and cfg.eval_only:
-        heads = load_heads(heads_path, cfg, vit, num_classes, sources).to(device)
+
+def train_batches(cfg: Config, run: Run, epoch: int, cache: Optional[Cache], loader,
+                  sources: dict):
+    """This epoch's training batches, ({source: (B, T, D')}, (B,) labels), from where a resumed
+    epoch left off: the cache in a new order each epoch, depending only on (seed, epoch, rank),
+    or the backbone on the loader's views."""
+    if cache is None:
+        batches = run.epoch_batches(epoch, loader)
+        return streaming_train_batches(sources, batches, cfg, run.dist.device)
+    gen = torch.Generator().manual_seed((cfg.seed * 1_000_003 + epoch) * 1009 + run.dist.rank)
+    return itertools.islice(cached_train_batches(cache.train, run.micro_batch, gen),
+                            run.seen(epoch), None)
+
+
+def build_probe(cfg: Config, dist, vit: M.ViT, sources: dict, num_classes: int, lr: float,
+                heads_path: str, train: bool) -> tuple:
+    """-> (heads, optimizer, the module the loop calls). Training: new heads, MAE's linear-probe
+    optimizer (LARS or SGD, momentum 0.9), in DDP with several processes. eval_only: the trained
+    heads from heads_path. No heads (k-NN only): None."""
+    if not cfg.heads:
+        return None, None, None
+    if not train:
+        heads = load_heads(heads_path, cfg, vit, num_classes, sources).to(dist.device)
         print0(f"eval_only: heads {list(heads)} from {heads_path}")
-    elif train:
-        heads = build_heads(cfg, vit, num_classes, sources).to(device)
-        params = [p for p in heads.parameters() if p.requires_grad]
-        if cfg.optimizer == "lars":
-            optimizer = LARS(params, lr=lr, weight_decay=cfg.weight_decay)
-        else:
-            optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=cfg.weight_decay)
-        print0(f"heads {list(heads)}: {sum(p.numel() for p in params) / 1e3:.1f}k parameters; "
-               f"{cfg.optimizer}, lr {lr:.4g}")
-        model = DDP(heads, device_ids=[dist.local_rank] if device.type == "cuda" else None) \
-            if dist.world > 1 else heads
-        if cached:
-            steps_per_epoch = len(train_cache.labels) // micro_batch // cfg.accum_steps
-        else:
-            train_ds = data.SeededImages(data.build_dataset(  # augmentation seeded by (seed, epoch, index)
-                cfg.dataset, cfg.data_path, train=True, subset=cfg.subset,
-                transform=train_transform(img_size, cfg.crop_scale_min)), cfg.seed)
-            sampler = SkipSampler(DistributedSampler(train_ds, num_replicas=dist.world, rank=dist.rank, shuffle=True,
-                                                     seed=cfg.seed, drop_last=True))
-            train_loader = DataLoader(train_ds, batch_size=micro_batch, sampler=sampler, drop_last=True,
-                                      num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
-                                      worker_init_fn=ignore_stop_signals)
-            steps_per_epoch = len(sampler) // micro_batch // cfg.accum_steps
-        if steps_per_epoch == 0:
-            raise ConfigError(f"{len(train_eval)} training images are fewer than one global batch "
-                              f"({cfg.batch_size}): lower batch_size")
-        if ckpt is not None:  # also mid-epoch (after SIGTERM/SIGINT)
-            step = resume(ckpt, ckpt_path, heads, optimizer, steps_per_epoch)
-        trim_log(log_path, step, step // steps_per_epoch)  # what a killed run logged after its ckpt
-    val_source = val_cache if cached else val_loader
+        return heads, None, heads
+    torch.manual_seed(cfg.seed)  # the same initial heads on every rank
+    heads = build_heads(cfg, vit, num_classes, sources).to(dist.device)
+    params = [p for p in heads.parameters() if p.requires_grad]
+    if cfg.optimizer == "lars":
+        optimizer = LARS(params, lr=lr, weight_decay=cfg.weight_decay)
+    else:
+        optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=cfg.weight_decay)
+    print0(f"heads {list(heads)}: {sum(p.numel() for p in params) / 1e3:.1f}k parameters; "
+           f"{cfg.optimizer}, lr {lr:.4g}")
+    if dist.world == 1:
+        return heads, optimizer, heads
+    cuda = dist.device.type == "cuda"
+    return heads, optimizer, DDP(heads, device_ids=[dist.local_rank] if cuda else None)
 
-    def heads_output() -> dict:
-        return {"heads": heads.state_dict(), "config": config_dict(cfg)}
 
-    def save_checkpoint(epochs_done: int, outputs: dict):
-        """The outputs (heads.pth after the last epoch) first, then the checkpoint: the unwrapped
-        heads, optimizer, position in the run (rank 0)."""
-        if dist.main:
-            state = {"heads": heads.state_dict(), "optimizer": optimizer.state_dict(),
-                     "epoch": epochs_done, "step": step, "steps_per_epoch": steps_per_epoch,
-                     "config": config_dict(cfg)}
-            save_run(ckpt_path, state, outputs)
+def heads_output(heads: Heads, cfg: Config) -> dict:
+    """heads.pth: what eval_only and experiments/attention_analysis.py read."""
+    return {"heads": heads.state_dict(), "config": config_dict(cfg)}
 
-    # -------------------------------------------------------------------------
-    # Training: every head on the same frozen tokens, one backward for all
-    total_steps = cfg.epochs * steps_per_epoch if train else 0
-    warmup_steps = cfg.warmup_epochs * steps_per_epoch if train else 0
-    start_epoch = step // steps_per_epoch if train else 0
-    for epoch in range(start_epoch, cfg.epochs if train else 0):
-        heads.train()
-        seen = step - epoch * steps_per_epoch                     # > 0 after a mid-epoch resume
-        if cached:  # a new order each epoch, depending only on (seed, epoch, rank)
-            gen = torch.Generator().manual_seed((cfg.seed * 1_000_003 + epoch) * 1009 + dist.rank)
-            batches = itertools.islice(cached_train_batches(train_cache, micro_batch, gen),
-                                       seen * cfg.accum_steps, None)
-        else:
-            sampler.set_epoch(epoch, skip=seen * cfg.accum_steps * micro_batch)
-            train_ds.set_epoch(epoch)
-            data.reset_corrupt_count(train_ds)
-            batches = streaming_train_batches(sources, train_loader, cfg, device)
-        loss_sum = torch.zeros(len(heads), device=device)
-        loss_count, stopping = 0, False
-        for _ in range(seen, steps_per_epoch):
-            lr_now = cosine_lr(step, total_steps, warmup_steps, lr, cfg.min_lr)
-            for g in optimizer.param_groups:
-                g["lr"] = lr_now
-            for micro in range(cfg.accum_steps):
-                feats, labels = next(batches)             # {source: (B, T, D')}, (B,)
-                sync = micro == cfg.accum_steps - 1 or dist.world == 1
-                with contextlib.nullcontext() if sync else model.no_sync():
-                    loss, each = losses.probe_loss(model(feats), labels)
-                    (loss / cfg.accum_steps).backward()
-                loss_sum += torch.stack(list(each.values()))
-                loss_count += 1
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            if step % cfg.log_every == 0 or step % steps_per_epoch == 0:
-                mean = all_reduce_mean(loss_sum / loss_count).tolist()  # the only host sync
-                if not all(math.isfinite(x) for x in mean):
-                    raise NonFiniteLoss(f"probe loss is {mean} at step {step}: lower blr")
-                record = {"epoch": epoch + 1, "step": step, "lr": lr_now,
-                          **{f"loss_{n}": x for n, x in zip(heads, mean)}}
-                print0(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
-                if dist.main:
-                    log_json(log_path, record)
-                loss_sum.zero_()
-                loss_count = 0
-                if stop.should_stop(device):
-                    stopping = True
-                    break
-        if step < (epoch + 1) * steps_per_epoch:  # stopped mid-epoch: save where we are and leave
-            save_checkpoint(epoch, {})
-            print0(f"stopped by signal at step {step}; rerun the same command to resume")
-            stop.exit()
-        done = epoch + 1
-        sync_bn_stats(heads)
-        if done % cfg.eval_every == 0 and done < cfg.epochs:  # the last epoch is evaluated below
-            val_batches = eval_batches(val_source, val_valid, micro_batch, sources, cfg, device)
-            acc = results_table(evaluate(heads, val_batches))
-            print0(f"epoch {done}: " + ", ".join(f"{n} {r['top1']:.2f}" for n, r in acc.items()))
-            if dist.main:
-                log_json(log_path, {"epoch": done, **{f"val_top1_{n}": r["top1"] for n, r in acc.items()}})
-        if not cached:
-            check_corrupt(data.corrupt_count(train_ds), len(train_ds), cfg.max_corrupt_frac, device)
-        save_checkpoint(done, {heads_path: heads_output()} if done == cfg.epochs else {})
-        if stopping:
-            print0(f"stopped by signal after epoch {done}; rerun the same command to resume")
-            stop.exit()
-    if train and dist.main:
-        ensure_outputs({heads_path: heads_output()}, step)  # a finished run: rewrite the missing
 
-    # -------------------------------------------------------------------------
-    # Evaluation: every rank its shard, counts summed; then k-NN against the gathered train bank
+def lr_schedule(cfg: Config, lr: float, steps_per_epoch: int) -> list:
+    """The lr of every step: linear warmup, then half-cosine to min_lr (MAE's linear probe)."""
+    total, warmup = cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch
+    return [cosine_lr(s, total, warmup, lr, cfg.min_lr) for s in range(total)]
+
+
+# -----------------------------------------------------------------------------
+# Evaluation and results
+
+def evaluate_epoch(run: Run, heads: Heads, batches, epochs_done: int):
+    """Every head's top-1 during training, printed and logged (after the last epoch:
+    final_evaluation)."""
+    acc = results_table(evaluate(heads, batches))
+    print0(f"epoch {epochs_done}: " + ", ".join(f"{n} {r['top1']:.2f}" for n, r in acc.items()))
+    if run.dist.main:
+        log_json(run.log_path, {"epoch": epochs_done,
+                                **{f"val_top1_{n}": r["top1"] for n, r in acc.items()}})
+
+
+def val_batches(cache: Optional[Cache], ev: EvalData, sources: dict, cfg: Config,
+                micro_batch: int, device):
+    """The val set's ({source: features}, labels, valid): from the cache, or the backbone on the
+    loader's images."""
+    source = cache.val if cache is not None else ev.val_loader
+    return eval_batches(source, ev.val_valid, micro_batch, sources, cfg, device)
+
+
+def knn_shard(shard: Shard, cfg: Config) -> Shard:
+    return Shard(knn_keep(shard.feats, cfg), shard.labels, shard.valid)
+
+
+def final_evaluation(cfg: Config, heads, val_batches, cache: Optional[Cache], ev: EvalData,
+                     sources: dict, device) -> dict:
+    """The heads on every rank's shard of the val set (counts summed), and k-NN of each val image
+    against the gathered training bank -> the results table, the encoder's rows first, then each
+    baseline's."""
     results = {}
     if cfg.heads:
-        val_batches = eval_batches(val_source, val_valid, micro_batch, sources, cfg, device)
         results.update(evaluate(heads, val_batches))
     if cfg.knn:
         keep = lambda f: knn_keep(f, cfg)  # noqa: E731
-        if train_cache is not None:
-            bank = Shard(keep(train_cache.feats), train_cache.labels, train_cache.valid)
+        if cache is not None and cache.train is not None:
+            bank = knn_shard(cache.train, cfg)
         else:
-            bank = extract(sources, train_eval_loader, train_valid, cfg, device, keep)
-        val_feats = Shard(keep(val_cache.feats), val_cache.labels, val_cache.valid) if cached \
-            else extract(sources, val_loader, val_valid, cfg, device, keep)
-        results.update(knn_evaluate(bank, val_feats, num_classes, cfg))
-    # the encoder's rows first, then each baseline's
+            bank = extract(sources, ev.train_loader, ev.train_valid, cfg, device, keep)
+        val = knn_shard(cache.val, cfg) if cache is not None \
+            else extract(sources, ev.val_loader, ev.val_valid, cfg, device, keep)
+        results.update(knn_evaluate(bank, val, ev.num_classes, cfg))
     order = {"encoder": 0, "random": 1, "pixels": 2}
-    table = results_table(dict(sorted(results.items(), key=lambda kv: order[source_of(kv[0])])))
+    return results_table(dict(sorted(results.items(), key=lambda kv: order[source_of(kv[0])])))
 
-    # -------------------------------------------------------------------------
-    # Results: a table, and results.json with every protocol choice
-    protocol = protocol_of(cfg, vit, cached, lr, len(train_eval), len(val), num_classes, dist.world,
-                           list(table))
+
+def write_results(cfg: Config, vit: M.ViT, table: dict, cached: bool, lr: float, ev: EvalData,
+                  dist, heads_path: str):
+    """The results table on stdout, and results.json with every protocol choice (rank 0)."""
+    protocol = protocol_of(cfg, vit, cached, lr, len(ev.train), len(ev.val), ev.num_classes,
+                           dist.world, list(table))
     if cfg.eval_only:
         protocol["heads_path"] = heads_path
     print0(f"\n{'head':<16} {'top-1':>7} {'top-5':>7} {'images':>7}  reads")
     for name, r in table.items():
         print0(f"{name:<16} {r['top1']:>7.2f} {r['top5']:>7.2f} {r['images']:>7d}  {reads(name)}")
     if dist.main:
-        out = {"accuracy": {n: r["top1"] for n, r in table.items()}, "results": table, "protocol": protocol,
-               "config": config_dict(cfg)}
+        out = {"accuracy": {n: r["top1"] for n, r in table.items()}, "results": table,
+               "protocol": protocol, "config": config_dict(cfg)}
         with open(os.path.join(cfg.out_dir, "results.json"), "w") as f:
             json.dump(out, f, indent=2)
     print0(f"done: {cfg.out_dir}/results.json")
+
+
+# -----------------------------------------------------------------------------
+# The probe: every head on the same frozen tokens, one backward for all; then the evaluation
+
+def main(argv):
+    cfg = parse_config(Config, argv)
+    dist = setup_distributed(cfg.device, cfg.dist_timeout_s)
+    train = bool(cfg.heads) and not cfg.eval_only  # else: saved heads (eval_only), k-NN
+    run = Run(cfg, dist, config_dict(cfg), RESUME_KEYS if train else None)  # config checked
+    device, micro_batch = dist.device, run.micro_batch
+    vit, sources = build_backbone(cfg, device)  # {encoder (+ random init, pixels)}
+    ev = build_eval_data(cfg, dist, vit.cfg.img_size, micro_batch)
+    cache = extract_cache(cfg, vit, sources, ev, train, device)  # None: the streaming path
+    val = lambda: val_batches(cache, ev, sources, cfg, micro_batch, device)  # noqa: E731
+    lr = cfg.blr * cfg.batch_size / 256  # MAE: lr = blr * batch / 256
+    heads_path = cfg.heads_path or run.path("heads.pth")
+    heads, optimizer, model = build_probe(cfg, dist, vit, sources, ev.num_classes, lr,
+                                          heads_path, train)
+    heads_file = lambda: {heads_path: heads_output(heads, cfg)}  # noqa: E731
+    if train:
+        loader, steps_per_epoch = build_train_data(cfg, dist, vit.cfg.img_size, cache,
+                                                   micro_batch, len(ev.train))
+        run.resume(steps_per_epoch,
+                   lambda ckpt: load_probe_state(ckpt, heads, optimizer, run.ckpt_path),
+                   lambda: probe_state(heads, optimizer), data_keys="batch_size and cache")
+        lr_at = lr_schedule(cfg, lr, steps_per_epoch)
+
+    for epoch in run.epochs() if train else ():
+        batches = train_batches(cfg, run, epoch, cache, loader, sources)
+        heads.train()
+        for step in run.steps(epoch):  # a progress bar; log, stop signal, corrupt data: `run`
+            run.set_lr(optimizer, lr_at[step])
+            for micro in range(cfg.accum_steps):
+                feats, labels = next(batches)                 # {source: (B, T, D')}, (B,)
+                with no_sync(model, micro, cfg.accum_steps):
+                    loss, each = losses.probe_loss(model(feats), labels)  # sum over the heads
+                    (loss / cfg.accum_steps).backward()
+                run.add({f"loss_{name}": value for name, value in each.items()})
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        run.end_epoch(epoch)  # stopped by a signal mid-epoch: save and exit
+        sync_bn_stats(heads)  # every rank evaluates and saves the same heads
+        done = epoch + 1
+        if done % cfg.eval_every == 0 and done < cfg.epochs:  # the last: final_evaluation
+            evaluate_epoch(run, heads, val(), done)
+        run.save(done, heads_file() if done == cfg.epochs else {})
+        run.exit_if_stopped(done)
+    if train:
+        run.finish(heads_file())  # a rerun of a finished run: rewrite a lost heads.pth
+
+    table = final_evaluation(cfg, heads, val(), cache, ev, sources, device)
+    write_results(cfg, vit, table, cache is not None, lr, ev, dist, heads_path)
 
 
 if __name__ == "__main__":
