@@ -307,22 +307,28 @@ class Layers(NamedTuple):
     attn_out: Optional[List[torch.Tensor]]
 
 
-def run_blocks(blocks, x, shared_bias, final_norm: nn.Module, attn: bool = False):
+def run_blocks(blocks, x, shared_bias, final_norm: nn.Module, attn: bool = False,
+               collect: bool = True):
     """Run `blocks` on the stream x (B, T, D), keeping each block's tokens -> (tokens, Layers).
 
     tokens = final_norm(the last block's output), (B, T, D). Used by ViT and MAEDecoder.
+    collect=False keeps no per-layer lists (only pre_norm): a probe of one block's output then
+    holds no more memory than the plain forward.
     The blocks run through Block.forward_intermediates: hooks on a Block's submodules fire,
     hooks on the Block itself do not.
     """
     residual, X, maps, attn_out = [], [], [], []
     for blk in blocks:
-        residual.append(x)                                             # entering block l
+        entering = x                                                   # entering block l
         x, X_l, maps_l, attn_out_l = blk.forward_intermediates(x, shared_bias, attn)
-        X.append(X_l)
-        maps.append(maps_l)
-        attn_out.append(attn_out_l)
+        if collect:
+            residual.append(entering)
+            X.append(X_l)
+            maps.append(maps_l)
+            attn_out.append(attn_out_l)
     tokens = final_norm(x)                                             # X^L, L = len(blocks)
-    return tokens, Layers(residual=residual, X=X + [tokens], pre_norm=x,
+    X = X + [tokens] if collect else X
+    return tokens, Layers(residual=residual, X=X, pre_norm=x,
                           attn=maps if attn else None, attn_out=attn_out if attn else None)
 
 
@@ -448,7 +454,8 @@ class ViT(nn.Module):
         x = self.norm(x)
         return x if self.head is None else self.forward_head(x)
 
-    def forward_intermediates(self, x, mask=None, keep=None, depth=None, attn=False):
+    def forward_intermediates(self, x, mask=None, keep=None, depth=None, attn=False,
+                              collect=True):
         """Forward that also returns the per-layer tokens (timm's convention, named as in MTO).
 
         Args:
@@ -458,6 +465,7 @@ class ViT(nn.Module):
                 before the final norm reads `layers.pre_norm` of depth=k+1.
             attn: also return the attention maps and branches (explicit softmax, slower);
                 otherwise SDPA runs as in `forward`.
+            collect: False keeps no per-layer lists, only `pre_norm` (a probe's memory).
         Returns:
             (tokens, layers): tokens (B, T, D) = the final norm of the last block run's output,
             as `forward` gives without a head (with one, forward_head(tokens) = its logits);
@@ -468,7 +476,7 @@ class ViT(nn.Module):
             raise ValueError(f"depth must be in 0..{len(self.blocks)}, got {depth}")
         x = self.embed_input(x, mask, keep)                            # (B, T, D)
         blocks = self.blocks[:depth] if depth is not None else self.blocks
-        return run_blocks(blocks, x, self.shared_bias(), self.norm, attn)
+        return run_blocks(blocks, x, self.shared_bias(), self.norm, attn, collect)
 
 
 # -----------------------------------------------------------------------------

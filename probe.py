@@ -199,7 +199,8 @@ def frozen_tokens(vit: M.ViT, images: torch.Tensor, block: int = -1,
                   final_norm: bool = False) -> torch.Tensor:
     """Images (B, C, H, W) -> tokens (B, 1+N, D), [cls] first: the output of block `block`,
     before the final LayerNorm unless final_norm. Blocks after `block` are not run."""
-    tokens, layers = vit.forward_intermediates(images, depth=block % len(vit.blocks) + 1)
+    depth = block % len(vit.blocks) + 1
+    tokens, layers = vit.forward_intermediates(images, depth=depth, collect=False)
     return tokens if final_norm else layers.pre_norm
 
 

@@ -257,6 +257,10 @@ def test_forward_intermediates_depth_is_the_hand_loop():
             assert len(layers.X) == k + 2 and len(layers.residual) == k + 1
             if k > 0:
                 assert torch.equal(layers.residual[k], hand_loop(vit, x, k - 1))
+            # collect=False (the probes): the same outputs, no per-layer tensors held
+            tokens2, bare = vit.forward_intermediates(x, depth=k + 1, collect=False)
+            assert torch.equal(bare.pre_norm, expected) and torch.equal(tokens2, tokens)
+            assert bare.X == [] and bare.residual == []
         assert torch.equal(vit.forward_intermediates(x, depth=3)[1].pre_norm,
                            vit.forward_intermediates(x)[1].pre_norm)
         _, layers = vit.forward_intermediates(x, depth=0)            # no block: the embedding
