@@ -1,5 +1,6 @@
 """Probing beyond [cls]: AbMILP invariants, heads on separable tokens, k-NN and the attention
-statistics checked by hand, timm / MAE weights, and a 2-process gloo evaluation equal to 1 process."""
+statistics checked by hand, timm / MAE weights, and a 2-process gloo evaluation equal to
+1 process."""
 import argparse
 import json
 import math
@@ -18,8 +19,9 @@ import probe  # noqa: E402
 from common import ConfigError, parse_config  # noqa: E402
 from experiments import attention_analysis as AA  # noqa: E402
 
-TINY = ["dataset=imagefolder", "subset=31", "val_subset=7", "num_workers=0", "batch_size=8", "epochs=3",
-        "warmup_epochs=1", "optimizer=sgd", "blr=0.5", "log_every=1", "eval_every=2", "knn_k=5"]
+TINY = ["dataset=imagefolder", "subset=31", "val_subset=7", "num_workers=0", "batch_size=8",
+        "epochs=3", "warmup_epochs=1", "optimizer=sgd", "blr=0.5", "log_every=1", "eval_every=2",
+        "knn_k=5"]
 
 
 def run(args, nproc=1, check=True, timeout=120):
@@ -38,8 +40,8 @@ def run(args, nproc=1, check=True, timeout=120):
 # -----------------------------------------------------------------------------
 # AbMILP
 
-ABMILP_OPTIONS = [{}, {"depth": 3, "activation": "relu"}, {"self_attn": "map"}, {"self_attn": "both"},
-                  {"depth": 2, "pos_embed": True, "grid": 4}]
+ABMILP_OPTIONS = [{}, {"depth": 3, "activation": "relu"}, {"self_attn": "map"},
+                  {"self_attn": "both"}, {"depth": 2, "pos_embed": True, "grid": 4}]
 
 
 @pytest.mark.parametrize("options", ABMILP_OPTIONS)
@@ -109,7 +111,8 @@ def test_each_head_and_knn_reach_near_perfect_accuracy_on_separable_tokens(optim
         opt = torch.optim.SGD(heads.parameters(), lr=0.1, momentum=0.9)
     for epoch in range(epochs):
         heads.train()
-        for tokens, labels in probe.cached_train_batches(train, 32, torch.Generator().manual_seed(epoch)):
+        gen = torch.Generator().manual_seed(epoch)
+        for tokens, labels in probe.cached_train_batches(train, 32, gen):
             loss, _ = losses.probe_loss(heads(tokens), labels)
             loss.backward()
             opt.step()
@@ -141,9 +144,11 @@ def test_knn_votes_by_hand_and_top5_with_fewer_than_5_classes():
     T = 0.07
     want = torch.tensor([[math.exp(1 / T), math.exp(0.8 / T), math.exp(0 / T), 0.0]])
     for chunk in (1, 1024):
-        votes = losses.knn_votes(bank, bank_labels, feats, num_classes=4, k=3, temperature=T, chunk=chunk)
+        votes = losses.knn_votes(bank, bank_labels, feats, num_classes=4, k=3, temperature=T,
+                                 chunk=chunk)
         torch.testing.assert_close(votes, want)
-    # 4 classes: top-5 is top-4, and class 3 got no vote, so it is never a guess (DINO would count it)
+    # 4 classes: top-5 is top-4, and class 3 got no vote, so it is never a guess
+    # (DINO would count it)
     scores = want.log().expand(4, -1)
     top1, top5 = losses.topk_correct(scores, torch.tensor([0, 1, 2, 3]))
     assert top1.tolist() == [True, False, False, False]
@@ -176,8 +181,8 @@ def test_frozen_tokens_are_the_blocks_outputs():
 def test_timm_and_mae_weights_load_strictly(tmp_path):
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
-    ref = timm.models.vision_transformer.VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=2,
-                                                            num_heads=2, num_classes=5).eval()
+    ViT = timm.models.vision_transformer.VisionTransformer
+    ref = ViT(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_classes=5).eval()
     timm_file = str(tmp_path / "timm.pth")
     torch.save(ref.state_dict(), timm_file)
     arch = ["backbone_format=timm", "model=vit_micro", "patch_size=4", "img_size=16"]
@@ -185,17 +190,20 @@ def test_timm_and_mae_weights_load_strictly(tmp_path):
     vit = probe.load_backbone(parse_config(probe.Config, [f"backbone={timm_file}", *arch]))
     assert not vit.training and not any(p.requires_grad for p in vit.parameters())
     with torch.no_grad():
-        torch.testing.assert_close(probe.frozen_tokens(vit, x, -1, final_norm=True), ref.forward_features(x))
+        tokens = probe.frozen_tokens(vit, x, -1, final_norm=True)
+        torch.testing.assert_close(tokens, ref.forward_features(x))
     # MAE's format: {'model': encoder + decoder (its own mask token), 'args': Namespace}
     sd = {k: v for k, v in ref.state_dict().items() if not k.startswith("head.")}
-    mae = {"model": {**sd, "mask_token": torch.zeros(1, 1, 24), "decoder_embed.weight": torch.zeros(24, 32)},
-           "args": argparse.Namespace(blr=1e-3)}
+    decoder = {"mask_token": torch.zeros(1, 1, 24), "decoder_embed.weight": torch.zeros(24, 32)}
+    mae = {"model": {**sd, **decoder}, "args": argparse.Namespace(blr=1e-3)}
     mae_file = str(tmp_path / "mae.pth")
     torch.save(mae, mae_file)
     vit = probe.load_backbone(parse_config(probe.Config, [f"backbone={mae_file}", *arch]))
-    torch.testing.assert_close(vit.state_dict()["blocks.1.mlp.fc2.weight"], sd["blocks.1.mlp.fc2.weight"])
+    fc2 = "blocks.1.mlp.fc2.weight"
+    torch.testing.assert_close(vit.state_dict()[fc2], sd[fc2])
     with pytest.raises(ConfigError, match="does not fit"):
-        probe.load_backbone(parse_config(probe.Config, [f"backbone={timm_file}", *arch[:-1], "img_size=32"]))
+        bigger = [f"backbone={timm_file}", *arch[:-1], "img_size=32"]
+        probe.load_backbone(parse_config(probe.Config, bigger))
 
 
 # -----------------------------------------------------------------------------
@@ -232,7 +240,8 @@ def test_attention_stats_equal_a_loop_over_images_and_heads():
     tokens = vit.embed(x)                                          # (B, 5, 32)
     sums = dict.fromkeys(AA.STATS, 0.0)
     for i in range(2):
-        q, k, v = (blk.norm1(tokens[i]) @ blk.attn.qkv.weight.T + blk.attn.qkv.bias).chunk(3, dim=-1)
+        qkv = blk.norm1(tokens[i]) @ blk.attn.qkv.weight.T + blk.attn.qkv.bias
+        q, k, v = qkv.chunk(3, dim=-1)
         heads_out = []
         for h in range(H):
             s = slice(16 * h, 16 * (h + 1))
@@ -255,7 +264,8 @@ def test_attention_stats_equal_a_loop_over_images_and_heads():
 
 @pytest.mark.parametrize("n, world", [(7, 2), (31, 2), (10, 3), (2, 4), (5, 1)])
 def test_shard_valid_marks_each_image_exactly_once(n, world):
-    """The positions shard_valid keeps, over all ranks, are every image once (DistributedSampler's pads dropped)."""
+    """The positions shard_valid keeps, over all ranks, are every image once
+    (DistributedSampler's pads dropped)."""
     from torch.utils.data import DistributedSampler
     kept = []
     for rank in range(world):
@@ -271,7 +281,8 @@ def trained(tiny_imagefolder, tmp_path_factory):
     """A micro encoder file and a 1-process probe run on 31 train / 7 val images (uneven shards)."""
     tmp = tmp_path_factory.mktemp("probe")
     torch.manual_seed(0)
-    torch.save(M.encoder_state(M.build_vit("vit_micro", img_size=16, patch_size=4)), tmp / "encoder.pth")
+    vit = M.build_vit("vit_micro", img_size=16, patch_size=4)
+    torch.save(M.encoder_state(vit), tmp / "encoder.pth")
     args = [*TINY, f"data_path={tiny_imagefolder}", f"backbone={tmp / 'encoder.pth'}"]
     p = run([*args, f"out_dir={tmp / 'one'}"])
     return args, tmp, p.stdout
@@ -296,8 +307,8 @@ def test_one_process_probe_writes_results_with_the_protocol(trained):
 
 @pytest.mark.parametrize("cache", ["always", "never"])
 def test_two_process_gloo_evaluation_counts_equal_one_process(trained, cache):
-    """7 val images on 2 ranks: DistributedSampler pads rank 1 with a duplicate, which must not count;
-    the k-NN bank (31 images) is padded too. Cached and streaming evaluation both."""
+    """7 val images on 2 ranks: DistributedSampler pads rank 1 with a duplicate, which must not
+    count; the k-NN bank (31 images) is padded too. Cached and streaming evaluation both."""
     args, tmp, _ = trained
     out = tmp / f"two_{cache}"
     p = run([*args, f"out_dir={out}", "eval_only=true", f"heads_path={tmp / 'one' / 'heads.pth'}",
@@ -313,17 +324,20 @@ def test_two_process_training_with_accumulation(trained, tmp_path):
     p = run([*args, f"out_dir={tmp_path}", "accum_steps=2", "epochs=2"], nproc=2)
     assert "micro-batch 2 per process, 2 accumulation step(s)" in p.stdout
     out = results_of(tmp_path)
-    assert out["protocol"]["world_size"] == 2 and all(r["images"] == 7 for r in out["results"].values())
+    assert out["protocol"]["world_size"] == 2
+    assert all(r["images"] == 7 for r in out["results"].values())
 
 
 def test_streaming_path_trains_and_a_rerun_resumes(trained, tmp_path):
     args, _, _ = trained
-    first = run([*args, f"out_dir={tmp_path}", "cache=never", "epochs=2", "block=0", "final_norm=true"])
+    streaming = [*args, f"out_dir={tmp_path}", "cache=never", "epochs=2", "block=0",
+                 "final_norm=true"]
+    first = run(streaming)
     assert "path: streaming" in first.stdout
     before = results_of(tmp_path)
     proto = before["protocol"]
     assert proto["path"] == "streaming" and proto["block"] == 0 and proto["final_norm"] is True
-    again = run([*args, f"out_dir={tmp_path}", "cache=never", "epochs=2", "block=0", "final_norm=true"])
+    again = run(streaming)
     assert "resumed from" in again.stdout
     assert results_of(tmp_path)["results"] == before["results"]  # the saved heads, evaluated again
 
@@ -342,7 +356,8 @@ def test_analysis_writes_csv_and_pngs(trained):
 # -----------------------------------------------------------------------------
 # Configs and bad input
 
-PROBE_CONFIGS = sorted(f for f in os.listdir(os.path.join(ROOT, "configs")) if f.endswith("_probe.yaml"))
+PROBE_CONFIGS = sorted(f for f in os.listdir(os.path.join(ROOT, "configs"))
+                       if f.endswith("_probe.yaml"))
 
 
 @pytest.mark.parametrize("name", PROBE_CONFIGS)
@@ -366,4 +381,5 @@ def test_bad_config_is_a_clear_error(args, message):
 def test_missing_backbone_is_a_one_line_error(tmp_path):
     p = run([f"backbone={tmp_path / 'none.pth'}", f"out_dir={tmp_path}"], check=False)
     lines = p.stderr.strip().splitlines()
-    assert p.returncode == 2 and len(lines) == 1 and "backbone file" in lines[0] and "does not exist" in lines[0]
+    assert p.returncode == 2 and len(lines) == 1
+    assert "backbone file" in lines[0] and "does not exist" in lines[0]
