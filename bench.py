@@ -1,10 +1,11 @@
 """Speed of the pre-training step: variants side by side, all timed in one process.
 
-    python bench.py --device cpu                   # tiny models, about a minute on 2 cores
-    python bench.py --device cuda                  # ViT-S/B/L at 224 px, bf16, batch 256 (ViT-L 128)
-    python bench.py --device cuda --data jpeg      # + the step fed from decoded JPEGs in an image folder
+    python bench.py --device cpu               # tiny models, about a minute on 2 cores
+    python bench.py --device cuda              # ViT-S/B/L at 224 px, bf16, batch 256 (ViT-L 128)
+    python bench.py --device cuda --data jpeg  # + the step fed from JPEGs decoded from a folder
     python bench.py --device cuda --sections distill --profile   # where the time of one step goes
-    python bench.py --device cuda --models vit_base --batch 128 --no-compile drop_path=0.1  # key=value: Config
+    python bench.py --device cuda --models vit_base --batch 128 --no-compile drop_path=0.1
+                                               # (trailing key=value pairs override the Config)
 
 Sections (rows). Every ratio compares variants timed in turn, one step each, in this run, so a
 busy machine slows both sides alike:
@@ -48,44 +49,58 @@ GPU_MODELS = "vit_small,vit_base,vit_large"  # the step section's default sizes 
 GPU_BATCH, GPU_BATCH_LARGE, CPU_BATCH = 256, 128, 16
 DTM_CASES = [(196, 1), (147, 2), (98, 1), (98, 7), (98, 14), (49, 14), (1, 1), (1, 14)]  # (N_m, k)
 TINY_CLIP = "bench-tiny-clip"  # the CPU teacher: an open_clip config registered at start-up
-PHASES = ("teacher", "student forward", "loss", "backward", "clip+adamw")  # profiler scopes of a step
+# profiler scopes of a step
+PHASES = ("teacher", "student forward", "loss", "backward", "clip+adamw")
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--config", help="pre-training config (default: configs/in1k_vit_base_dtm.yaml on cuda, "
-                                    "configs/fmnist_dtm.yaml on cpu)")
-    p.add_argument("--models", help=f"step section, comma-separated (default: cuda {GPU_MODELS}; cpu the "
-                                    "config's model)")
-    p.add_argument("--batch", type=int, default=0, help=f"batch per step (default: cuda {GPU_BATCH}, ViT-L "
-                                                        f"{GPU_BATCH_LARGE}; cpu {CPU_BATCH})")
-    p.add_argument("--teacher", help=f"open_clip model name (default: cuda the config's teacher_model; cpu "
-                                     f"{TINY_CLIP}, a ViT-Tiny-like tower)")
+    p.add_argument("--device", choices=("cpu", "cuda"),
+                   default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--config", help="pre-training config (default: configs/in1k_vit_base_dtm.yaml "
+                                    "on cuda, configs/fmnist_dtm.yaml on cpu)")
+    p.add_argument("--models", help=f"step section, comma-separated (default: cuda {GPU_MODELS}; "
+                                    "cpu the config's model)")
+    p.add_argument("--batch", type=int, default=0,
+                   help=f"batch per step (default: cuda {GPU_BATCH}, ViT-L {GPU_BATCH_LARGE}; "
+                        f"cpu {CPU_BATCH})")
+    p.add_argument("--teacher", help="open_clip model name (default: cuda the config's "
+                                     f"teacher_model; cpu {TINY_CLIP}, a ViT-Tiny-like tower)")
     p.add_argument("--precision", choices=("bf16", "fp32"),
-                   help="autocast dtype of the student (default: bf16 on cuda, fp32 on cpu, as pretrain.py)")
-    p.add_argument("--steps", type=int, default=0, help="timed steps per variant (default: cuda 20, cpu 10)")
-    p.add_argument("--warmup", type=int, default=0, help="untimed steps per variant (default: cuda 5, cpu 2)")
-    p.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile rows")
+                   help="autocast dtype of the student (default: bf16 on cuda, fp32 on cpu, "
+                        "as pretrain.py)")
+    p.add_argument("--steps", type=int, default=0,
+                   help="timed steps per variant (default: cuda 20, cpu 10)")
+    p.add_argument("--warmup", type=int, default=0,
+                   help="untimed steps per variant (default: cuda 5, cpu 2)")
+    p.add_argument("--no-compile", dest="compile", action="store_false",
+                   help="skip the torch.compile rows")
     p.add_argument("--compile-teacher", action="store_true",
-                   help="the compiled distill rows compile the teacher too (pretrain.py: the student only)")
-    p.add_argument("--sections", default="step,distill,dtm", help="comma-separated, of step, distill, dtm, data")
+                   help="the compiled distill rows compile the teacher too "
+                        "(pretrain.py: the student only)")
+    p.add_argument("--sections", default="step,distill,dtm",
+                   help="comma-separated, of step, distill, dtm, data")
     p.add_argument("--data", choices=("tensor", "jpeg"), default="tensor",
                    help="jpeg: also run the data section (the same as adding it to --sections)")
-    p.add_argument("--jpeg-dir", default="", help="image folder to use, filled if short (default: a temporary one)")
-    p.add_argument("--jpeg-count", type=int, default=0, help="JPEGs to generate (default: cuda 4000, cpu 200)")
-    p.add_argument("--workers", type=int, default=-1, help="DataLoader workers, also JPEG writers (default: "
-                                                          "CPU cores - 2)")
-    p.add_argument("--peak-tflops", type=float, default=0.0, help="dense bf16 peak of this device, TFLOP/s")
-    p.add_argument("--profile", action="store_true", help="print torch.profiler tables of the eager distill steps")
+    p.add_argument("--jpeg-dir", default="",
+                   help="image folder to use, filled if short (default: a temporary one)")
+    p.add_argument("--jpeg-count", type=int, default=0,
+                   help="JPEGs to generate (default: cuda 4000, cpu 200)")
+    p.add_argument("--workers", type=int, default=-1,
+                   help="DataLoader workers, also JPEG writers (default: CPU cores - 2)")
+    p.add_argument("--peak-tflops", type=float, default=0.0,
+                   help="dense bf16 peak of this device, TFLOP/s")
+    p.add_argument("--profile", action="store_true",
+                   help="print torch.profiler tables of the eager distill steps")
     p.add_argument("--json", default="", help="also write the rows and targets to this file")
     p.add_argument("overrides", nargs="*", help="key=value overrides of pretrain.Config")
     args = p.parse_args(argv)
     gpu = args.device == "cuda"
     if gpu and not torch.cuda.is_available():
         p.error("--device cuda but no CUDA device is visible")
-    args.config = args.config or ("configs/in1k_vit_base_dtm.yaml" if gpu else "configs/fmnist_dtm.yaml")
+    default_config = "configs/in1k_vit_base_dtm.yaml" if gpu else "configs/fmnist_dtm.yaml"
+    args.config = args.config or default_config
     args.precision = args.precision or ("bf16" if gpu else "fp32")
     args.steps = args.steps or (20 if gpu else 10)
     args.warmup = args.warmup or (5 if gpu else 2)
@@ -123,8 +138,10 @@ def vit_forward_flops(depth, dim, num_patches, patch_size, out_dim=0, mlp_ratio=
     """
     assert mlp_ratio == 4.0, "the 24 D^2 term assumes an MLP ratio of 4"
     T = 1 + num_patches
-    return (depth * T * (24 * dim ** 2 + 4 * T * dim) + num_patches * 2 * in_chans * patch_size ** 2 * dim
-            + num_patches * 2 * dim * out_dim)
+    blocks = depth * T * (24 * dim ** 2 + 4 * T * dim)
+    patch_embed = num_patches * 2 * in_chans * patch_size ** 2 * dim
+    head = num_patches * 2 * dim * out_dim
+    return blocks + patch_embed + head
 
 
 def device_peak_flops(args):
@@ -186,13 +203,16 @@ def state_bytes(*objs):
     return total
 
 
-def row(section, variant, batch, seconds, ref=None, vs=None, flops_per_image=None, peak=None, mem=None):
+def row(section, variant, batch, seconds, ref=None, vs=None, flops_per_image=None, peak=None,
+        mem=None):
     """A table row from per-step times: median ms, images/s, spread (half the interquartile range
-    over the median), MFU. `ratio` (against the row named `ref`, shown as `vs`) is filled in later."""
+    over the median), MFU. `ratio` (against the row named `ref`, shown as `vs`) is filled in
+    later."""
     med = statistics.median(seconds)
     q = statistics.quantiles(seconds, n=4) if len(seconds) > 1 else [med] * 3
     ips = batch / med if batch else None
-    return {"section": section, "variant": variant, "batch": batch, "ms": 1e3 * med, "images_s": ips,
+    return {"section": section, "variant": variant, "batch": batch, "ms": 1e3 * med,
+            "images_s": ips,
             "spread": (q[2] - q[0]) / 2 / med, "seconds": list(seconds), "ref": ref, "vs": vs,
             "ratio": None, "ratio_spread": None,
             "mfu": flops_per_image * ips / peak if (flops_per_image and peak and ips) else None,
@@ -205,17 +225,20 @@ def row(section, variant, batch, seconds, ref=None, vs=None, flops_per_image=Non
 def build_pair(name, cfg, device):
     """Our ViT and timm's VisionTransformer of the same size, holding the same weights."""
     from timm.models.vision_transformer import VisionTransformer
-    ours = M.build_vit(name, img_size=cfg.img_size, patch_size=cfg.patch_size, layer_scale=cfg.layer_scale)
+    ours = M.build_vit(name, img_size=cfg.img_size, patch_size=cfg.patch_size,
+                       layer_scale=cfg.layer_scale)
     size = M.VIT_SIZES[name]
-    ref = VisionTransformer(img_size=cfg.img_size, patch_size=cfg.patch_size, num_classes=0, global_pool="token",
-                            embed_dim=size["embed_dim"], depth=size["depth"], num_heads=size["num_heads"],
-                            init_values=cfg.layer_scale or None)
-    ref.load_state_dict(M.to_timm(ours.state_dict()), strict=True)  # the same network, parameter by parameter
+    ref = VisionTransformer(img_size=cfg.img_size, patch_size=cfg.patch_size, num_classes=0,
+                            global_pool="token", embed_dim=size["embed_dim"], depth=size["depth"],
+                            num_heads=size["num_heads"], init_values=cfg.layer_scale or None)
+    # the same network, parameter by parameter
+    ref.load_state_dict(M.to_timm(ours.state_dict()), strict=True)
     return ours.to(device), ref.to(device)
 
 
 def random_clip_teacher(name):
-    """CLIPTeacher over open_clip's `name` with random weights, loaded through the real path (a file)."""
+    """CLIPTeacher over open_clip's `name` with random weights, loaded through the real path
+    (a file)."""
     import open_clip
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "random_clip.pt")
@@ -224,12 +247,14 @@ def random_clip_teacher(name):
 
 
 def register_tiny_clip(cfg, folder):
-    """The CPU teacher: a ViT-Tiny-like open_clip tower (width 192, 6 blocks) at the config's size."""
+    """The CPU teacher: a ViT-Tiny-like open_clip tower (width 192, 6 blocks) at the config's
+    size."""
     import open_clip
     spec = {"embed_dim": 64, "quick_gelu": True,
             "vision_cfg": {"image_size": cfg.img_size, "patch_size": cfg.patch_size, "width": 192,
                            "layers": 6, "head_width": 64},
-            "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1}}
+            "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 32, "heads": 2,
+                         "layers": 1}}
     path = os.path.join(folder, f"{TINY_CLIP}.json")
     with open(path, "w") as f:
         json.dump(spec, f)
@@ -237,8 +262,8 @@ def register_tiny_clip(cfg, folder):
 
 
 def make_optimizer(module, cfg, device):
-    return torch.optim.AdamW(param_groups(module, cfg.weight_decay), lr=cfg.blr, betas=(0.9, cfg.beta2),
-                             fused=device.type == "cuda")
+    return torch.optim.AdamW(param_groups(module, cfg.weight_decay), lr=cfg.blr,
+                             betas=(0.9, cfg.beta2), fused=device.type == "cuda")
 
 
 def train_step(loss_of, params, optimizer, autocast, clip_grad):
@@ -261,7 +286,8 @@ def make_loss(cfg, kind, num_patches):
     rng = random.Random(cfg.seed)  # every DTM variant sees the same sequence of levels
 
     def dtm(u, v):
-        levels = losses.sample_levels(num_patches, cfg.dtm_levels, cfg.dtm_max_iters, cfg.dtm_min_morphed, rng)
+        levels = losses.sample_levels(num_patches, cfg.dtm_levels, cfg.dtm_max_iters,
+                                      cfg.dtm_min_morphed, rng)
         return losses.dtm_loss(u, v, levels, cfg.distance)
     return dtm
 
@@ -271,8 +297,12 @@ def batch_of_masks(cfg, batch, seed=0):
     grid = cfg.img_size // cfg.patch_size
     num_masked = data.num_masked_patches(grid * grid, cfg.mask_ratio)
     rng = random.Random(seed)
-    return torch.stack([data.block_mask(grid, num_masked, cfg.mask_min_patches, rng=rng) if cfg.mask == "block"
-                        else data.random_mask(1, grid * grid, num_masked)[0] for _ in range(batch)])
+
+    def one():
+        if cfg.mask == "block":
+            return data.block_mask(grid, num_masked, cfg.mask_min_patches, rng=rng)
+        return data.random_mask(1, grid * grid, num_masked)[0]
+    return torch.stack([one() for _ in range(batch)])
 
 
 # -----------------------------------------------------------------------------
@@ -289,20 +319,24 @@ def bench_step(args, cfg, device, autocast, peak):
         for who, module, forward in (("ours", ours, ours), ("timm", ref, ref.forward_features)):
             opt = make_optimizer(module, cfg, device)
             params = list(module.parameters())
-            modes = [("eager", forward)] + ([("compiled", torch.compile(forward))] if args.compile else [])
+            modes = [("eager", forward)]
+            if args.compile:
+                modes.append(("compiled", torch.compile(forward)))
             for mode, f in modes:  # eager and compiled share the module and its optimizer
                 fns[f"{who} {mode}"] = lambda f=f, params=params, opt=opt: train_step(
                     lambda: f(x).float().square().mean(), params, opt, autocast, cfg.clip_grad)
                 kept[f"{who} {mode}"] = (module, opt)
         print(f"  step {name}: batch {batch}, {list(fns)} ...", flush=True)
         times = time_interleaved(fns, device, args.warmup, args.steps)
-        resident = {key: state_bytes(*objs) for key, objs in kept.items()}  # AdamW's state exists by now
+        # AdamW's state exists by now
+        resident = {key: state_bytes(*objs) for key, objs in kept.items()}
         c = ours.cfg
         flops = 3 * vit_forward_flops(c.depth, c.embed_dim, c.num_patches, c.patch_size)
         for key, fn in fns.items():
             mode = key.split()[1]
-            rows.append(row("step", f"{name} {key}", batch, times[key], f"{name} timm {mode}", f"timm {mode}",
-                            flops, peak, step_peak_bytes(fn, device, resident[key])))
+            rows.append(row("step", f"{name} {key}", batch, times[key], f"{name} timm {mode}",
+                            f"timm {mode}", flops, peak,
+                            step_peak_bytes(fn, device, resident[key])))
         del ours, ref, fns, kept, x
         free(device)
     return rows
@@ -312,21 +346,25 @@ def bench_step(args, cfg, device, autocast, peak):
 # Section: the distillation step, token-wise vs DTM
 
 def build_distill(args, cfg, device):
-    """pretrain.py's student and (random-weight) CLIP teacher for this config, AdamW, FLOPs per image."""
+    """pretrain.py's student and (random-weight) CLIP teacher for this config, AdamW, FLOPs per
+    image."""
     teacher_name = args.teacher or (cfg.teacher_model if args.device == "cuda" else TINY_CLIP)
     teacher = random_clip_teacher(teacher_name).to(device)
-    encoder = M.build_vit(cfg.model, img_size=cfg.img_size, patch_size=cfg.patch_size, pos_embed=cfg.pos_embed,
-                          rel_pos_bias=cfg.rel_pos_bias, shared_rel_pos_bias=cfg.shared_rel_pos_bias,
+    encoder = M.build_vit(cfg.model, img_size=cfg.img_size, patch_size=cfg.patch_size,
+                          pos_embed=cfg.pos_embed, rel_pos_bias=cfg.rel_pos_bias,
+                          shared_rel_pos_bias=cfg.shared_rel_pos_bias,
                           layer_scale=cfg.layer_scale, drop_path=cfg.drop_path)
     if teacher.num_patches != encoder.num_patches:
-        raise SystemExit(f"error: teacher {teacher_name} gives {teacher.num_patches} tokens, the student has "
-                         f"{encoder.num_patches} patches: match img_size/patch_size")
+        raise SystemExit(f"error: teacher {teacher_name} gives {teacher.num_patches} tokens, the "
+                         f"student has {encoder.num_patches} patches: match img_size/patch_size")
     student = M.DistillStudent(encoder, teacher.out_dim).to(device)
     opt = make_optimizer(student, cfg, device)
     e, v = encoder.cfg, teacher.visual
-    flops = 3 * vit_forward_flops(e.depth, e.embed_dim, e.num_patches, e.patch_size, teacher.out_dim) + \
-        vit_forward_flops(len(v.transformer.resblocks), v.transformer.width, teacher.num_patches,
-                          v.conv1.kernel_size[0], teacher.out_dim)
+    student_flops = vit_forward_flops(e.depth, e.embed_dim, e.num_patches, e.patch_size,
+                                      teacher.out_dim)
+    teacher_flops = vit_forward_flops(len(v.transformer.resblocks), v.transformer.width,
+                                      teacher.num_patches, v.conv1.kernel_size[0], teacher.out_dim)
+    flops = 3 * student_flops + teacher_flops
     return teacher_name, teacher, student, opt, flops
 
 
@@ -336,7 +374,8 @@ def distill_steps(args, cfg, autocast, student, teacher, opt):
     params = list(student.parameters())
     modes = [("eager", student, teacher)]
     if args.compile:
-        modes.append(("compiled", torch.compile(student), torch.compile(teacher) if args.compile_teacher else teacher))
+        compiled_teacher = torch.compile(teacher) if args.compile_teacher else teacher
+        modes.append(("compiled", torch.compile(student), compiled_teacher))
     steps = {}
     for mode, s, t in modes:
         for kind in ("tokenwise", "dtm"):
@@ -344,11 +383,11 @@ def distill_steps(args, cfg, autocast, student, teacher, opt):
 
             def step(img, mask, s=s, t=t, loss_fn=loss_fn):
                 with record_function("teacher"):
-                    v = t(img)                                  # (B, N, C) targets, full image
+                    v = t(img)                          # (B, N, C) targets, full image
 
                 def loss_of():
                     with record_function("student forward"):
-                        u = s(img, mask)                        # (B, N, C) online tokens, masked image
+                        u = s(img, mask)                # (B, N, C) online tokens, masked image
                     with record_function("loss"):
                         return loss_fn(u, v)
                 train_step(loss_of, params, opt, autocast, cfg.clip_grad)
@@ -366,9 +405,12 @@ def bench_distill(args, cfg, device, autocast, peak, setup, batch):
     times = time_interleaved(fns, device, args.warmup, args.steps)
     resident = state_bytes(student, teacher, opt)
     name = f"{cfg.model}+{teacher_name}"
-    rows = [row("distill", f"{name} {key}", batch, times[key], f"{name} tokenwise {key.split()[1]}",
-                f"tokenwise {key.split()[1]}", flops, peak, step_peak_bytes(fns[key], device, resident))
-            for key in fns]
+    rows = []
+    for key in fns:
+        mode = key.split()[1]
+        rows.append(row("distill", f"{name} {key}", batch, times[key], f"{name} tokenwise {mode}",
+                        f"tokenwise {mode}", flops, peak,
+                        step_peak_bytes(fns[key], device, resident)))
     if args.profile:
         profile({key: fn for key, fn in fns.items() if key.endswith("eager")}, device)
     return rows, steps, fns
@@ -387,7 +429,9 @@ def bench_dtm(args, cfg, device, autocast, out_dim, batch, num_patches):
     rng = random.Random(cfg.seed)
 
     def sampled():  # what one DTM step computes: L levels drawn as in training
-        for nm, k in losses.sample_levels(N, cfg.dtm_levels, cfg.dtm_max_iters, cfg.dtm_min_morphed, rng):
+        levels = losses.sample_levels(N, cfg.dtm_levels, cfg.dtm_max_iters, cfg.dtm_min_morphed,
+                                      rng)
+        for nm, k in levels:
             losses.dtm_assignment(v, nm, k)
     fns[f"assignment N=196, {cfg.dtm_levels} levels drawn"] = sampled
 
@@ -409,8 +453,8 @@ def bench_dtm(args, cfg, device, autocast, out_dim, batch, num_patches):
     rows = []
     for key in fns:
         dtm_loss = key.startswith("loss") and key.endswith(" dtm")
-        r = row("dtm", key, batch, times[key], key.replace(" dtm", " tokenwise") if dtm_loss else None,
-                "tokenwise loss" if dtm_loss else None)
+        ref = key.replace(" dtm", " tokenwise") if dtm_loss else None
+        r = row("dtm", key, batch, times[key], ref, "tokenwise loss" if dtm_loss else None)
         r["images_s"] = None  # a part of a step, not a step
         rows.append(r)
     return rows
@@ -421,7 +465,8 @@ def bench_dtm(args, cfg, device, autocast, out_dim, batch, num_patches):
 
 def make_jpegs(root, count, workers, seed=0, num_classes=10):
     """An ImageNet-layout folder (root/train/classXXX/*.jpg) of `count` JPEGs of ImageNet's usual
-    sizes (about 500 x 375), smooth random content plus noise, quality 90 (~80 kB, ImageNet ~110 kB)."""
+    sizes (about 500 x 375), smooth random content plus noise, quality 90 (~80 kB, ImageNet
+    ~110 kB)."""
     jobs = [(root, i, seed, num_classes) for i in range(count)]
     with multiprocessing.get_context("fork").Pool(max(workers, 1)) as pool:
         pool.map(_write_jpeg, jobs, chunksize=16)
@@ -454,16 +499,18 @@ def bench_data(args, cfg, device, steps, on_device, batch, folder):
     if have < args.jpeg_count:
         t0 = time.time()
         make_jpegs(root, args.jpeg_count, args.workers)
-        print(f"  data: wrote {args.jpeg_count} JPEGs to {root} in {time.time() - t0:.0f} s", flush=True)
-    base = data.build_dataset("imagefolder", root, train=True,
-                              transform=data.pretrain_transform(cfg.img_size, cfg.crop_scale_min, cfg.color_jitter))
+        print(f"  data: wrote {args.jpeg_count} JPEGs to {root} in {time.time() - t0:.0f} s",
+              flush=True)
+    transform = data.pretrain_transform(cfg.img_size, cfg.crop_scale_min, cfg.color_jitter)
+    base = data.build_dataset("imagefolder", root, train=True, transform=transform)
     dataset = data.MaskedImages(base, cfg.img_size // cfg.patch_size, cfg.mask_ratio, cfg.mask,
                                 cfg.mask_min_patches, cfg.seed)
     sampler = RandomSampler(dataset, replacement=True, num_samples=10 ** 9,  # one endless epoch
                             generator=torch.Generator().manual_seed(cfg.seed))
     prefetch = 2  # DataLoader's default, as in pretrain.py (each batch in flight sits in /dev/shm)
     loader = DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=args.workers,
-                        pin_memory=device.type == "cuda", drop_last=True, persistent_workers=args.workers > 0,
+                        pin_memory=device.type == "cuda", drop_last=True,
+                        persistent_workers=args.workers > 0,
                         prefetch_factor=prefetch if args.workers > 0 else None)
     batches = iter(loader)
     key = "dtm compiled" if "dtm compiled" in steps else "dtm eager"
@@ -473,7 +520,8 @@ def bench_data(args, cfg, device, steps, on_device, batch, folder):
         steps[key](img.to(device, non_blocking=True), mask.to(device, non_blocking=True))
 
     queue = args.workers * prefetch  # batches in flight
-    print(f"  data: {args.workers} workers, batch {batch}, {queue} batches in flight, {key} ...", flush=True)
+    print(f"  data: {args.workers} workers, batch {batch}, {queue} batches in flight, {key} ...",
+          flush=True)
     blocks = (("tensor", on_device[key], args.warmup), ("jpeg", fed, queue + args.warmup),
               ("loader", lambda: next(batches), queue))
     times = {name: [] for name, _, _ in blocks}
@@ -490,9 +538,11 @@ def bench_data(args, cfg, device, steps, on_device, batch, folder):
     del batches, loader
     labels = {"tensor": f"{key}, tensors on device", "jpeg": f"{key}, fed from JPEGs",
               "loader": "loader alone: decode, augment, mask, pin"}
-    return [row("data", labels[name], batch, times[name], *((None, None) if name == "tensor" else
-                                                            (labels["tensor"], "tensors on device")))
-            for name in times]
+    rows = []
+    for name in times:
+        ref, vs = (None, None) if name == "tensor" else (labels["tensor"], "tensors on device")
+        rows.append(row("data", labels[name], batch, times[name], ref, vs))
+    return rows
 
 
 # -----------------------------------------------------------------------------
@@ -510,12 +560,14 @@ def profile(fns, device, steps=3):
                 fn()
             sync(device)
         events = prof.key_averages()
-        print(f"\n--- profile: {name}, {steps} steps; per step: phase, CPU ms" + (", device ms" if cuda else ""))
+        print(f"\n--- profile: {name}, {steps} steps; per step: phase, CPU ms"
+              + (", device ms" if cuda else ""))
         for e in events:
             if e.key in PHASES:
                 dev = f" {e.device_time_total / 1e3 / steps:9.2f}" if cuda else ""
                 print(f"    {e.key:16} {e.cpu_time_total / 1e3 / steps:9.2f}{dev}")
-        print(events.table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total", row_limit=20))
+        sort_by = "self_device_time_total" if cuda else "self_cpu_time_total"
+        print(events.table(sort_by=sort_by, row_limit=20))
 
 
 def free(device):
@@ -564,13 +616,15 @@ def print_table(rows):
     print(head)
     print("-" * len(head))
     for r in rows:
-        print(f"{r['section']:8} {r['variant']:44} {r['batch']:5d} {r['ms']:9.2f} {100 * r['spread']:5.1f} "
-              f"{fmt(r['images_s'], '8.1f'):>8} {fmt(r['ratio'], '6.3f', ''):>6}  {r['vs'] or '':22} "
+        print(f"{r['section']:8} {r['variant']:44} {r['batch']:5d} {r['ms']:9.2f} "
+              f"{100 * r['spread']:5.1f} {fmt(r['images_s'], '8.1f'):>8} "
+              f"{fmt(r['ratio'], '6.3f', ''):>6}  {r['vs'] or '':22} "
               f"{fmt(r['mfu'], '.1%'):>6} {fmt(r['peak_gib'], '8.2f'):>8}")
 
 
 def targets(rows, args, cfg, teacher_name):
-    """The issue's targets as (text, measured value, limit, noise band); limit < 0 means >= -limit."""
+    """The issue's targets as (text, measured value, limit, noise band); limit < 0 means
+    >= -limit."""
     by_name = {(r["section"], r["variant"]): r for r in rows}
     out = []
     for r in rows:
@@ -584,13 +638,15 @@ def targets(rows, args, cfg, teacher_name):
     # DTM's overhead from the loss timed alone (no step noise), over the token-wise eager step
     n = cfg.img_size // cfg.patch_size
     dtm, tok = (by_name.get(("dtm", f"loss fwd+bwd N={n * n} {k}")) for k in ("dtm", "tokenwise"))
-    step = next((r for r in rows if r["section"] == "distill" and r["variant"].endswith("tokenwise eager")), None)
+    step = next((r for r in rows
+                 if r["section"] == "distill" and r["variant"].endswith("tokenwise eager")), None)
     if dtm and tok and step:
         out.append(("(DTM loss - token-wise loss, timed alone) / token-wise eager step <= 0.02",
                     (dtm["ms"] - tok["ms"]) / step["ms"], 0.02, 0.0))
     headline = [r for r in rows if r["section"] == "distill" and " dtm " in r["variant"]]
-    if (headline and args.device == "cuda" and cfg.model == "vit_base" and teacher_name == "ViT-B-16-quickgelu"
-            and cfg.img_size == 224 and headline[0]["batch"] == 256):
+    if (headline and args.device == "cuda" and cfg.model == "vit_base"
+            and teacher_name == "ViT-B-16-quickgelu" and cfg.img_size == 224
+            and headline[0]["batch"] == 256):
         best = max(headline, key=lambda r: r["images_s"])
         out.append((f"{best['variant']}: images/s >= 2300", best["images_s"], -2300, 0.0))
     return out
@@ -612,17 +668,23 @@ def main(argv):
     device = torch.device(args.device)
     torch.manual_seed(cfg.seed)
     peak = device_peak_flops(args)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16 if args.precision == "bf16" else torch.float32,
-                              enabled=args.precision == "bf16")
+    bf16 = args.precision == "bf16"
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16 if bf16 else torch.float32,
+                              enabled=bf16)
     import open_clip
     import timm
-    where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    if device.type == "cuda":
+        where = torch.cuda.get_device_name()
+    else:
+        where = f"CPU, {torch.get_num_threads()} threads"
     print(f"command: python bench.py {' '.join(argv)}")
-    print(f"device: {where}; torch {torch.__version__}, timm {timm.__version__}, open_clip {open_clip.__version__}")
-    print(f"config: {' '.join([args.config, *args.overrides])}; {args.precision}; {cfg.img_size} px, patch "
-          f"{cfg.patch_size}; {args.warmup} warm-up + {args.steps} timed steps per variant; dense bf16 peak "
-          f"{fmt(peak and peak / 1e12, '.0f')} TFLOP/s")
-    print("NOTE: the teacher's weights are RANDOM (open_clip architecture, no download): timing only.", flush=True)
+    print(f"device: {where}; torch {torch.__version__}, timm {timm.__version__}, "
+          f"open_clip {open_clip.__version__}")
+    print(f"config: {' '.join([args.config, *args.overrides])}; {args.precision}; "
+          f"{cfg.img_size} px, patch {cfg.patch_size}; {args.warmup} warm-up + {args.steps} timed "
+          f"steps per variant; dense bf16 peak {fmt(peak and peak / 1e12, '.0f')} TFLOP/s")
+    print("NOTE: the teacher's weights are RANDOM (open_clip architecture, no download): "
+          "timing only.", flush=True)
     rows, teacher_name, t_start = [], None, time.time()
     batch = batch_for(args, cfg.model)
     num_patches = (cfg.img_size // cfg.patch_size) ** 2
@@ -644,20 +706,23 @@ def main(argv):
         if "dtm" in args.sections:
             rows += bench_dtm(args, cfg, device, autocast, out_dim, batch, num_patches)
     fill_ratios(rows)
-    print(f"\nmeasured in {time.time() - t_start:.0f} s. ms: median step; +-%: half the interquartile range; "
-          "ratio: median of the per-round time ratios to the row named in vs")
+    print(f"\nmeasured in {time.time() - t_start:.0f} s. ms: median step; +-%: half the "
+          "interquartile range; ratio: median of the per-round time ratios to the row named in vs")
     print_table(rows)
     if device.type == "cpu":
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
         print(f"peak memory: n/a per row on CPU; the process's max RSS was {rss:.2f} GiB")
-    if any(r["spread"] > 0.10 for r in rows if r["section"] != "dtm"):  # dtm: drawn levels vary by design
+    # dtm rows left out: their drawn levels vary by design
+    if any(r["spread"] > 0.10 for r in rows if r["section"] != "dtm"):
         print("WARNING: some rows vary by more than 10% from step to step (a busy machine?): "
               "trust the ratios, not the absolute times, or rerun")
     checks = targets(rows, args, cfg, teacher_name)
     if checks:
-        print("\ntargets (ok | noise: missed by less than the ~95% noise band of the paired ratio | MISS):")
+        print("\ntargets (ok | noise: missed by less than the ~95% noise band of the paired "
+              "ratio | MISS):")
         for text, value, limit, band in checks:
-            print(f"  {verdict(value, limit, band):5} {text}: {value:.3f}" + (f" (band +-{band:.3f})" if band else ""))
+            shown = f" (band +-{band:.3f})" if band else ""
+            print(f"  {verdict(value, limit, band):5} {text}: {value:.3f}{shown}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"argv": argv, "device": where, "rows": rows,

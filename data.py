@@ -56,7 +56,8 @@ def eval_transform(img_size: int, crop_ratio: float = 0.875):
     """Resize the short side to img_size / crop_ratio, centre crop (ImageNet: 256 -> 224)."""
     resize = img_size if img_size < 64 else int(math.ceil(img_size / crop_ratio))
     return T.Compose([T.ToImage(), T.Resize(resize, antialias=True), T.CenterCrop(img_size),
-                      T.ToDtype(torch.float32, scale=True), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+                      T.ToDtype(torch.float32, scale=True),
+                      T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
 def denormalize(x: torch.Tensor) -> torch.Tensor:
@@ -83,11 +84,14 @@ class FashionMNIST(Dataset):
             folder = os.path.join(root, "FashionMNIST", "raw")
             if not os.path.isfile(os.path.join(folder, f"{split}-images-idx3-ubyte.gz")):
                 if not download:
-                    raise FileNotFoundError(f"Fashion-MNIST not found in {FASHION_MNIST_DEBIAN} or {folder}: "
-                                            "apt-get install dataset-fashion-mnist, or allow the download")
+                    raise FileNotFoundError(
+                        f"Fashion-MNIST not found in {FASHION_MNIST_DEBIAN} or {folder}: "
+                        "apt-get install dataset-fashion-mnist, or allow the download")
                 datasets.FashionMNIST(root, train=train, download=True)
-        self.images = torch.from_numpy(_read_idx(os.path.join(folder, f"{split}-images-idx3-ubyte.gz")))
-        self.targets = torch.from_numpy(_read_idx(os.path.join(folder, f"{split}-labels-idx1-ubyte.gz"))).long()
+        images = _read_idx(os.path.join(folder, f"{split}-images-idx3-ubyte.gz"))
+        labels = _read_idx(os.path.join(folder, f"{split}-labels-idx1-ubyte.gz"))
+        self.images = torch.from_numpy(images)
+        self.targets = torch.from_numpy(labels).long()
         self.transform = transform
         self.classes = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
@@ -120,8 +124,9 @@ def build_dataset(name: str, root: str, train: bool, transform=None, subset: int
     elif name == "imagefolder":
         folder = os.path.join(root, "train" if train else "val")
         if not os.path.isdir(folder):
-            raise FileNotFoundError(f"image folder '{folder}' does not exist: data_path must hold "
-                                    "train/ and val/ with one sub-folder per class (ImageNet layout)")
+            raise FileNotFoundError(f"image folder '{folder}' does not exist: data_path must "
+                                    "hold train/ and val/ with one sub-folder per class "
+                                    "(ImageNet layout)")
         ds = SafeImageFolder(folder, transform=transform)
         if len(ds) == 0:
             raise FileNotFoundError(f"image folder '{folder}' holds no images")
@@ -171,7 +176,8 @@ class SafeImageFolder(datasets.ImageFolder):
         for j in range(i, i + len(self)):
             try:
                 return super().__getitem__(j % len(self))
-            except (OSError, ValueError, SyntaxError) as e:  # PIL: truncated, unidentified, bad header
+            except (OSError, ValueError, SyntaxError) as e:
+                # what PIL raises for a truncated, unidentified or bad-header file
                 with self.num_corrupt.get_lock():
                     self.num_corrupt.value += 1
                 print(f"warning: skipping corrupt image {self.samples[j % len(self)][0]} "
@@ -270,8 +276,9 @@ def reset_corrupt_count(ds):
 # Masks
 
 def block_mask(grid: int, num_masked: int, min_patches: int = 16, min_aspect: float = 0.3,
-               max_aspect: Optional[float] = None, rng: Optional[random.Random] = None) -> torch.Tensor:
-    """BEiT block-wise masking on a grid x grid patch map: (grid*grid,) bool, exactly num_masked True.
+               max_aspect: Optional[float] = None,
+               rng: Optional[random.Random] = None) -> torch.Tensor:
+    """BEiT block-wise masking of a grid x grid patch map: (grid*grid,) bool, num_masked True.
 
     Rectangles of area U[min_patches, remaining] and aspect ratio log-uniform in
     [min_aspect, 1/min_aspect] are placed at random; a rectangle is kept only if it does not
@@ -320,7 +327,8 @@ def random_mask(batch: int, num_patches: int, num_masked: int, device=None,
     return ranks < num_masked
 
 
-def simmim_mask(grid: int, cell: int, num_cells: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def simmim_mask(grid: int, cell: int, num_cells: int,
+                generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """SimMIM masking: num_cells random cells of cell x cell patches -> (grid*grid,) bool.
 
     SimMIM draws the mask on a coarser grid (32-px cells at 224 px with 16-px patches: cell = 2)
@@ -382,7 +390,8 @@ class MaskedImages(Dataset):
             torch.manual_seed(sample_seed)
             img, label = self.dataset[i]
             if self.mask == "block":
-                mask = block_mask(self.grid, self.num_masked, self.min_patches, rng=random.Random(sample_seed))
+                mask = block_mask(self.grid, self.num_masked, self.min_patches,
+                                  rng=random.Random(sample_seed))
             elif self.mask == "simmim":
                 mask = simmim_mask(self.grid, self.mask_cell, self.num_cells)
             else:

@@ -1,14 +1,16 @@
 """Figures of the small-scale experiments, each a function you can call on your own checkpoints.
 
-    python experiments/small_scale.py --quick --out /tmp/ss      # draws all of them into /tmp/ss/figures
-    python experiments/figures.py experiments/results.json       # redraw from a finished run's results
+    python experiments/small_scale.py --quick --out /tmp/ss  # draws them all into /tmp/ss/figures
+    python experiments/figures.py experiments/results.json   # redraw from a finished run's results
 
 On your own runs (every function takes tensors or file paths and writes one PNG):
     from experiments import figures
-    images = figures.fashion_images(6, img_size=32)                                    # (6, 3, 32, 32)
+    images = figures.fashion_images(6, img_size=32)                          # (6, 3, 32, 32)
     figures.plot_masks(images, figures.example_masks(6, grid=8), grid=8, path="masks.png")
-    figures.plot_token_morphing(model.load_encoder("runs/teacher/encoder.pth"), images28, "morph.png")
-    figures.plot_heterogeneity({"SimMIM": {"baseline": "runs/a/checkpoint.pth", "+ MTO": "runs/b/checkpoint.pth"}},
+    teacher = model.load_encoder("runs/teacher/encoder.pth")
+    figures.plot_token_morphing(teacher, images28, "morph.png")
+    figures.plot_heterogeneity({"SimMIM": {"baseline": "runs/a/checkpoint.pth",
+                                           "+ MTO": "runs/b/checkpoint.pth"}},
                                "heterogeneity.png")
     figures.plot_beyond_cls("runs/a/encoder.pth", "runs/a/probe/heads.pth", images, "beyond_cls")
     figures.plot_learning_curves({"SimMIM": {"baseline": [[(1, 0.61), (2, 0.66)]]}}, "curves.png")
@@ -49,27 +51,31 @@ from common import make_config  # noqa: E402
 # Inputs
 
 def fashion_images(n: int, img_size: int, data_path: str = "data") -> torch.Tensor:
-    """The first n Fashion-MNIST test images, eval transform (ImageNet-normalised): (n, 3, H, W)."""
-    val = data.build_dataset("fashion_mnist", data_path, train=False, transform=data.eval_transform(img_size),
-                             subset=n)
+    """The first n Fashion-MNIST test images, eval transform (ImageNet-normalised):
+    (n, 3, H, W)."""
+    val = data.build_dataset("fashion_mnist", data_path, train=False,
+                             transform=data.eval_transform(img_size), subset=n)
     return torch.stack([val[i][0] for i in range(len(val))])
 
 
-def example_masks(n: int, grid: int, seed: int = 0, block_ratio: float = 0.4, block_min_patches: int = 4,
-                  random_ratio: float = 0.75, simmim_ratio: float = 0.6, simmim_cell: int = 2) -> dict:
-    """n masks of each kind on a grid x grid patch map: {name: (n, N) bool}. Defaults: the Fashion-MNIST
-    configs (fmnist_dtm block-wise, fmnist_mae random, fmnist_simmim 2 x 2-patch cells)."""
+def example_masks(n: int, grid: int, seed: int = 0, block_ratio: float = 0.4,
+                  block_min_patches: int = 4, random_ratio: float = 0.75,
+                  simmim_ratio: float = 0.6, simmim_cell: int = 2) -> dict:
+    """n masks of each kind on a grid x grid patch map: {name: (n, N) bool}. Defaults: the
+    Fashion-MNIST configs (fmnist_dtm block-wise, fmnist_mae random, fmnist_simmim 2 x 2-patch
+    cells)."""
     N = grid * grid
     rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
     num_block = data.num_masked_patches(N, block_ratio)
     num_random = data.num_masked_patches(N, random_ratio)
     cells = data.simmim_num_cells(grid, simmim_cell, simmim_ratio)
+    block = [data.block_mask(grid, num_block, block_min_patches, rng=rng) for _ in range(n)]
     return {
-        f"block-wise (BEiT/DTM), {num_block} of {N}":
-            torch.stack([data.block_mask(grid, num_block, block_min_patches, rng=rng) for _ in range(n)]),
+        f"block-wise (BEiT/DTM), {num_block} of {N}": torch.stack(block),
         f"random (MAE), {num_random} of {N}": data.random_mask(n, N, num_random, generator=gen),
         f"SimMIM cells, {cells * simmim_cell ** 2} of {N}":
-            torch.stack([data.simmim_mask(grid, simmim_cell, cells, generator=gen) for _ in range(n)]),
+            torch.stack([data.simmim_mask(grid, simmim_cell, cells, generator=gen)
+                         for _ in range(n)]),
     }
 
 
@@ -99,7 +105,8 @@ def plot_masks(images: torch.Tensor, masks: dict, grid: int, path: str) -> str:
     """One row per image: the image, then each mask kind (masked patches shaded red)."""
     pics = pictures(images)
     B, H = pics.shape[:2]
-    fig, axes = plt.subplots(B, 1 + len(masks), figsize=(1.9 * (1 + len(masks)), 1.9 * B), squeeze=False)
+    fig, axes = plt.subplots(B, 1 + len(masks), figsize=(1.9 * (1 + len(masks)), 1.9 * B),
+                             squeeze=False)
     for j, (name, m) in enumerate(masks.items(), start=1):
         up = upsample(m[:B], grid, H)                                   # (B, H, W) in {0, 1}
         for i in range(B):
@@ -125,18 +132,19 @@ def cluster_colours(num_clusters: int, seed: int = 0) -> np.ndarray:
 
 
 @torch.no_grad()
-def plot_token_morphing(encoder: M.ViT, images: torch.Tensor, path: str, num_morphed=(24, 12, 6, 3),
-                        num_iters: int = 2) -> str:
-    """The teacher's patch tokens grouped by DTM's bipartite matching (losses.dtm_assignment) at several
-    N_m: one colour per morphed token over the image. encoder: the teacher (an encoder of this project),
-    whose final-normed patch tokens are the distillation targets (model.ViTTeacher)."""
+def plot_token_morphing(encoder: M.ViT, images: torch.Tensor, path: str,
+                        num_morphed=(24, 12, 6, 3), num_iters: int = 2) -> str:
+    """The teacher's patch tokens grouped by DTM's bipartite matching (losses.dtm_assignment) at
+    several N_m: one colour per morphed token over the image. encoder: the teacher (an encoder of
+    this project), whose final-normed patch tokens are the distillation targets
+    (model.ViTTeacher)."""
     teacher = M.ViTTeacher(encoder.eval())
     targets = teacher(images)                                           # (B, N, D)
     grid, N = encoder.cfg.grid, encoder.num_patches
     pics = pictures(images)
     B, H = pics.shape[:2]
-    fig, axes = plt.subplots(B, 1 + len(num_morphed), figsize=(1.9 * (1 + len(num_morphed)), 1.9 * B),
-                             squeeze=False)
+    columns = 1 + len(num_morphed)
+    fig, axes = plt.subplots(B, columns, figsize=(1.9 * columns, 1.9 * B), squeeze=False)
     for j, n_m in enumerate(num_morphed, start=1):
         assign = losses.dtm_assignment(targets, min(n_m, N), num_iters)  # (B, N) cluster ids
         colours = cluster_colours(min(n_m, N))
@@ -156,21 +164,25 @@ def plot_token_morphing(encoder: M.ViT, images: torch.Tensor, path: str, num_mor
 # -----------------------------------------------------------------------------
 # MTO: heterogeneity per layer, learning curves
 
-def heterogeneity_curves(checkpoints: dict, num_images: int = 256, seed: int = 0, data_path: str = ""):
-    """{label: checkpoint.pth (MAE: its decoder holds the mask tokens) or encoder.pth} -> ({label: H^l
-    per layer and image (L+1, num_images)}, {label: log |V|}), via experiments/heterogeneity.py."""
-    cfg = heterogeneity.Config(checkpoints=list(checkpoints.values()), num_images=num_images, seed=seed,
-                               data_path=data_path)
+def heterogeneity_curves(checkpoints: dict, num_images: int = 256, seed: int = 0,
+                         data_path: str = ""):
+    """{label: checkpoint.pth (MAE: its decoder holds the mask tokens) or encoder.pth} ->
+    ({label: H^l per layer and image (L+1, num_images)}, {label: log |V|}), via
+    experiments/heterogeneity.py."""
+    cfg = heterogeneity.Config(checkpoints=list(checkpoints.values()), num_images=num_images,
+                               seed=seed, data_path=data_path)
     curves, log_visible = {}, {}
     for label, path in checkpoints.items():
         curves[label], log_visible[label], _ = heterogeneity.run_heterogeneity(path, cfg)
     return curves, log_visible
 
 
-def plot_heterogeneity(panels: dict, path: str, num_images: int = 256, log_visible: dict = None) -> str:
-    """panels {title: {label: checkpoint path, or a precomputed H^l tensor (L+1, n)}}: one panel per
-    title (e.g. SimMIM and MAE), H^l against depth, baseline vs MTO (experiments/heterogeneity.draw).
-    log_visible {title: log |V|} draws the maximum for precomputed curves."""
+def plot_heterogeneity(panels: dict, path: str, num_images: int = 256,
+                       log_visible: dict = None) -> str:
+    """panels {title: {label: checkpoint path, or a precomputed H^l tensor (L+1, n)}}: one panel
+    per title (e.g. SimMIM and MAE), H^l against depth, baseline vs MTO
+    (experiments/heterogeneity.draw). log_visible {title: log |V|} draws the maximum for
+    precomputed curves."""
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.8), squeeze=False)
     for ax, (title, runs) in zip(axes[0], panels.items()):
         paths = {k: v for k, v in runs.items() if isinstance(v, str)}
@@ -190,9 +202,11 @@ def plot_learning_curves(panels: dict, path: str, ylabel: str = "k-NN top-1 (%)"
         for label, seeds in runs.items():
             epochs = sorted(set.intersection(*(set(e for e, _ in c) for c in seeds)))
             values = np.array([[dict(c)[e] for e in epochs] for c in seeds])  # (seeds, epochs)
-            line, = ax.plot(epochs, values.mean(0), marker="o", label=f"{label} ({len(seeds)} seed(s))")
+            line, = ax.plot(epochs, values.mean(0), marker="o",
+                            label=f"{label} ({len(seeds)} seed(s))")
             if len(seeds) > 1:
-                ax.fill_between(epochs, values.min(0), values.max(0), color=line.get_color(), alpha=0.2)
+                ax.fill_between(epochs, values.min(0), values.max(0), color=line.get_color(),
+                                alpha=0.2)
         ax.set_title(title)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
@@ -212,19 +226,21 @@ def load_probe_heads(backbone: str, heads_path: str, num_classes: int = 10):
     return vit, probe.load_heads(heads_path, cfg, vit, num_classes), cfg
 
 
-def plot_beyond_cls(backbone: str, heads_path: str, images: torch.Tensor, prefix: str, stats_images=None,
-                    num_classes: int = 10) -> list:
+def plot_beyond_cls(backbone: str, heads_path: str, images: torch.Tensor, prefix: str,
+                    stats_images=None, num_classes: int = 10) -> list:
     """prefix_maps.png: AbMILP's attention (the probe's trained head) and the last block's [cls]
     attention over the same images; prefix_stats.png: attention statistics per block over
     stats_images (default: images). Both drawn by experiments/attention_analysis.py."""
     vit, heads, cfg = load_probe_heads(backbone, heads_path, num_classes)
     maps = {}
     if "abmilp" in heads:
-        maps["AbMILP (probe)"] = attention_analysis.abmilp_map(heads["abmilp"].abmilp, vit, images, cfg)
+        maps["AbMILP (probe)"] = attention_analysis.abmilp_map(heads["abmilp"].abmilp, vit,
+                                                               images, cfg)
     maps["[cls], last block"] = attention_analysis.cls_attention_map(vit, images)
     os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
     attention_analysis.plot_maps(images, maps, vit.cfg.grid, f"{prefix}_maps.png")
-    rows = attention_analysis.information_flow(vit, images if stats_images is None else stats_images)
+    stats_images = images if stats_images is None else stats_images
+    rows = attention_analysis.information_flow(vit, stats_images)
     attention_analysis.plot_stats(rows, vit.num_patches, f"{prefix}_stats.png")
     return [f"{prefix}_maps.png", f"{prefix}_stats.png"]
 
@@ -247,7 +263,8 @@ def curves_by_variant(results: dict, variants) -> dict:
     """{variant: [k-NN curve per seed]} for the variants that ran and logged a curve."""
     out = {}
     for v in variants:
-        seeds = [r["knn_curve"] for r in results["runs"].values() if r.get("variant") == v and r.get("knn_curve")]
+        seeds = [r["knn_curve"] for r in results["runs"].values()
+                 if r.get("variant") == v and r.get("knn_curve")]
         if seeds:
             out[v] = seeds
     return out
@@ -256,20 +273,23 @@ def curves_by_variant(results: dict, variants) -> dict:
 def make_all(results: dict, fig_dir: str, num_images: int = 6, data_path: str = "data") -> list:
     """Every figure of the issue that the runs in `results` allow; returns the PNG paths."""
     made = []
-    images32, images28 = fashion_images(num_images, 32, data_path), fashion_images(num_images, 28, data_path)
-    made.append(plot_masks(images32, example_masks(num_images, grid=8), 8, os.path.join(fig_dir, "masks.png")))
+    images32 = fashion_images(num_images, 32, data_path)
+    images28 = fashion_images(num_images, 28, data_path)
+    made.append(plot_masks(images32, example_masks(num_images, grid=8), 8,
+                           os.path.join(fig_dir, "masks.png")))
     teacher = results.get("teacher", {}).get("encoder")
     if teacher:
         vit = M.load_encoder(resolve(teacher))
-        made.append(plot_token_morphing(vit, fashion_images(num_images, vit.cfg.img_size, data_path),
-                                        os.path.join(fig_dir, "token_morphing.png")))
+        images = fashion_images(num_images, vit.cfg.img_size, data_path)
+        made.append(plot_token_morphing(vit, images, os.path.join(fig_dir, "token_morphing.png")))
     panels, log_visible, curves = {}, {}, {}
     for fw, title in (("simmim", "SimMIM"), ("mae", "MAE")):
         h = {label: [r["heterogeneity"] for r in results["runs"].values()
                      if r.get("variant") == v and r.get("heterogeneity")]
              for label, v in (("baseline", fw), ("+ MTO", f"{fw}_mto"))}
         if all(h.values()):  # (L+1, seeds): the line is the mean over seeds
-            panels[title] = {label: torch.tensor([r["mean"] for r in seeds]).T for label, seeds in h.items()}
+            panels[title] = {label: torch.tensor([r["mean"] for r in seeds]).T
+                             for label, seeds in h.items()}
             log_visible[title] = h["baseline"][0]["log_visible"]
         runs = curves_by_variant(results, (fw, f"{fw}_mto"))
         if runs:
@@ -278,7 +298,8 @@ def make_all(results: dict, fig_dir: str, num_images: int = 6, data_path: str = 
     if distill:
         curves["distillation"] = distill
     if panels:
-        made.append(plot_heterogeneity(panels, os.path.join(fig_dir, "heterogeneity.png"), log_visible=log_visible))
+        made.append(plot_heterogeneity(panels, os.path.join(fig_dir, "heterogeneity.png"),
+                                       log_visible=log_visible))
     if curves:
         made.append(plot_learning_curves(curves, os.path.join(fig_dir, "learning_curves.png")))
     for variant in ("dtm", "simmim", "mae"):
@@ -289,13 +310,15 @@ def make_all(results: dict, fig_dir: str, num_images: int = 6, data_path: str = 
             imgs = fashion_images(num_images, vit_size, data_path) if imgs is None else imgs
             many = fashion_images(256, vit_size, data_path)
             made += plot_beyond_cls(resolve(run["encoder"]), resolve(run["probe"]["heads"]), imgs,
-                                    os.path.join(fig_dir, f"beyond_cls_{variant}"), stats_images=many)
+                                    os.path.join(fig_dir, f"beyond_cls_{variant}"),
+                                    stats_images=many)
     return made
 
 
 def main(argv):
     if len(argv) != 1 or not os.path.isfile(argv[0]):
-        sys.exit("usage: python experiments/figures.py OUT/results.json (written by experiments/small_scale.py)")
+        sys.exit("usage: python experiments/figures.py OUT/results.json "
+                 "(written by experiments/small_scale.py)")
     with open(argv[0]) as f:
         results = json.load(f)
     fig_dir = os.path.join(os.path.dirname(os.path.abspath(argv[0])), "figures")

@@ -1,16 +1,17 @@
 """Small-scale evidence on Fashion-MNIST: DTM vs token-wise distillation, SimMIM / MAE with and
 without MTO, Beyond-[cls] probes of every encoder, and what each costs. One driver, every row.
 
-    bash experiments/small_scale.sh                            # the full run (about 70 min, 2-core CPU)
-    python experiments/small_scale.py --quick --out /tmp/ss    # one tiny row end to end, a few minutes
+    bash experiments/small_scale.sh                          # the full run (~70 min, 2-core CPU)
+    python experiments/small_scale.py --quick --out /tmp/ss  # one tiny row end to end, a few min
 
-Every run is the project's own script as a subprocess, `python <script> --config configs/X.yaml
-key=value ...`, in its own folder OUT/runs/<name>/ (stdout.log, log.jsonl, checkpoints, run.json):
+Every run is the project's own script as a subprocess, `python <script> --config
+configs/X.yaml key=value ...`, in its own folder OUT/runs/<name>/ (stdout.log, log.jsonl,
+checkpoints, run.json):
   teacher        finetune.py init="" (supervised, from scratch), saved as an encoder file
   dtm, tokenwise pretrain.py fmnist_dtm.yaml teacher=checkpoint (that teacher) loss=dtm | tokenwise
   simmim(_mto)   pretrain.py fmnist_simmim(_mto).yaml, k-NN after every epoch
   mae(_mto)      pretrain.py fmnist_mae(_mto).yaml, k-NN after every epoch
-  <run>/probe    probe.py fmnist_probe.yaml on the run's encoder: [cls], mean, AbMILP heads and k-NN
+  <run>/probe    probe.py fmnist_probe.yaml on the run's encoder: [cls], mean, AbMILP heads, k-NN
 Started again, the driver skips finished runs (run.json says so and the final file exists) and
 the scripts resume unfinished ones from their checkpoint.pth. Then it measures H^l per layer
 (experiments/heterogeneity.py), RAUC of MTO over its baseline (losses.rauc), images/s, and
@@ -57,12 +58,13 @@ class Plan:
     epochs: int = 5                    # pre-training epochs (k-NN after each: the RAUC curve)
     knn_bank: int = 2000               # k-NN during pre-training: training images in the bank ...
     knn_val: int = 1000                # ... and test images scored
-    teacher_subset: int = 20000        # supervised teacher, finetune.py from scratch: training images ...
+    teacher_subset: int = 20000        # the supervised teacher, from scratch: training images ...
     teacher_epochs: int = 3            # ... and epochs
-    # fmnist_finetune.yaml's Table-13 regularisation is meant for 100 epochs: in 4 epochs it held the
-    # teacher near 30% top-1 (README); layer-wise lr decay is for pre-trained layers
-    teacher_overrides: Tuple[str, ...] = ("batch_size=64", "blr=4e-3", "layer_decay=1.0", "mixup=0.0",
-                                          "cutmix=0.0", "randaug_ops=0", "reprob=0.0")
+    # fmnist_finetune.yaml's Table-13 regularisation is meant for 100 epochs: in 4 epochs it held
+    # the teacher near 30% top-1 (README); layer-wise lr decay is for pre-trained layers
+    teacher_overrides: Tuple[str, ...] = ("batch_size=64", "blr=4e-3", "layer_decay=1.0",
+                                          "mixup=0.0", "cutmix=0.0", "randaug_ops=0",
+                                          "reprob=0.0")
     probe_subset: int = 5000           # probe.py: training images (= the pre-training images)
     probe_val: int = 0                 # test images (0 = all 10,000)
     probe_epochs: int = 10             # head training epochs on the cached frozen tokens
@@ -71,11 +73,13 @@ class Plan:
     num_workers: int = 2               # loader processes of every script
     het_images: int = 256              # test images for H^l (each with its run's own mask)
     fig_images: int = 6                # images in the picture figures
+    final_knn: bool = True             # false: skip the configs' final k-NN on all test images
 
 
-QUICK = Plan(model="vit_micro", seeds=(0,), variants=("dtm", "simmim", "simmim_mto"), subset=256, epochs=1,
-             knn_bank=256, knn_val=200, teacher_subset=256, teacher_epochs=1, probe_subset=256, probe_val=200,
-             probe_epochs=1, probe_warmup=0, probe_teacher=False, num_workers=0, het_images=32, fig_images=3)
+QUICK = Plan(model="vit_micro", seeds=(0,), variants=("dtm", "simmim", "simmim_mto"), subset=256,
+             epochs=1, knn_bank=256, knn_val=200, teacher_subset=256, teacher_epochs=1,
+             probe_subset=256, probe_val=200, probe_epochs=1, probe_warmup=0, probe_teacher=False,
+             num_workers=0, het_images=32, fig_images=3, final_knn=False)
 
 VARIANTS = {  # name -> (config, overrides, row)
     "dtm": ("configs/fmnist_dtm.yaml", ["loss=dtm"], "distill"),
@@ -110,8 +114,9 @@ def rel(path: str) -> str:
 def teacher_run(plan: Plan, runs: str) -> Run:
     """The distillation teacher: a supervised ViT trained from scratch by finetune.py (init="")."""
     out = os.path.join(runs, "teacher")
-    args = ["--config", "configs/fmnist_finetune.yaml", "init=", f"model={plan.model}", *plan.teacher_overrides,
-            f"subset={plan.teacher_subset}", f"epochs={plan.teacher_epochs}", "warmup_epochs=1", "seed=0",
+    args = ["--config", "configs/fmnist_finetune.yaml", "init=", f"model={plan.model}",
+            *plan.teacher_overrides, f"subset={plan.teacher_subset}",
+            f"epochs={plan.teacher_epochs}", "warmup_epochs=1", "seed=0",
             f"num_workers={plan.num_workers}", f"out_dir={rel(out)}"]
     return Run("teacher", "finetune.py", args, out, "model_timm.pth", {"row": "teacher"})
 
@@ -119,21 +124,26 @@ def teacher_run(plan: Plan, runs: str) -> Run:
 def pretrain_run(plan: Plan, runs: str, variant: str, seed: int, teacher_encoder: str) -> Run:
     config, extra, row = VARIANTS[variant]
     out = os.path.join(runs, f"{variant}-s{seed}")
-    args = ["--config", config, *extra, f"model={plan.model}", f"subset={plan.subset}", f"epochs={plan.epochs}",
-            f"seed={seed}", "eval_knn_every=1", f"knn_bank={plan.knn_bank}", f"knn_val={plan.knn_val}",
+    args = ["--config", config, *extra, f"model={plan.model}", f"subset={plan.subset}",
+            f"epochs={plan.epochs}", f"seed={seed}", "eval_knn_every=1",
+            f"knn_bank={plan.knn_bank}", f"knn_val={plan.knn_val}",
             f"num_workers={plan.num_workers}", f"out_dir={rel(out)}"]
     if row == "distill":
         args += ["teacher=checkpoint", f"teacher_pretrained={rel(teacher_encoder)}"]
+    if not plan.final_knn:  # only then: the full run's arguments (run.json) stay as they were
+        args.append("final_knn=false")
     return Run(f"{variant}-s{seed}", "pretrain.py", args, out, "encoder.pth",
                {"variant": variant, "seed": seed, "row": row})
 
 
 def probe_run(plan: Plan, encoder: str, parent: Run) -> Run:
     out = os.path.join(parent.out_dir, "probe")
-    args = ["--config", "configs/fmnist_probe.yaml", f"backbone={rel(encoder)}", f"subset={plan.probe_subset}",
-            f"val_subset={plan.probe_val}", f"epochs={plan.probe_epochs}", f"warmup_epochs={plan.probe_warmup}",
-            f"seed={parent.meta.get('seed', 0)}", f"num_workers={plan.num_workers}", f"out_dir={rel(out)}",
-            "heads=[cls,mean,abmilp]", "baselines=false"]  # the study's table (re-run with baselines: to do)
+    # heads and baselines: the study's table (re-run with baselines: to do)
+    args = ["--config", "configs/fmnist_probe.yaml", f"backbone={rel(encoder)}",
+            f"subset={plan.probe_subset}", f"val_subset={plan.probe_val}",
+            f"epochs={plan.probe_epochs}", f"warmup_epochs={plan.probe_warmup}",
+            f"seed={parent.meta.get('seed', 0)}", f"num_workers={plan.num_workers}",
+            f"out_dir={rel(out)}", "heads=[cls,mean,abmilp]", "baselines=false"]
     return Run(f"{parent.name}/probe", "probe.py", args, out, "results.json", dict(parent.meta))
 
 
@@ -158,7 +168,8 @@ def execute(cmd: List[str], log_path: str) -> int:
     with open(log_path, "a") as log:
         log.write(f"\n$ {' '.join(cmd)}\n")
         log.flush()
-        p = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        p = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env,
+                             start_new_session=True)
         try:
             return p.wait()
         except KeyboardInterrupt:
@@ -174,7 +185,8 @@ def launch(run: Run, index: int, total: int) -> dict:
     info_path = os.path.join(run.out_dir, "run.json")
     info = read_json(info_path, {})
     if info and info.get("args") != run.args:
-        sys.exit(f"error: {rel(run.out_dir)} was made by other settings ({' '.join(info.get('args', []))}); "
+        made_by = " ".join(info.get("args", []))
+        sys.exit(f"error: {rel(run.out_dir)} was made by other settings ({made_by}); "
                  "delete it or give the same settings")
     if info.get("finished") and os.path.isfile(os.path.join(run.out_dir, run.final)):
         print(f"[{index}/{total}] {run.name}: finished before, skipped", flush=True)
@@ -202,10 +214,10 @@ def launch(run: Run, index: int, total: int) -> dict:
 
 
 def teacher_encoder(finetune_dir: str) -> str:
-    """finetune.py's final weights (checkpoint.pth: 'model' + 'vit_config', with the classifier) ->
-    an encoder file {'config', 'model'} without the head, which pretrain.py's teacher=checkpoint reads
-    (with the head, the ViT would return logits instead of patch tokens). The last epoch's weights,
-    not best.pth: that one is chosen on the test set."""
+    """finetune.py's final weights (checkpoint.pth: 'model' + 'vit_config', with the classifier)
+    -> an encoder file {'config', 'model'} without the head, which pretrain.py's
+    teacher=checkpoint reads (with the head, the ViT would return logits instead of patch tokens).
+    The last epoch's weights, not best.pth: that one is chosen on the test set."""
     ckpt = load_checkpoint(os.path.join(finetune_dir, "checkpoint.pth"))
     config = dict(ckpt["vit_config"], num_classes=0, drop_path=0.0)
     state = {k: v for k, v in ckpt["model"].items() if not k.startswith("head.")}
@@ -234,22 +246,25 @@ def train_speed(log: list) -> float:
 
 def knn_curve(out_dir: str) -> list:
     """[(epoch, k-NN top-1 in %)] from pretrain.py's log (experiments/rauc.py's reader)."""
-    return [(e, 100.0 * v) for e, v in rauc_tool.read_curve(os.path.join(out_dir, "log.jsonl"), "knn_top1")]
+    curve = rauc_tool.read_curve(os.path.join(out_dir, "log.jsonl"), "knn_top1")
+    return [(e, 100.0 * v) for e, v in curve]
 
 
 def measure_heterogeneity(run_dir: str, plan: Plan) -> dict:
     """H^l per layer over plan.het_images test images with the run's own masks."""
     cfg = heterogeneity.Config(checkpoints=[run_dir], num_images=plan.het_images)
-    curve, log_visible, note = heterogeneity.run_heterogeneity(os.path.join(run_dir, "checkpoint.pth"), cfg)
-    return {"mean": curve.mean(1).tolist(), "std": curve.std(1).tolist(), "log_visible": log_visible,
-            "images": curve.shape[1], "note": note}
+    checkpoint = os.path.join(run_dir, "checkpoint.pth")
+    curve, log_visible, note = heterogeneity.run_heterogeneity(checkpoint, cfg)
+    return {"mean": curve.mean(1).tolist(), "std": curve.std(1).tolist(),
+            "log_visible": log_visible, "images": curve.shape[1], "note": note}
 
 
 def run_record(run: Run, info: dict, probe: Run, probe_info: dict, plan: Plan) -> dict:
     """Everything measured about one pre-training (or the teacher) run and its probe."""
     log = read_log(os.path.join(run.out_dir, "log.jsonl"))
-    rec = {**run.meta, "name": run.name, "out_dir": rel(run.out_dir), "command": f"python {run.script} "
-           + " ".join(run.args), "wall_s": info.get("wall_s"), "img_per_s": train_speed(log)}
+    command = f"python {run.script} " + " ".join(run.args)
+    rec = {**run.meta, "name": run.name, "out_dir": rel(run.out_dir), "command": command,
+           "wall_s": info.get("wall_s"), "img_per_s": train_speed(log)}
     if run.script == "pretrain.py":
         rec["encoder"] = rel(os.path.join(run.out_dir, "encoder.pth"))
         rec["knn_curve"] = knn_curve(run.out_dir)
@@ -258,7 +273,8 @@ def run_record(run: Run, info: dict, probe: Run, probe_info: dict, plan: Plan) -
             rec["heterogeneity"] = measure_heterogeneity(run.out_dir, plan)
     if probe is not None:
         res = read_json(os.path.join(probe.out_dir, "results.json"))
-        rec["probe"] = {"accuracy": res["accuracy"], "heads": rel(os.path.join(probe.out_dir, "heads.pth")),
+        rec["probe"] = {"accuracy": res["accuracy"],
+                        "heads": rel(os.path.join(probe.out_dir, "heads.pth")),
                         "path": res["protocol"]["path"], "features": res["protocol"]["features"],
                         "wall_s": probe_info.get("wall_s")}
     return rec
@@ -272,11 +288,13 @@ def summary(values: list) -> dict:
     values = [v for v in values if v is not None]
     if not values:
         return {"mean": None, "spread": None, "values": []}
-    return {"mean": sum(values) / len(values), "spread": max(values) - min(values), "values": values}
+    return {"mean": sum(values) / len(values), "spread": max(values) - min(values),
+            "values": values}
 
 
 def metric(rec: dict, key: str):
-    """One number of a run: probe:<head>, knn_final, img_per_s, het_drop (H^0 - H^L), het0, hetL."""
+    """One number of a run: probe:<head>, knn_final, img_per_s, het_drop (H^0 - H^L), het0,
+    hetL."""
     if key.startswith("probe:"):
         return rec.get("probe", {}).get("accuracy", {}).get(key[6:])
     if key.startswith("het"):
@@ -286,7 +304,8 @@ def metric(rec: dict, key: str):
 
 
 def by_variant(records: dict, variant: str) -> list:
-    return sorted((r for r in records.values() if r.get("variant") == variant), key=lambda r: r["seed"])
+    runs = [r for r in records.values() if r.get("variant") == variant]
+    return sorted(runs, key=lambda r: r["seed"])
 
 
 def variant_table(records: dict, variants) -> dict:
@@ -296,25 +315,34 @@ def variant_table(records: dict, variants) -> dict:
 
 
 def rauc_of(records: dict, base: str, method: str) -> dict:
-    """RAUC (MTO Eq. 6, losses.rauc) of the method's k-NN curve over the baseline's, per seed and for
-    the seed-mean curves; "undefined" where the baseline never rises (or there is one epoch)."""
+    """RAUC (MTO Eq. 6, losses.rauc) of the method's k-NN curve over the baseline's, per seed and
+    for the seed-mean curves; "undefined" where the baseline never rises (or there is one
+    epoch)."""
     def one(s1, s2):
         try:
             return losses.rauc(s1, s2, max(s1[0][0], s2[0][0]), min(s1[-1][0], s2[-1][0]))
         except ValueError as e:
             return f"undefined ({e})"
-    pairs = [(b["knn_curve"], m["knn_curve"]) for b in by_variant(records, base) for m in by_variant(records, method)
+    pairs = [(b["knn_curve"], m["knn_curve"])
+             for b in by_variant(records, base) for m in by_variant(records, method)
              if b["seed"] == m["seed"]]
-    mean_curve = lambda cs: [(e, sum(dict(c)[e] for c in cs) / len(cs)) for e, _ in cs[0]]  # noqa: E731
+
+    def mean_curve(cs):
+        return [(e, sum(dict(c)[e] for c in cs) / len(cs)) for e, _ in cs[0]]
     out = {"per_seed": [one(s1, s2) for s1, s2 in pairs]}
-    out["seed_mean_curves"] = one(mean_curve([p[0] for p in pairs]), mean_curve([p[1] for p in pairs])) \
-        if pairs else "undefined (no runs)"
+    if pairs:
+        base_mean = mean_curve([p[0] for p in pairs])
+        method_mean = mean_curve([p[1] for p in pairs])
+        out["seed_mean_curves"] = one(base_mean, method_mean)
+    else:
+        out["seed_mean_curves"] = "undefined (no runs)"
     return out
 
 
 def cost_ratio(records: dict, base: str, method: str) -> dict:
     """Time per image of `method` over `base` (= base img/s / method img/s), per seed."""
-    ratios = [b["img_per_s"] / m["img_per_s"] for b in by_variant(records, base) for m in by_variant(records, method)
+    ratios = [b["img_per_s"] / m["img_per_s"]
+              for b in by_variant(records, base) for m in by_variant(records, method)
               if b["seed"] == m["seed"] and b["img_per_s"] and m["img_per_s"]]
     return summary(ratios)
 
@@ -330,22 +358,30 @@ def verdict(diff, spread, n: int) -> str:
 
 
 CLAIMS = [  # (id, paper, claim, kind, arguments)
-    ("dtm_knn", "DTM", "DTM distillation gives a better student than token-wise distillation (k-NN, patch mean)",
+    ("dtm_knn", "DTM",
+     "DTM distillation gives a better student than token-wise distillation (k-NN, patch mean)",
      "diff", ("dtm", "tokenwise", "probe:knn_mean")),
-    ("dtm_abmilp", "DTM", "... and by the AbMILP probe", "diff", ("dtm", "tokenwise", "probe:abmilp")),
-    ("dtm_cls", "DTM", "... and by the [cls] linear probe", "diff", ("dtm", "tokenwise", "probe:cls")),
-    ("mto_simmim_rauc", "MTO", "MTO speeds up SimMIM: RAUC of the k-NN-per-epoch curve > 1", "rauc", "simmim"),
+    ("dtm_abmilp", "DTM", "... and by the AbMILP probe", "diff",
+     ("dtm", "tokenwise", "probe:abmilp")),
+    ("dtm_cls", "DTM", "... and by the [cls] linear probe", "diff",
+     ("dtm", "tokenwise", "probe:cls")),
+    ("mto_simmim_rauc", "MTO", "MTO speeds up SimMIM: RAUC of the k-NN-per-epoch curve > 1",
+     "rauc", "simmim"),
     ("mto_simmim_knn", "MTO", "SimMIM + MTO ends with a higher k-NN accuracy than SimMIM", "diff",
      ("simmim_mto", "simmim", "knn_final")),
-    ("mto_simmim_het", "MTO", "with MTO, SimMIM's H^l falls more from layer 0 to the last (H^0 - H^L)", "diff",
+    ("mto_simmim_het", "MTO",
+     "with MTO, SimMIM's H^l falls more from layer 0 to the last (H^0 - H^L)", "diff",
      ("simmim_mto", "simmim", "het_drop")),
-    ("mto_mae_rauc", "MTO", "MTO speeds up MAE: RAUC of the k-NN-per-epoch curve > 1", "rauc", "mae"),
+    ("mto_mae_rauc", "MTO", "MTO speeds up MAE: RAUC of the k-NN-per-epoch curve > 1", "rauc",
+     "mae"),
     ("mto_mae_knn", "MTO", "MAE + MTO ends with a higher k-NN accuracy than MAE", "diff",
      ("mae_mto", "mae", "knn_final")),
-    ("mto_mae_het", "MTO", "with MTO, MAE's decoder H^l falls more from layer 0 to the last (H^0 - H^L)", "diff",
+    ("mto_mae_het", "MTO",
+     "with MTO, MAE's decoder H^l falls more from layer 0 to the last (H^0 - H^L)", "diff",
      ("mae_mto", "mae", "het_drop")),
-    ("abmilp_mim", "Beyond [cls]", "AbMILP over the frozen patch tokens beats the [cls] linear probe (MIM)",
-     "paired", (("simmim", "simmim_mto", "mae", "mae_mto"), "probe:abmilp", "probe:cls")),
+    ("abmilp_mim", "Beyond [cls]",
+     "AbMILP over the frozen patch tokens beats the [cls] linear probe (MIM)", "paired",
+     (("simmim", "simmim_mto", "mae", "mae_mto"), "probe:abmilp", "probe:cls")),
 ]
 
 
@@ -359,8 +395,9 @@ def judge(claim, records: dict, raucs: dict) -> dict:
         n = min(len(m["values"]), len(b["values"]))
         diff = m["mean"] - b["mean"] if n else None
         spread = max(m["spread"], b["spread"]) if n else None
-        out.update(metric=key, method=method, baseline=base, method_mean=m["mean"], baseline_mean=b["mean"],
-                   diff=diff, spread=spread, verdict=verdict(diff, spread, n))
+        out.update(metric=key, method=method, baseline=base, method_mean=m["mean"],
+                   baseline_mean=b["mean"], diff=diff, spread=spread,
+                   verdict=verdict(diff, spread, n))
     elif kind == "rauc":
         values = raucs.get(args, {}).get("per_seed", [])
         numbers = [v for v in values if isinstance(v, float)]
@@ -368,19 +405,29 @@ def judge(claim, records: dict, raucs: dict) -> dict:
         if not values:
             out.update(verdict="not run")
         elif len(numbers) < len(values):
-            out.update(verdict=f"inconclusive (RAUC undefined for {len(values) - len(numbers)} of {len(values)} seeds)")
+            undefined = len(values) - len(numbers)
+            out.update(verdict=f"inconclusive (RAUC undefined for {undefined} of {len(values)} "
+                               "seeds)")
         else:
             out.update(verdict=verdict(s["mean"] - 1.0, s["spread"], len(numbers)))
         out.update(metric="rauc", rauc=values, diff=None if s["mean"] is None else s["mean"] - 1.0,
                    spread=s["spread"])
     else:  # paired over encoders: the sign must agree on every one
         variants, key_m, key_b = args
-        diffs = [metric(r, key_m) - metric(r, key_b) for v in variants for r in by_variant(records, v)
+        diffs = [metric(r, key_m) - metric(r, key_b)
+                 for v in variants for r in by_variant(records, v)
                  if metric(r, key_m) is not None and metric(r, key_b) is not None]
         s = summary(diffs)
-        v = "not run" if not diffs else "reproduced" if min(diffs) > 0 else "not reproduced" \
-            if max(diffs) < 0 else "inconclusive (the sign differs between encoders)"
-        out.update(metric=f"{key_m} - {key_b}", diffs=diffs, diff=s["mean"], spread=s["spread"], verdict=v)
+        if not diffs:
+            v = "not run"
+        elif min(diffs) > 0:
+            v = "reproduced"
+        elif max(diffs) < 0:
+            v = "not reproduced"
+        else:
+            v = "inconclusive (the sign differs between encoders)"
+        out.update(metric=f"{key_m} - {key_b}", diffs=diffs, diff=s["mean"], spread=s["spread"],
+                   verdict=v)
     return out
 
 
@@ -413,66 +460,77 @@ def md_header(results: dict) -> list:
     return [f"# Small-scale results ({'quick' if results['quick'] else 'full'} run)", "",
             f"`{results['command']}` on {m['cores']} x {m['cpu']}, torch {m['torch']}; "
             f"{results['wall_s_total'] / 60:.1f} min of runs.",
-            f"Encoders {p['model']}, {p['subset']} pre-training images x {p['epochs']} epochs, seeds "
-            f"{', '.join(map(str, p['seeds']))}; probes: {p['probe_subset']} training images, {p['probe_epochs']} "
-            "epochs. Values: mean ± half the seed range (top-1 % on the test split, k-NN k = 20).", ""]
+            f"Encoders {p['model']}, {p['subset']} pre-training images x {p['epochs']} epochs, "
+            f"seeds {', '.join(map(str, p['seeds']))}; probes: {p['probe_subset']} training "
+            f"images, {p['probe_epochs']} epochs. Values: mean ± half the seed range (top-1 % on "
+            "the test split, k-NN k = 20).", ""]
 
 
 def md_encoders(results: dict) -> list:
-    lines = ["## Every encoder", "", "| encoder | k-NN during pre-training | [cls] linear | mean linear | AbMILP | "
+    lines = ["## Every encoder", "",
+             "| encoder | k-NN during pre-training | [cls] linear | mean linear | AbMILP | "
              "k-NN [cls] | k-NN mean | train img/s |", "|---|---|---|---|---|---|---|---|"]
     for v, t in results["variants"].items():
-        cells = [fmt(t["knn_final"]), *(fmt(t[f"probe:{h}"]) for h in HEADS), fmt(t["img_per_s"], digits=0)]
+        cells = [fmt(t["knn_final"]), *(fmt(t[f"probe:{h}"]) for h in HEADS),
+                 fmt(t["img_per_s"], digits=0)]
         lines.append(f"| {v} | " + " | ".join(cells) + " |")
     teacher = results.get("teacher", {})
     if teacher.get("probe"):
         acc = teacher["probe"]["accuracy"]
         cells = ["-", *(number(acc.get(h), 2) for h in HEADS), number(teacher["img_per_s"], 0)]
-        lines.append(f"| teacher (supervised; test top-1 {number(teacher.get('val_top1'), 2)}) | " + " | ".join(cells)
-                     + " |")
+        top1 = number(teacher.get("val_top1"), 2)
+        lines.append(f"| teacher (supervised; test top-1 {top1}) | " + " | ".join(cells) + " |")
     return lines + [""]
 
 
 def md_mto(results: dict) -> list:
     lines = ["## MTO: RAUC and heterogeneity", "",
-             "| framework | RAUC per seed | RAUC of the seed-mean curves | H^0 base / MTO | H^L base / MTO |",
+             "| framework | RAUC per seed | RAUC of the seed-mean curves | H^0 base / MTO "
+             "| H^L base / MTO |",
              "|---|---|---|---|---|"]
     t = results["variants"]
     for fw, r in results["rauc"].items():
-        per_seed = ", ".join(number(x) if isinstance(x, float) else "undefined" for x in r["per_seed"])
+        per_seed = ", ".join(number(x) if isinstance(x, float) else "undefined"
+                             for x in r["per_seed"])
         mean = r["seed_mean_curves"]
-        het = [" / ".join(fmt(t.get(v, {}).get(k), digits=3) for v in (fw, f"{fw}_mto")) for k in ("het0", "hetL")]
-        lines.append(f"| {fw} | {per_seed or '-'} | {number(mean) if isinstance(mean, float) else 'undefined'} | "
-                     f"{het[0]} | {het[1]} |")
+        mean = number(mean) if isinstance(mean, float) else "undefined"
+        het = [" / ".join(fmt(t.get(v, {}).get(k), digits=3) for v in (fw, f"{fw}_mto"))
+               for k in ("het0", "hetL")]
+        lines.append(f"| {fw} | {per_seed or '-'} | {mean} | {het[0]} | {het[1]} |")
     return lines + [""]
 
 
 def md_cost_and_claims(results: dict) -> list:
-    lines = ["## Cost (time per image, method / baseline; > 1 = slower)", "", "| method vs baseline | ratio |",
-             "|---|---|", *(f"| {name} | {fmt(s, digits=3)} |" for name, s in results["cost"].items()), "",
+    cost_rows = [f"| {name} | {fmt(s, digits=3)} |" for name, s in results["cost"].items()]
+    lines = ["## Cost (time per image, method / baseline; > 1 = slower)", "",
+             "| method vs baseline | ratio |", "|---|---|", *cost_rows, "",
              "## Claims (suggested verdict; the README gives the final one)", "",
-             "| paper | claim | measured difference (spread) | suggested verdict |", "|---|---|---|---|"]
+             "| paper | claim | measured difference (spread) | suggested verdict |",
+             "|---|---|---|---|"]
     for c in results["claims"]:
-        lines.append(f"| {c['paper']} | {c['claim']} | {number(c.get('diff'))} ({number(c.get('spread'))}) | "
-                     f"{c['verdict']} |")
+        measured = f"{number(c.get('diff'))} ({number(c.get('spread'))})"
+        lines.append(f"| {c['paper']} | {c['claim']} | {measured} | {c['verdict']} |")
     return lines + [""]
 
 
 def render_markdown(results: dict) -> str:
     """results.json -> results.md: the tables, the suggested verdicts, links to the figures."""
-    figs = ", ".join(f"[{os.path.basename(f)}](figures/{os.path.basename(f)})" for f in results["figures"])
-    return "\n".join([*md_header(results), *md_encoders(results), *md_mto(results), *md_cost_and_claims(results),
-                      f"Figures: {figs}", ""])
+    names = [os.path.basename(f) for f in results["figures"]]
+    figs = ", ".join(f"[{name}](figures/{name})" for name in names)
+    return "\n".join([*md_header(results), *md_encoders(results), *md_mto(results),
+                      *md_cost_and_claims(results), f"Figures: {figs}", ""])
 
 
 # -----------------------------------------------------------------------------
 
 def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="one tiny row end to end (vit_micro, 256 images, 1 epoch)")
+    ap.add_argument("--quick", action="store_true",
+                    help="one tiny row end to end (vit_micro, 256 images, 1 epoch)")
     ap.add_argument("--out", default=os.path.join(ROOT, "experiments"),
                     help="writes OUT/runs/, OUT/results.json, OUT/results.md, OUT/figures/")
-    ap.add_argument("--model", default=None, help="override the plan's encoder size (a model.VIT_SIZES name)")
+    ap.add_argument("--model", default=None,
+                    help="override the plan's encoder size (a model.VIT_SIZES name)")
     ap.add_argument("--seeds", type=int, nargs="+", default=None, help="override the plan's seeds")
     return ap.parse_args(argv)
 
@@ -484,7 +542,8 @@ def make_plan(args) -> Plan:
     if args.seeds:
         plan.seeds = tuple(args.seeds)
     if plan.model not in M.VIT_SIZES:
-        sys.exit(f"error: --model {plan.model} is not in model.VIT_SIZES: choose one of {', '.join(M.VIT_SIZES)}")
+        sys.exit(f"error: --model {plan.model} is not in model.VIT_SIZES: choose one of "
+                 f"{', '.join(M.VIT_SIZES)}")
     return plan
 
 
@@ -506,7 +565,8 @@ def main(argv):
     out = os.path.abspath(args.out)
     runs_dir = os.path.join(out, "runs")
     os.makedirs(runs_dir, exist_ok=True)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM = Ctrl-C: the script checkpoints
+    # SIGTERM = Ctrl-C: the script checkpoints
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     pairs = plan_runs(plan, runs_dir)
     total = sum(1 + (p is not None) for _, p in pairs)
     print(f"{total} runs ({plan.model}, seeds {plan.seeds}) into {rel(runs_dir)}", flush=True)
@@ -526,27 +586,33 @@ def main(argv):
     # ---------------------------------------------------------------------
     # Measurements, summaries, claims
     print("measuring: k-NN curves, H^l per layer, RAUC, cost", flush=True)
-    records = {run.name: run_record(run, infos[run.name], probe, infos.get(probe.name, {}) if probe else {}, plan)
-               for run, probe in pairs}
+    records = {}
+    for run, probe in pairs:
+        probe_info = infos.get(probe.name, {}) if probe else {}
+        records[run.name] = run_record(run, infos[run.name], probe, probe_info, plan)
     teacher = records.pop("teacher")
-    teacher_log = read_log(os.path.join(pairs[0][0].out_dir, "log.jsonl"))
-    teacher.update(encoder=rel(os.path.join(pairs[0][0].out_dir, "encoder.pth")),
-                   val_top1=next((r["val_top1"] for r in reversed(teacher_log) if "val_top1" in r), None))
+    teacher_dir = pairs[0][0].out_dir
+    teacher_log = read_log(os.path.join(teacher_dir, "log.jsonl"))
+    val_top1 = next((r["val_top1"] for r in reversed(teacher_log) if "val_top1" in r), None)
+    teacher.update(encoder=rel(os.path.join(teacher_dir, "encoder.pth")), val_top1=val_top1)
     raucs = {fw: rauc_of(records, fw, f"{fw}_mto") for fw in ("simmim", "mae")
              if by_variant(records, fw) and by_variant(records, f"{fw}_mto")}
     cost = {f"{m} vs {b}": cost_ratio(records, b, m) for m, b in
             (("dtm", "tokenwise"), ("simmim_mto", "simmim"), ("mae_mto", "mae"))
             if by_variant(records, b) and by_variant(records, m)}
-    results = {"quick": args.quick, "command": "python experiments/small_scale.py " + " ".join(argv),
+    command = "python experiments/small_scale.py " + " ".join(argv)
+    results = {"quick": args.quick, "command": command,
                "machine": machine(), "plan": dataclasses.asdict(plan),
                "wall_s_total": sum(i.get("wall_s", 0.0) for i in infos.values()),
-               "teacher": teacher, "runs": records, "variants": variant_table(records, plan.variants),
+               "teacher": teacher, "runs": records,
+               "variants": variant_table(records, plan.variants),
                "rauc": raucs, "cost": cost, "claims": [judge(c, records, raucs) for c in CLAIMS]}
 
     # ---------------------------------------------------------------------
     # Figures, results.json, results.md
     print("drawing figures", flush=True)
-    results["figures"] = [rel(f) for f in figures.make_all(results, os.path.join(out, "figures"), plan.fig_images)]
+    drawn = figures.make_all(results, os.path.join(out, "figures"), plan.fig_images)
+    results["figures"] = [rel(f) for f in drawn]
     write_json(results, os.path.join(out, "results.json"))
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(render_markdown(results))

@@ -2,10 +2,16 @@ import os
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+
+# One intra-op thread in the test process, as the scripts the tests start get (OMP_NUM_THREADS=1).
+# The tensors here are tiny: a second thread buys nothing, and on a 2-core machine that also runs
+# those scripts its spin-waits made some in-process tests 5-10x slower.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""Fault injection: interrupt a tiny run, resume it, and compare with an uninterrupted run, bit for bit.
+"""Fault injection: interrupt a tiny run, resume it, compare with an uninterrupted run, bit for bit.
 
     python tests/fault_injection.py --data DIR     # DIR: an ImageNet-layout folder (train/, val/)
     python tests/fault_injection.py                # makes a tiny random one in a temporary folder
@@ -37,17 +37,20 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# a tiny run: 32 images of 16 px, batch 8 -> 4 steps per epoch; a log line (and SIGTERM check) every step
+# a tiny run: 32 images of 16 px, batch 8 -> 4 steps per epoch; a log line (and SIGTERM check)
+# every step
 TINY = {
-    "pretrain.py": ["dataset=imagefolder", "model=vit_micro", "img_size=16", "patch_size=4", "mask_min_patches=2",
-                    "num_workers=0", "batch_size=8", "epochs=3", "warmup_epochs=1", "log_every=1", "blr=1e-3",
-                    "drop_path=0.1", "loss=dtm", "teacher=ema"],
-    "finetune.py": ["dataset=imagefolder", "model=vit_micro", "img_size=16", "patch_size=4", "init=",
-                    "num_workers=0", "batch_size=8", "epochs=3", "warmup_epochs=1", "log_every=1", "blr=1e-3",
-                    "drop_path=0.1"],
+    "pretrain.py": ["dataset=imagefolder", "model=vit_micro", "img_size=16", "patch_size=4",
+                    "mask_min_patches=2", "num_workers=0", "batch_size=8", "epochs=3",
+                    "warmup_epochs=1", "log_every=1", "blr=1e-3", "drop_path=0.1", "loss=dtm",
+                    "teacher=ema"],
+    "finetune.py": ["dataset=imagefolder", "model=vit_micro", "img_size=16", "patch_size=4",
+                    "init=", "num_workers=0", "batch_size=8", "epochs=3", "warmup_epochs=1",
+                    "log_every=1", "blr=1e-3", "drop_path=0.1"],
     # probe.py also needs backbone=ENCODER; "never" caches: the streaming path, with its loader
-    "probe.py": ["dataset=imagefolder", "num_workers=0", "batch_size=8", "epochs=3", "warmup_epochs=1",
-                 "optimizer=sgd", "blr=0.5", "log_every=1", "eval_every=5", "knn=[]", "cache=never"],
+    "probe.py": ["dataset=imagefolder", "num_workers=0", "batch_size=8", "epochs=3",
+                 "warmup_epochs=1", "optimizer=sgd", "blr=0.5", "log_every=1", "eval_every=5",
+                 "knn=[]", "cache=never"],
 }
 FINAL = {"pretrain.py": "encoder.pth", "finetune.py": "model_timm.pth", "probe.py": "heads.pth"}
 
@@ -75,7 +78,9 @@ def inject(fault: str):
 
         def save_half_and_die(obj, f, *args, **kwargs):
             save(obj, f, *args, **kwargs)
-            if isinstance(f, str) and ".tmp." in f and os.path.basename(f).startswith("checkpoint.pth"):
+            temp_checkpoint = (isinstance(f, str) and ".tmp." in f
+                               and os.path.basename(f).startswith("checkpoint.pth"))
+            if temp_checkpoint:
                 count[0] += 1
                 if count[0] == at:
                     with open(f, "r+b") as fh:
@@ -92,7 +97,8 @@ def inject(fault: str):
                 loss = loss_fn(*args, **kwargs)
                 return loss * float("nan") if calls[0] == at else loss
             return wrapper
-        losses.dtm_loss, losses.tokenwise_loss = poisoned(losses.dtm_loss), poisoned(losses.tokenwise_loss)
+        losses.dtm_loss = poisoned(losses.dtm_loss)
+        losses.tokenwise_loss = poisoned(losses.tokenwise_loss)
     elif kind == "full-disk":
         save = torch.save
 
@@ -110,10 +116,15 @@ def inject(fault: str):
 # -----------------------------------------------------------------------------
 # Driving runs from outside
 
-def run(script: str, args: list, fault: str = "", timeout: int = 300) -> subprocess.CompletedProcess:
+def run(script: str, args: list, fault: str = "",
+        timeout: int = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, os.path.abspath(__file__), "--inject", fault, script] if fault else [sys.executable, script]
-    return subprocess.run(cmd + args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if fault:
+        cmd = [sys.executable, os.path.abspath(__file__), "--inject", fault, script]
+    else:
+        cmd = [sys.executable, script]
+    return subprocess.run(cmd + args, cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def tiny_args(script: str, data_dir: str, out_dir: str, backbone: str = "") -> list:
@@ -121,13 +132,18 @@ def tiny_args(script: str, data_dir: str, out_dir: str, backbone: str = "") -> l
     return [*TINY[script], f"data_path={data_dir}", f"out_dir={out_dir}", *extra]
 
 
-def interrupted_run(script: str, data_dir: str, out_dir: str, fault: str, backbone: str = "") -> dict:
-    """Run `script` with `fault`, then rerun until it finishes. -> what happened, for the caller to check."""
+def interrupted_run(script: str, data_dir: str, out_dir: str, fault: str,
+                    backbone: str = "") -> dict:
+    """Run `script` with `fault`, then rerun until it finishes. -> what happened, for the caller
+    to check."""
     first = run(script, tiny_args(script, data_dir, out_dir, backbone), fault)
-    leftovers = sorted(f for f in os.listdir(out_dir) if ".tmp." in f) if os.path.isdir(out_dir) else []
+    leftovers = []
+    if os.path.isdir(out_dir):
+        leftovers = sorted(f for f in os.listdir(out_dir) if ".tmp." in f)
     second = run(script, tiny_args(script, data_dir, out_dir, backbone))
     return {"fault": fault, "first_rc": first.returncode, "first_out": first.stdout + first.stderr,
-            "leftovers": leftovers, "second_rc": second.returncode, "second_out": second.stdout + second.stderr}
+            "leftovers": leftovers, "second_rc": second.returncode,
+            "second_out": second.stdout + second.stderr}
 
 
 def concurrent_run(script: str, data_dir: str, out_dir: str, backbone: str = "") -> dict:
@@ -155,7 +171,8 @@ def concurrent_run(script: str, data_dir: str, out_dir: str, backbone: str = "")
             "lock_left": os.path.exists(os.path.join(out_dir, ".lock"))}
 
 
-def full_disk_run(script: str, data_dir: str, out_dir: str, backbone: str = "", size: str = "256k"):
+def full_disk_run(script: str, data_dir: str, out_dir: str, backbone: str = "",
+                  size: str = "256k"):
     """Run with out_dir on a tmpfs of `size`: -> what happened, or a string: why it was skipped."""
     os.makedirs(out_dir, exist_ok=True)
     mount = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", out_dir],
@@ -196,7 +213,8 @@ def make_tiny_folder(root: str) -> str:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", default="", help="an ImageNet-layout folder; default: a tiny random one")
+    p.add_argument("--data", default="",
+                   help="an ImageNet-layout folder; default: a tiny random one")
     p.add_argument("--seed", type=int, default=0, help="picks the random steps to kill at")
     args = p.parse_args()
     rng = random.Random(args.seed)
@@ -207,12 +225,16 @@ def main():
             ref = os.path.join(tmp, script, "reference")
             assert run(script, tiny_args(script, data_dir, ref, backbone)).returncode == 0
             total = 12  # 3 epochs x 4 steps
-            for fault in (f"kill-step:{rng.randint(1, total - 1)}", "kill-save:2", f"term-step:{rng.randint(1, total - 1)}"):
+            faults = (f"kill-step:{rng.randint(1, total - 1)}", "kill-save:2",
+                      f"term-step:{rng.randint(1, total - 1)}")
+            for fault in faults:
                 out = os.path.join(tmp, script, fault.replace(":", "_"))
                 r = interrupted_run(script, data_dir, out, fault, backbone)
-                equal = r["second_rc"] == 0 and same_weights(final_weights(script, ref), final_weights(script, out))
+                equal = r["second_rc"] == 0 and same_weights(final_weights(script, ref),
+                                                             final_weights(script, out))
                 print(json.dumps({"script": script, "fault": fault, "exit_code": r["first_rc"],
-                                  "leftover_temp_files": r["leftovers"], "resumed_exit_code": r["second_rc"],
+                                  "leftover_temp_files": r["leftovers"],
+                                  "resumed_exit_code": r["second_rc"],
                                   "final_weights_equal": equal}))
             c = concurrent_run(script, data_dir, os.path.join(tmp, script, "concurrent"), backbone)
             print(json.dumps({"script": script, "fault": "concurrent",

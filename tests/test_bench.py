@@ -17,7 +17,8 @@ import bench  # noqa: E402
 
 
 def test_vit_base_forward_flops_match_the_published_count():
-    """ViT-B/16 at 224 px: 17.6 GMACs (fvcore, as timm and the ViT papers quote it) = 35.2 GFLOPs."""
+    """ViT-B/16 at 224 px: 17.6 GMACs (fvcore, as timm and the ViT papers quote it) =
+    35.2 GFLOPs."""
     flops = bench.vit_forward_flops(depth=12, dim=768, num_patches=196, patch_size=16)
     assert flops == pytest.approx(2 * 17.58e9, rel=0.01)
 
@@ -26,7 +27,8 @@ def test_cpu_mode_smallest_settings_gives_every_row(tmp_path):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, "bench.py", "--device", "cpu", "--no-compile", "--models", "vit_micro",
            "--batch", "2", "--warmup", "1", "--steps", "2", "--data", "jpeg", "--jpeg-count", "8",
-           "--jpeg-dir", str(tmp_path / "jpegs"), "--workers", "1", "--json", str(out), "model=vit_micro"]
+           "--jpeg-dir", str(tmp_path / "jpegs"), "--workers", "1", "--json", str(out),
+           "model=vit_micro"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
@@ -38,8 +40,8 @@ def test_cpu_mode_smallest_settings_gives_every_row(tmp_path):
     expected = {("step", f"vit_micro {who} eager") for who in ("ours", "timm")}
     expected |= {("distill", f"{teacher} {kind} eager") for kind in ("tokenwise", "dtm")}
     expected |= {("dtm", f"assignment N=196 N_m={nm} k={k}") for nm, k in bench.DTM_CASES}
-    expected |= {("dtm", "assignment N=196, 2 levels drawn"), ("dtm", "loss fwd+bwd N=49 tokenwise"),
-                 ("dtm", "loss fwd+bwd N=49 dtm")}
+    expected |= {("dtm", "assignment N=196, 2 levels drawn"),
+                 ("dtm", "loss fwd+bwd N=49 tokenwise"), ("dtm", "loss fwd+bwd N=49 dtm")}
     expected |= {("data", "dtm eager, tensors on device"), ("data", "dtm eager, fed from JPEGs"),
                  ("data", "loader alone: decode, augment, mask, pin")}
     assert names == expected

@@ -20,9 +20,10 @@ FIGURES = {"masks.png", "token_morphing.png", "heterogeneity.png", "learning_cur
 
 
 def driver(out, *extra):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, "experiments/small_scale.py", "--quick", "--out", str(out), *extra],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    # one thread, as every other script the tests start: on 2 cores it halves the --quick run
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "experiments/small_scale.py", "--quick", "--out", str(out), *extra]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +37,8 @@ def quick(tmp_path_factory):
 
 def test_quick_results_json(quick):
     out, results, _ = quick
-    assert {"plan", "machine", "teacher", "runs", "variants", "rauc", "cost", "claims", "figures"} <= set(results)
+    keys = {"plan", "machine", "teacher", "runs", "variants", "rauc", "cost", "claims", "figures"}
+    assert keys <= set(results)
     assert results["quick"] and results["plan"]["model"] == "vit_micro"
     assert set(results["runs"]) == QUICK_RUNS
     assert os.path.isfile(S.figures.resolve(results["teacher"]["encoder"]))
@@ -52,10 +54,11 @@ def test_quick_results_json(quick):
     assert set(results["variants"]) == {"dtm", "simmim", "simmim_mto"}
     # one epoch: RAUC has no interval, and says so instead of a number
     assert results["rauc"]["simmim"]["per_seed"][0].startswith("undefined")
-    assert set(results["cost"]) == {"simmim_mto vs simmim"} and results["cost"]["simmim_mto vs simmim"]["mean"] > 0
+    assert set(results["cost"]) == {"simmim_mto vs simmim"}
+    assert results["cost"]["simmim_mto vs simmim"]["mean"] > 0
     claims = {c["id"]: c for c in results["claims"]}
     assert set(claims) == {c[0] for c in S.CLAIMS}
-    assert claims["dtm_knn"]["verdict"] == "not run"                   # no token-wise run in --quick
+    assert claims["dtm_knn"]["verdict"] == "not run"  # no token-wise run in --quick
     assert claims["mto_simmim_knn"]["verdict"] == "inconclusive (one seed)"
     assert claims["mto_simmim_rauc"]["verdict"].startswith("inconclusive (RAUC undefined")
 
@@ -94,12 +97,16 @@ def test_verdicts_and_summaries():
     assert S.verdict(-2.5, 2.0, 2) == "not reproduced"
     assert S.verdict(1.5, 2.0, 2).startswith("inconclusive")
     assert S.verdict(5.0, 0.0, 1) == "inconclusive (one seed)"
+    accuracies = (("dtm", (80.0, 81.0)), ("tokenwise", (78.0, 78.5)))
     records = {f"{v}-s{s}": {"variant": v, "seed": s, "probe": {"accuracy": {"knn_mean": acc}}}
-               for v, accs in (("dtm", (80.0, 81.0)), ("tokenwise", (78.0, 78.5))) for s, acc in enumerate(accs)}
+               for v, accs in accuracies for s, acc in enumerate(accs)}
     c = S.judge(S.CLAIMS[0], records, {})
-    assert c["diff"] == pytest.approx(2.25) and c["spread"] == pytest.approx(1.0) and c["verdict"] == "reproduced"
-    curves = {"simmim": [(1, 50.0), (2, 60.0), (3, 65.0)], "simmim_mto": [(1, 50.0), (2, 64.0), (3, 66.0)]}
+    assert c["diff"] == pytest.approx(2.25) and c["spread"] == pytest.approx(1.0)
+    assert c["verdict"] == "reproduced"
+    curves = {"simmim": [(1, 50.0), (2, 60.0), (3, 65.0)],
+              "simmim_mto": [(1, 50.0), (2, 64.0), (3, 66.0)]}
     records = {v: {"variant": v, "seed": 0, "knn_curve": c} for v, c in curves.items()}
-    assert S.rauc_of(records, "simmim", "simmim_mto")["per_seed"][0] == pytest.approx((7 + 15) / (5 + 12.5))
+    rauc = S.rauc_of(records, "simmim", "simmim_mto")["per_seed"][0]
+    assert rauc == pytest.approx((7 + 15) / (5 + 12.5))
     flat = {v: {"variant": v, "seed": 0, "knn_curve": [(1, 50.0), (2, 50.0)]} for v in curves}
     assert S.rauc_of(flat, "simmim", "simmim_mto")["per_seed"][0].startswith("undefined")

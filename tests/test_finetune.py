@@ -24,7 +24,8 @@ def test_layer_decay_scales():
     expected_layer = {"cls_token": 0, "pos_embed": 0, "patch_embed.proj.weight": 0,
                       "rel_pos_bias.relative_position_bias_table": 0,
                       "blocks.0.attn.qkv.weight": 1, "blocks.1.mlp.fc2.bias": 2,
-                      "blocks.1.attn.relative_position_bias_table": 2, "norm.weight": depth + 1, "head.weight": depth + 1}
+                      "blocks.1.attn.relative_position_bias_table": 2, "norm.weight": depth + 1,
+                      "head.weight": depth + 1}
     params = dict(vit.named_parameters())
     for name, lid in expected_layer.items():
         assert scale_of[id(params[name])] == pytest.approx(decay ** (depth + 1 - lid)), name
@@ -45,11 +46,13 @@ def test_mixup_cutmix_targets_and_soft_cross_entropy():
         assert torch.allclose(target.sum(-1), torch.ones(16), atol=1e-6)
         assert (target >= 0.1 / 5 - 1e-6).all()  # smoothing puts eps/K on every class
     logits = torch.randn(16, 5)
-    assert finetune.soft_cross_entropy(logits, target) == pytest.approx(F.cross_entropy(logits, target).item(), rel=1e-5)
+    expected = F.cross_entropy(logits, target).item()
+    assert finetune.soft_cross_entropy(logits, target) == pytest.approx(expected, rel=1e-5)
     # with no mixing and no smoothing it is ordinary cross entropy
     plain = finetune.mix_batch(finetune.Config(mixup=0, cutmix=0, label_smoothing=0), 5)
     _, t = plain(img, labels)
-    assert finetune.soft_cross_entropy(logits, t) == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-5)
+    expected = F.cross_entropy(logits, labels).item()
+    assert finetune.soft_cross_entropy(logits, t) == pytest.approx(expected, rel=1e-5)
 
 
 def _randomise(model):
@@ -78,7 +81,8 @@ def test_shared_rel_pos_checkpoint_loads_into_per_block_model(tmp_path):
 def test_export_to_timm_gives_same_logits(rel):
     torch.manual_seed(0)
     kw = dict(pos_embed="none", rel_pos_bias=True) if rel else {}
-    vit = M.build_vit("vit_micro", img_size=16, patch_size=4, num_classes=3, layer_scale=0.1, **kw).eval()
+    vit = M.build_vit("vit_micro", img_size=16, patch_size=4, num_classes=3, layer_scale=0.1,
+                      **kw).eval()
     _randomise(vit)
     with torch.no_grad():
         vit.head.weight.normal_()
@@ -92,13 +96,14 @@ def test_export_to_timm_gives_same_logits(rel):
 
 def test_a_few_steps_drive_the_loss_down(tiny_imagefolder, tmp_path):
     out = tmp_path / "ft"
-    args = ["dataset=imagefolder", f"data_path={tiny_imagefolder}", "model=vit_micro", "img_size=16",
-            "patch_size=4", "init=", "epochs=6", "warmup_epochs=1", "batch_size=8", "blr=0.05", "mixup=0",
-            "cutmix=0", "randaug_ops=0", "reprob=0", "label_smoothing=0", "drop_path=0", "crop_scale_min=1.0",
-            "num_workers=0", "log_every=4", "layer_decay=1.0", f"out_dir={out}"]
+    args = ["dataset=imagefolder", f"data_path={tiny_imagefolder}", "model=vit_micro",
+            "img_size=16", "patch_size=4", "init=", "epochs=6", "warmup_epochs=1", "batch_size=8",
+            "blr=0.05", "mixup=0", "cutmix=0", "randaug_ops=0", "reprob=0", "label_smoothing=0",
+            "drop_path=0", "crop_scale_min=1.0", "num_workers=0", "log_every=4",
+            "layer_decay=1.0", f"out_dir={out}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    p = subprocess.run([sys.executable, "finetune.py", *args], cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=300)
+    p = subprocess.run([sys.executable, "finetune.py", *args], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     records = [json.loads(line) for line in open(out / "log.jsonl")]
     losses = [r["loss"] for r in records if "loss" in r]

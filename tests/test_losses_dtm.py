@@ -92,7 +92,8 @@ def test_morph_schedule_sums_to_merges_and_is_balanced():
 def test_assignment_is_a_partition_into_exactly_n_m_clusters():
     rng = random.Random(1)
     g = gen(1)
-    cases = [(n, n_m, k) for n in (1, 2, 3, 5, 16) for n_m in {1, max(n // 2, 1), n} for k in (1, 3, 100)]
+    cases = [(n, n_m, k) for n in (1, 2, 3, 5, 16) for n_m in {1, max(n // 2, 1), n}
+             for k in (1, 3, 100)]
     for _ in range(150):
         n = rng.randint(2, 40)
         cases.append((n, rng.randint(1, n), rng.choice([1, 2, rng.randint(1, 20), 5 * n])))
@@ -175,7 +176,8 @@ def test_n_m_equal_n_is_exactly_the_tokenwise_loss(kind):
     g = gen(7)
     u, v = torch.randn(3, 16, 8, generator=g), torch.randn(3, 16, 8, generator=g)
     for k in (1, 4):
-        assert torch.allclose(dtm_loss(u, v, [(16, k)], kind), tokenwise_loss(u, v, kind), rtol=1e-6, atol=1e-7)
+        assert torch.allclose(dtm_loss(u, v, [(16, k)], kind), tokenwise_loss(u, v, kind),
+                              rtol=1e-6, atol=1e-7)
     # and the token-wise loss is (1/N) sum_i d(u_i, v_i), mean over the batch
     assert torch.allclose(tokenwise_loss(u, v, kind), distance(u, v, kind).sum(1).div(16).mean())
 
@@ -184,7 +186,8 @@ def test_n_m_one_is_the_image_level_cosine_distance():
     g = gen(8)
     u, v = torch.randn(3, 10, 6, generator=g), torch.randn(3, 10, 6, generator=g)
     # w_1 = N, normalised by N: L = 1 - cos(sum_j u_j, sum_j v_j), then the batch mean (by hand)
-    per_image = [1 - (u[b].sum(0) @ v[b].sum(0)) / (u[b].sum(0).norm() * v[b].sum(0).norm()) for b in range(3)]
+    su, sv = [x.sum(0) for x in u], [x.sum(0) for x in v]  # sum_j u_j, sum_j v_j per image
+    per_image = [1 - (su[b] @ sv[b]) / (su[b].norm() * sv[b].norm()) for b in range(3)]
     expected = torch.stack(per_image).mean()
     for k in (1, 2, 9):
         assert torch.allclose(dtm_loss(u, v, [(1, k)]), expected, atol=1e-6)
@@ -212,8 +215,10 @@ def test_loss_invariances_at_every_level():
         assert dtm_loss(scale * v, v, [(n_m, k)]).item() == pytest.approx(0.0, abs=1e-6)
         # regression distances compare means weighted by w_i / N: a constant offset c of every
         # token costs mean(c^2) (l2) or mean|c| (l1) whatever N_m is
-        assert dtm_loss(v + shift, v, [(n_m, k)], "l2").item() == pytest.approx(shift.pow(2).mean().item(), rel=1e-5)
-        assert dtm_loss(v + shift, v, [(n_m, k)], "l1").item() == pytest.approx(shift.abs().mean().item(), rel=1e-5)
+        l2 = dtm_loss(v + shift, v, [(n_m, k)], "l2").item()
+        l1 = dtm_loss(v + shift, v, [(n_m, k)], "l1").item()
+        assert l2 == pytest.approx(shift.pow(2).mean().item(), rel=1e-5)
+        assert l1 == pytest.approx(shift.abs().mean().item(), rel=1e-5)
 
 
 # -----------------------------------------------------------------------------
@@ -230,7 +235,8 @@ def _clustered_tokens(seed, batch, n, num_clusters, dim=16, noise=0.01):
 
 
 def _pair_purity(assign, labels):
-    """Among pairs of distinct tokens that share a morphed token, the fraction with one true label."""
+    """Among pairs of distinct tokens that share a morphed token, the fraction with one true
+    label."""
     n = assign.shape[1]
     co = (assign.unsqueeze(2) == assign.unsqueeze(1)) & ~torch.eye(n, dtype=torch.bool)
     same = labels.unsqueeze(2) == labels.unsqueeze(1)
@@ -250,7 +256,8 @@ def test_morphing_merges_within_true_clusters_far_above_chance(num_clusters):
     n, batch = 64, 16
     tokens, labels = _clustered_tokens(11, batch, n, num_clusters)
     # Chance level of the pair purity: for an assignment that ignores the labels, a co-assigned
-    # pair shares a label with probability (N/K - 1)/(N - 1) = 15/63 = 0.238 (K=4), 7/63 = 0.111 (K=8).
+    # pair shares a label with probability (N/K - 1)/(N - 1) = 15/63 = 0.238 (K=4),
+    # 7/63 = 0.111 (K=8).
     chance = (n // num_clusters - 1) / (n - 1)
     # Chance level of the token purity, measured: the same assignments scored against labels
     # shuffled over positions give 0.11-0.16 at N_m = K (a morphed token averages N/K members),
@@ -264,7 +271,8 @@ def test_morphing_merges_within_true_clusters_far_above_chance(num_clusters):
         n_m = ratio * num_clusters
         for k in (1, 4, 14):
             assign = dtm_assignment(tokens, n_m, k)
-            pair, token = _pair_purity(assign, labels), _token_purity(assign, labels, n_m, num_clusters)
+            pair = _pair_purity(assign, labels)
+            token = _token_purity(assign, labels, n_m, num_clusters)
             assert pair >= pair_floor and pair >= 2.5 * chance, (n_m, k, pair, chance)
             assert token >= token_floor, (n_m, k, token)
             assert _token_purity(assign, shuffled, n_m, num_clusters) < token - 0.2
@@ -287,7 +295,8 @@ def _tiny():
 def test_tiny_example_assignment_by_hand():
     u, v = _tiny()
     # A = {0, 2}, B = {1, 3}. Token 0's best partner is 1 (cos 1); token 2's is 1 (cos 0 > -1).
-    # r = 1: only the best pair (0 -> 1) merges. New list [2 (unmerged A), 1 (+0), 3] -> ids [1, 1, 0, 2].
+    # r = 1: only the best pair (0 -> 1) merges. New list [2 (unmerged A), 1 (+0), 3]
+    # -> ids [1, 1, 0, 2].
     assign = dtm_assignment(v, 3, 1)
     assert partition(assign[0]) == {frozenset({0, 1}), frozenset({2}), frozenset({3})}
     assert assign.tolist() == [[1, 1, 0, 2]]
@@ -311,8 +320,10 @@ def test_tiny_example_morph_and_eq4_by_hand():
     expected = (3 - math.sqrt(2)) / 4
     assert morphed_distance(u, v, assign, 3).item() == pytest.approx(expected, abs=1e-6)
     assert dtm_loss(u, v, [(3, 1)]).item() == pytest.approx(expected, abs=1e-6)
-    # l2 compares the means: [0] + [2 * mean((0.5, 0.5) - (1, 0))^2 = 2 * 0.25] + [mean((1, 1)^2) = 1]
-    assert morphed_distance(u, v, assign, 3, "l2").item() == pytest.approx((0.5 + 1.0) / 4, abs=1e-6)
+    # l2 compares the means: [0] + [2 * mean((0.5, 0.5) - (1, 0))^2 = 2 * 0.25]
+    # + [mean((1, 1)^2) = 1]
+    l2 = morphed_distance(u, v, assign, 3, "l2").item()
+    assert l2 == pytest.approx((0.5 + 1.0) / 4, abs=1e-6)
     # l1: [0] + [2 * mean|(-0.5, 0.5)| = 1] + [1], over 4
     assert morphed_distance(u, v, assign, 3, "l1").item() == pytest.approx(2.0 / 4, abs=1e-6)
 
@@ -394,7 +405,8 @@ def test_assignment_is_computed_from_the_detached_target_only(monkeypatch):
     for target, _ in seen:
         assert not target.requires_grad and torch.equal(target, v.detach())
     assert torch.equal(seen[0][1], seen[1][1])                  # u changed, the ids did not
-    assert not torch.equal(real(u_a.detach(), 6, 3), seen[0][1])  # (they would differ if taken from u)
+    # (they would differ if taken from u)
+    assert not torch.equal(real(u_a.detach(), 6, 3), seen[0][1])
     assert loss_a.item() != loss_b.item()
 
 
@@ -440,7 +452,8 @@ def test_sample_levels_ranges_reproducibility_and_coverage():
     assert ks == set(range(1, max_iters + 1))    # k in [1, max_iters], both ends reached
     # min_morphed bounds N_m from below
     rng = random.Random(5)
-    draws = [lv for _ in range(1000) for lv in sample_levels(n, min_morphed=6, max_iters=3, rng=rng)]
+    draws = [lv for _ in range(1000)
+             for lv in sample_levels(n, min_morphed=6, max_iters=3, rng=rng)]
     assert {d[0] for d in draws} == set(range(6, n + 1)) and {d[1] for d in draws} == {1, 2, 3}
     # the same seed gives the same levels (what every rank relies on); another seed differs
     def twenty(seed):
@@ -637,8 +650,9 @@ def test_kmeans_batched_equals_image_by_image_and_in_the_loss():
                    for n_m, k in levels)
     assert torch.allclose(dtm_loss(u, target, levels, matching="kmeans"), expected, atol=1e-6)
     # N_m = N: every token its own cluster (distinct directions), so the token-wise loss
-    assert torch.equal(kmeans_assignment(target, 30, 2).sort(1).values, torch.arange(30).expand(5, 30))
-    assert torch.allclose(dtm_loss(u, target, [(30, 2)], matching="kmeans"), tokenwise_loss(u, target),
-                          atol=1e-6)
+    ids = kmeans_assignment(target, 30, 2).sort(1).values
+    assert torch.equal(ids, torch.arange(30).expand(5, 30))
+    assert torch.allclose(dtm_loss(u, target, [(30, 2)], matching="kmeans"),
+                          tokenwise_loss(u, target), atol=1e-6)
     with pytest.raises(ValueError, match="unknown matching"):
         dtm_loss(u, target, levels, matching="kmedoids")

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["dataset=imagefolder", "model=vit_micro", "img_size=16", "patch_size=4", "mask_min_patches=2",
-        "num_workers=0", "batch_size=8", "epochs=2", "warmup_epochs=1", "log_every=1", "blr=1e-3"]
+TINY = ["dataset=imagefolder", "model=vit_micro", "img_size=16", "patch_size=4",
+        "mask_min_patches=2", "num_workers=0", "batch_size=8", "epochs=2", "warmup_epochs=1",
+        "log_every=1", "blr=1e-3"]
 
 
 def run(args, nproc=1, check=True, timeout=300):
@@ -36,19 +37,30 @@ def encoder_weights(out_dir):
     return torch.load(os.path.join(out_dir, "encoder.pth"), weights_only=True)["model"]
 
 
-def test_two_process_gloo_logs_same_losses_as_one(tiny_imagefolder, tmp_path):
-    one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    run([*TINY, f"data_path={tiny_imagefolder}", f"out_dir={one}"])
-    run([*TINY, f"data_path={tiny_imagefolder}", f"out_dir={two}"], nproc=2)
+# the one-process run of TINY that two tests compare with (loss=dtm is the default)
+ONE_PROCESS = ["keep_every=1", "loss=dtm"]
+
+
+@pytest.fixture(scope="module")
+def one_process_run(tiny_imagefolder, tmp_path_factory):
+    """TINY in one process, keeping every epoch's checkpoint: the reference of the two-process
+    test and the uninterrupted run of the resume test (one run for both)."""
+    out = str(tmp_path_factory.mktemp("one_process") / "run")
+    run([*TINY, f"data_path={tiny_imagefolder}", f"out_dir={out}", *ONE_PROCESS])
+    return out
+
+
+def test_two_process_gloo_logs_same_losses_as_one(one_process_run, tiny_imagefolder, tmp_path):
+    one, two = one_process_run, str(tmp_path / "two")
+    run([*TINY, f"data_path={tiny_imagefolder}", f"out_dir={two}", *ONE_PROCESS], nproc=2)
     a, b = losses_of(one), losses_of(two)
     assert len(a) == len(b) == 8  # 32 images / batch 8 = 4 steps, 2 epochs
     assert a == pytest.approx(b, rel=1e-4, abs=1e-5)
     assert len(set(round(x, 6) for x in a)) > 1  # the loss moves
 
 
-def test_resume_equals_uninterrupted(tiny_imagefolder, tmp_path):
-    full, resumed = str(tmp_path / "full"), str(tmp_path / "resumed")
-    run([*TINY, f"data_path={tiny_imagefolder}", f"out_dir={full}", "keep_every=1", "loss=dtm"])
+def test_resume_equals_uninterrupted(one_process_run, tiny_imagefolder, tmp_path):
+    full, resumed = one_process_run, str(tmp_path / "resumed")
     # the interrupted run: only its epoch-1 checkpoint survives; the rerun picks it up
     os.makedirs(resumed)
     shutil.copy(os.path.join(full, "checkpoint-0001.pth"), os.path.join(resumed, "checkpoint.pth"))
@@ -68,7 +80,8 @@ def test_resume_equals_uninterrupted(tiny_imagefolder, tmp_path):
     (["loss=kmeans"], "config key 'loss' must be one of"),
     (["batch_size=9", "accum_steps=2"], "not divisible by world size 1 x accum_steps 2"),
     (["data_path=/nonexistent"], "image folder '/nonexistent/train' does not exist"),
-    (["teacher=checkpoint", "teacher_pretrained=/nonexistent/encoder.pth"], "config key 'teacher_pretrained': file '/nonexistent/encoder.pth' does not exist"),
+    (["teacher=checkpoint", "teacher_pretrained=/nonexistent/encoder.pth"],
+     "config key 'teacher_pretrained': file '/nonexistent/encoder.pth' does not exist"),
 ])
 def test_bad_input_one_line_error(tiny_imagefolder, tmp_path, args, message):
     t0 = time.time()
@@ -90,11 +103,15 @@ def test_checkpoint_teacher_and_token_baselines(tiny_imagefolder, tmp_path):
         assert all(x == x for x in losses_of(out))
 
 
-@pytest.mark.parametrize("name", sorted(f for f in os.listdir(os.path.join(ROOT, "configs")) if f.endswith(".yaml")))
+CONFIGS = sorted(f for f in os.listdir(os.path.join(ROOT, "configs")) if f.endswith(".yaml"))
+
+
+@pytest.mark.parametrize("name", CONFIGS)
 def test_every_config_parses(name):
     """Each shipped config has only known keys, right types and allowed values."""
     import importlib
     from common import parse_config
     script = next((s for s in ("finetune", "probe") if name.endswith(f"_{s}.yaml")), "pretrain")
-    cfg = parse_config(importlib.import_module(script).Config, ["--config", os.path.join(ROOT, "configs", name)])
+    config = importlib.import_module(script).Config
+    cfg = parse_config(config, ["--config", os.path.join(ROOT, "configs", name)])
     assert cfg.epochs >= 1
