@@ -1,0 +1,45 @@
+"""Readability rules that can regress: no line over 100 characters in any Python file, and each
+stage script's `main` short enough to read top to bottom (the plumbing lives in common.Run)."""
+import ast
+import os
+import subprocess
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def python_files():
+    out = subprocess.run(["git", "ls-files", "*.py"], cwd=ROOT, capture_output=True, text=True)
+    files = out.stdout.split() if out.returncode == 0 else []
+    if not files:  # not a git checkout: walk the tree
+        files = [os.path.relpath(os.path.join(d, f), ROOT) for d, _, names in os.walk(ROOT)
+                 for f in names if f.endswith(".py") and "/." not in d]
+    return sorted(files)
+
+
+def test_no_line_over_100_characters():
+    long = []
+    for name in python_files():
+        with open(os.path.join(ROOT, name), encoding="utf-8") as f:
+            long += [f"{name}:{i + 1}" for i, line in enumerate(f) if len(line.rstrip("\n")) > 100]
+    assert not long, f"{len(long)} lines over 100 characters: {long[:10]}"
+
+
+def function(path: str, name: str) -> ast.FunctionDef:
+    with open(os.path.join(ROOT, path), encoding="utf-8") as f:
+        tree = ast.parse(f.read())
+    return next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == name)
+
+
+@pytest.mark.parametrize("script", ["pretrain.py", "finetune.py", "probe.py"])
+def test_stage_main_reads_top_to_bottom(script):
+    """main: at most 80 lines, and its step loop (the innermost `for ... in run.steps(...)`) at
+    most 40: every line of it is the method, the schedule, or one call into common.Run."""
+    main = function(script, "main")
+    assert main.end_lineno - main.lineno + 1 <= 80, f"{script}: main has grown past 80 lines"
+    loops = [n for n in ast.walk(main) if isinstance(n, ast.For)
+             and "run.steps" in ast.unparse(n.iter)]
+    assert loops, f"{script}: main has no `for step in run.steps(epoch)` loop"
+    body = loops[0].end_lineno - loops[0].lineno + 1
+    assert body <= 40, f"{script}: the step loop has {body} lines"
