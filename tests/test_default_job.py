@@ -1,4 +1,5 @@
 """The default job's pieces: the CNN stand-in teacher, the final k-NN report, the lr conventions."""
+import functools
 import json
 import os
 
@@ -7,6 +8,7 @@ import torch
 
 import model as M
 import pretrain
+from fault_injection import in_parallel
 from test_pretrain import TINY, run
 
 
@@ -57,25 +59,54 @@ def test_cnn_teacher_run_prints_baselines_and_reuses_teacher(tiny_imagefolder, t
     assert "using the trained CNN" in again.stdout and "training a small CNN" not in again.stdout
 
 
-@pytest.mark.parametrize("args, printed", [
+def side_by_side(tiny_imagefolder, tmp_path_factory, cases: list, check=True) -> dict:
+    """Each case's extra args run on TINY into its own folder; the independent runs side by side
+    (in_parallel) -> {args: (out_dir, process)}."""
+    outs = {tuple(args): tmp_path_factory.mktemp("default_job") for args in cases}
+    done = in_parallel([functools.partial(
+        run, [*TINY, f"data_path={tiny_imagefolder}", f"out_dir={out}", *args], check=check)
+        for args, out in outs.items()])
+    return {args: (out, p) for (args, out), p in zip(outs.items(), done)}
+
+
+LR_CONVENTIONS = [
     (["lr=0.01"], "peak lr 0.01 (lr, as given: BEiT v2 convention)"),
     (["blr=1.28e-3"], "peak lr 4e-05 (blr 0.00128 x batch 8 / 256: MAE convention)"),
-])
-def test_lr_convention_printed(tiny_imagefolder, tmp_path, args, printed):
-    p = run([*TINY, f"data_path={tiny_imagefolder}", f"out_dir={tmp_path}", *args])  # 2 epochs
+]
+
+
+@pytest.fixture(scope="module")
+def lr_runs(tiny_imagefolder, tmp_path_factory):
+    """TINY (2 epochs) with each lr of LR_CONVENTIONS, side by side."""
+    return side_by_side(tiny_imagefolder, tmp_path_factory, [a for a, _ in LR_CONVENTIONS])
+
+
+@pytest.mark.parametrize("args, printed", LR_CONVENTIONS)
+def test_lr_convention_printed(lr_runs, args, printed):
+    out, p = lr_runs[tuple(args)]  # 2 epochs
     assert printed in p.stdout
-    with open(os.path.join(tmp_path, "log.jsonl")) as f:
+    with open(os.path.join(out, "log.jsonl")) as f:
         lrs = [json.loads(x)["lr"] for x in f if '"lr"' in x]
     peak = float(printed.split()[2])
     assert max(lrs) == pytest.approx(peak, rel=0.01)
 
 
-@pytest.mark.parametrize("args, message", [
+CONFIG_ERRORS = [
     (["teacher=cnn", "patch_size=8"], "teacher=cnn gives one token per 4 x 4 px patch"),
     (["lr=-1"], "'lr' and 'blr' must be >= 0"),
-])
-def test_default_job_config_errors(tiny_imagefolder, tmp_path, args, message):
-    p = run([*TINY, f"data_path={tiny_imagefolder}", f"out_dir={tmp_path}", *args], check=False)
+]
+
+
+@pytest.fixture(scope="module")
+def config_error_runs(tiny_imagefolder, tmp_path_factory):
+    """TINY with each case of CONFIG_ERRORS, side by side."""
+    return side_by_side(tiny_imagefolder, tmp_path_factory, [a for a, _ in CONFIG_ERRORS],
+                        check=False)
+
+
+@pytest.mark.parametrize("args, message", CONFIG_ERRORS)
+def test_default_job_config_errors(config_error_runs, args, message):
+    _, p = config_error_runs[tuple(args)]
     assert p.returncode == 2 and message in p.stderr, p.stderr
 
 

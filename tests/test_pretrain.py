@@ -1,4 +1,5 @@
 """End-to-end pre-training runs on a tiny image folder: DDP equivalence, resume, bad input."""
+import functools
 import json
 import os
 import shutil
@@ -8,6 +9,8 @@ import time
 
 import pytest
 import torch
+
+from fault_injection import in_parallel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["dataset=imagefolder", "model=vit_micro", "img_size=16", "patch_size=4",
@@ -73,7 +76,7 @@ def test_resume_equals_uninterrupted(one_process_run, tiny_imagefolder, tmp_path
     assert losses_of(resumed) == losses_of(full)[4:]
 
 
-@pytest.mark.parametrize("args, message", [
+BAD_INPUT = [
     (["mask_ratoi=0.5"], "unknown config key 'mask_ratoi' (did you mean 'mask_ratio'?)"),
     (["mask_ratio=1.5"], "'mask_ratio' must be in (0, 1)"),
     (["epochs=two"], "'epochs' must be int"),
@@ -82,25 +85,42 @@ def test_resume_equals_uninterrupted(one_process_run, tiny_imagefolder, tmp_path
     (["data_path=/nonexistent"], "image folder '/nonexistent/train' does not exist"),
     (["teacher=checkpoint", "teacher_pretrained=/nonexistent/encoder.pth"],
      "config key 'teacher_pretrained': file '/nonexistent/encoder.pth' does not exist"),
-])
-def test_bad_input_one_line_error(tiny_imagefolder, tmp_path, args, message):
-    t0 = time.time()
-    p = run([*TINY, f"data_path={tiny_imagefolder}", f"out_dir={tmp_path}", *args], check=False)
+]
+
+
+@pytest.fixture(scope="module")
+def bad_input_runs(tiny_imagefolder, tmp_path_factory):
+    """Every case of BAD_INPUT run once, side by side (independent processes), each into its own
+    empty out_dir -> {args: (process, its seconds from start to exit)}."""
+    def case(out, args):
+        t0 = time.time()
+        p = run([*TINY, f"data_path={tiny_imagefolder}", f"out_dir={out}", *args], check=False)
+        return p, time.time() - t0
+    calls = [functools.partial(case, tmp_path_factory.mktemp("bad_input"), args)
+             for args, _ in BAD_INPUT]
+    return {tuple(args): r for (args, _), r in zip(BAD_INPUT, in_parallel(calls))}
+
+
+@pytest.mark.parametrize("args, message", BAD_INPUT)
+def test_bad_input_one_line_error(bad_input_runs, args, message):
+    p, seconds = bad_input_runs[tuple(args)]
     assert p.returncode == 2
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], p.stderr
-    assert time.time() - t0 < 60
+    assert seconds < 60
 
 
 def test_checkpoint_teacher_and_token_baselines(tiny_imagefolder, tmp_path):
     """An encoder saved by one run is the `checkpoint` teacher of the next; baselines run."""
     first = str(tmp_path / "first")
     run([*TINY, f"data_path={tiny_imagefolder}", f"out_dir={first}", "epochs=1", "loss=tokenwise"])
-    for loss in ("fixed", "downsample"):
-        out = str(tmp_path / loss)
-        run([*TINY, f"data_path={tiny_imagefolder}", f"out_dir={out}", "epochs=1", f"loss={loss}",
-             "teacher=checkpoint", f"teacher_pretrained={first}/encoder.pth", "distance=smooth_l1"])
-        assert all(x == x for x in losses_of(out))
+    losses = ("fixed", "downsample")
+    in_parallel([functools.partial(run, [
+        *TINY, f"data_path={tiny_imagefolder}", f"out_dir={tmp_path / loss}", "epochs=1",
+        f"loss={loss}", "teacher=checkpoint", f"teacher_pretrained={first}/encoder.pth",
+        "distance=smooth_l1"]) for loss in losses])  # two independent runs, side by side
+    for loss in losses:
+        assert all(x == x for x in losses_of(str(tmp_path / loss)))
 
 
 CONFIGS = sorted(f for f in os.listdir(os.path.join(ROOT, "configs")) if f.endswith(".yaml"))

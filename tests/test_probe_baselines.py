@@ -1,5 +1,6 @@
 """probe.py's baselines (a random-init encoder, raw pixels), its centred k-NN (pretrain.py's
 protocol) and the cls_norm head (MAE's linear probe): by hand, and end to end on tiny data."""
+import functools
 import json
 import math
 import os
@@ -16,6 +17,7 @@ import losses  # noqa: E402
 import model as M  # noqa: E402
 import probe  # noqa: E402
 from common import parse_config  # noqa: E402
+from fault_injection import in_parallel  # noqa: E402
 
 TINY = ["dataset=imagefolder", "subset=47", "val_subset=30", "num_workers=0", "batch_size=8",
         "epochs=3", "warmup_epochs=1", "optimizer=sgd", "blr=0.5", "log_every=1", "eval_every=2",
@@ -133,11 +135,13 @@ def runs(noisy_imagefolder, tmp_path_factory):
     torch.manual_seed(3)
     torch.save(M.encoder_state(M.ViT(enc.cfg)), tmp / "random.pth")
     base = [*TINY, f"data_path={noisy_imagefolder}"]
-    out = {}
-    for name, extra in (("plain", [f"backbone={tmp / 'encoder.pth'}"]),
-                        ("baselines", [f"backbone={tmp / 'encoder.pth'}", "baselines=true"]),
-                        ("random_file", [f"backbone={tmp / 'random.pth'}"])):
-        out[name] = (run([*base, *extra, f"out_dir={tmp / name}"]).stdout, tmp / name)
+    cases = {"plain": [f"backbone={tmp / 'encoder.pth'}"],
+             "baselines": [f"backbone={tmp / 'encoder.pth'}", "baselines=true"],
+             "random_file": [f"backbone={tmp / 'random.pth'}"]}
+    # three independent runs, side by side
+    done = in_parallel([functools.partial(run, [*base, *extra, f"out_dir={tmp / name}"])
+                        for name, extra in cases.items()])
+    out = {name: (p.stdout, tmp / name) for name, p in zip(cases, done)}
     return base, tmp, out
 
 

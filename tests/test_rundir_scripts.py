@@ -1,5 +1,6 @@
 """Bad input to the stage scripts: one line 'error: ...' and exit code 2, never a traceback; a bad
 config value stops the run before out_dir is even created."""
+import functools
 import os
 import subprocess
 import sys
@@ -56,12 +57,26 @@ CASES = [  # (script, args, words of the one line); {f} is the folder of bad fil
 ]
 
 
+@pytest.fixture(scope="module")
+def case_runs(tiny_imagefolder, files, tmp_path_factory):
+    """Every case of CASES run once, side by side (independent processes, F.in_parallel), each
+    into its own empty folder -> {(script, args as written): (out_dir, args, process)}."""
+    root = tmp_path_factory.mktemp("cases")
+
+    def case(i, script, args):
+        (root / str(i)).mkdir()
+        out = str(root / str(i) / "run")
+        args = [a.format(f=files) for a in args]
+        encoder = str(files / "encoder.pth")
+        return out, args, F.run(script, F.tiny_args(script, tiny_imagefolder, out, encoder) + args)
+    calls = [functools.partial(case, i, s, a) for i, (s, a, _) in enumerate(CASES)]
+    return {(s, tuple(a)): result for (s, a, _), result in zip(CASES, F.in_parallel(calls))}
+
+
 @pytest.mark.parametrize("script, args, message", CASES,
                          ids=[f"{s}-{' '.join(a)}" for s, a, _ in CASES])
-def test_bad_input_is_one_line_and_exit_2(tiny_imagefolder, files, tmp_path, script, args, message):
-    out = str(tmp_path / "run")
-    args = [a.format(f=files) for a in args]
-    p = F.run(script, F.tiny_args(script, tiny_imagefolder, out, str(files / "encoder.pth")) + args)
+def test_bad_input_is_one_line_and_exit_2(case_runs, script, args, message):
+    out, args, p = case_runs[(script, tuple(args))]
     lines = p.stderr.strip().splitlines()
     assert p.returncode == 2 and len(lines) == 1, p.stderr[-3000:]
     assert lines[0].startswith("error: ") and message in lines[0], lines[0]
