@@ -1,7 +1,8 @@
 """Frozen-backbone evaluation beyond [cls]: [cls], patch-mean and AbMILP probes, and k-NN.
 
 Paper: "Beyond [cls]: Exploring the true potential of Masked Image Modeling representations",
-Przewięźlikowski, Balestriero, Jasiński, Śmieja, Zieliński, arXiv:2412.03215. Choices: DECISIONS.md.
+Przewięźlikowski, Balestriero, Jasiński, Śmieja, Zieliński, arXiv:2412.03215.
+Choices: DECISIONS.md.
 
     # the default: the Fashion-MNIST encoder of
     # `pretrain.py --config configs/fmnist_dtm.yaml`, on the CPU in minutes
