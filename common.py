@@ -23,6 +23,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 import yaml
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
@@ -233,6 +234,21 @@ def cosine_lr(step: float, total: int, warmup: int, base_lr: float, min_lr: floa
         return base_lr * step / warmup
     t = (step - warmup) / max(total - warmup, 1)
     return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(t, 1.0)))
+
+
+def cosine_schedule(cfg, lr: float, steps_per_epoch: int) -> list:
+    """The lr of every step of the run (cfg.epochs, cfg.warmup_epochs, cfg.min_lr): cosine_lr."""
+    total = cfg.epochs * steps_per_epoch
+    warmup = round(cfg.warmup_epochs * steps_per_epoch)
+    return [cosine_lr(s, total, warmup, lr, cfg.min_lr) for s in range(total)]
+
+
+def ddp(model: torch.nn.Module, dist_: "Dist") -> torch.nn.Module:
+    """The module a training loop calls: DistributedDataParallel with several processes."""
+    if dist_.world == 1:
+        return model
+    cuda = dist_.device.type == "cuda"
+    return DistributedDataParallel(model, device_ids=[dist_.local_rank] if cuda else None)
 
 
 NO_DECAY = ("cls_token", "mask_token", "pos_embed", "relative_position_bias_table")

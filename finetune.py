@@ -25,16 +25,15 @@ from dataclasses import dataclass, asdict
 
 import torch
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 from torchvision.transforms import v2 as T
 
 import common
 import data
 import model as M
-from common import (ConfigError, Run, ShardSampler, all_reduce_sum, check_choice, config_dict,
-                    cosine_lr, load_optimizer, load_state, log_json, no_sync, parse_config,
-                    print0, read_weights, run_main, save_atomic, setup_distributed)
+from common import (ConfigError, Run, cosine_schedule, ddp, ShardSampler, all_reduce_sum,
+                    check_choice, config_dict, load_optimizer, load_state, log_json, no_sync,
+                    parse_config, print0, read_weights, run_main, save_atomic, setup_distributed)
 
 
 @dataclass
@@ -350,12 +349,6 @@ def build_optimizer(cfg: Config, model: M.ViT, dist):
     return optimizer, lr
 
 
-def lr_schedule(cfg: Config, lr: float, steps_per_epoch: int) -> list:
-    """The lr of every step: linear warm-up, then cosine down to min_lr."""
-    total, warmup = cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch
-    return [cosine_lr(s, total, warmup, lr, cfg.min_lr) for s in range(total)]
-
-
 def run_state(model: M.ViT, optimizer, ema, best: float) -> dict:
     """What checkpoint.pth holds besides the position in the run."""
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "best": best,
@@ -370,13 +363,6 @@ def load_run_state(ckpt: dict, model: M.ViT, optimizer, ema, path: str):
     load_optimizer(optimizer, ckpt["optimizer"], path)
     if ema is not None and "ema" in ckpt:
         load_state(ema, ckpt["ema"], path)
-
-
-def wrap(model: M.ViT, dist):
-    """The module the loop calls: in DDP with several processes."""
-    if dist.world == 1:
-        return model
-    return DDP(model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None)
 
 
 def evaluate_epoch(model, ema, val_loader, dist, num_classes: int, run: Run,
@@ -423,8 +409,8 @@ def main(argv):
     best = ckpt["best"] if ckpt is not None else best
     exported = ema if ema is not None else model  # model_timm.pth: the EMA model if any
     timm_file = lambda: {run.path("model_timm.pth"): export_timm(exported)}  # noqa: E731
-    lr_at = lr_schedule(cfg, lr, steps_per_epoch)
-    net = wrap(model, dist)
+    lr_at = cosine_schedule(cfg, lr, steps_per_epoch)  # warm-up, then cosine to min_lr
+    net = ddp(model, dist)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dist.device.type == "cuda")
 
     for epoch in run.epochs():

@@ -37,7 +37,6 @@ from typing import List, Tuple
 
 import torch
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 from torchvision.transforms import v2 as T
 from tqdm import tqdm
@@ -46,10 +45,9 @@ import common
 import data
 import losses
 import model as M
-from common import (ConfigError, Run, ShardSampler, all_reduce_sum, check_choice, config_dict,
+from common import (ConfigError, Run, ddp, ShardSampler, all_reduce_sum, check_choice, config_dict,
                     cosine_lr, load_optimizer, load_state, log_json, no_sync, param_groups,
-                    parse_config, print0, read_weights, run_main, save_atomic,
-                    setup_distributed)
+                    parse_config, print0, read_weights, run_main, save_atomic, setup_distributed)
 
 FRAMEWORKS = ("distill", "simmim", "mae")
 MTO_TERMS = ("spa", "e", "r")  # L_spa (Eq. 3), L_e (Eq. 4), L_r (Eq. 5)
@@ -591,14 +589,6 @@ def load_run_state(ckpt: dict, student, optimizer, teacher, path: str):
         load_state(teacher.encoder, ckpt["teacher"], path)
 
 
-def wrap(student, cfg: Config, dist):
-    """The module the loop calls: compiled (compile=true) and in DDP with several processes."""
-    model = torch.compile(student) if cfg.compile else student
-    if dist.world > 1:
-        model = DDP(model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None)
-    return model
-
-
 def knn_during_training(cfg: Config, encoder: M.ViT, dist, run: Run, epochs_done: int):
     """eval_knn_every: k-NN top-1 on knn_val test images, printed and logged (for RAUC)."""
     if not cfg.eval_knn_every or (epochs_done % cfg.eval_knn_every and epochs_done < cfg.epochs):
@@ -631,7 +621,7 @@ def main(argv):
                lambda: run_state(student, optimizer, teacher))
     encoder_file = lambda: {run.path("encoder.pth"): M.encoder_state(student.encoder)}  # noqa
     lr_at, momentum_at = schedules(cfg, lr, steps_per_epoch)
-    model = wrap(student, cfg, dist)
+    model = ddp(torch.compile(student) if cfg.compile else student, dist)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dist.device.type == "cuda")
     print0(f"{steps_per_epoch} steps per epoch")
 

@@ -43,15 +43,14 @@ from typing import List, NamedTuple, Optional
 
 import torch
 import torch.distributed as tdist
-from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torchvision.transforms import v2 as T
 
 import data
 import losses
 import model as M
-from common import (ConfigError, Run, all_reduce_mean, all_reduce_sum, check_choice,
-                    check_corrupt, config_dict, cosine_lr, first_line, load_optimizer,
+from common import (ConfigError, Run, cosine_schedule, ddp, all_reduce_mean, all_reduce_sum,
+                    check_choice, check_corrupt, config_dict, first_line, load_optimizer,
                     load_state, log_json, no_sync, parse_config, print0, read_weights, run_main,
                     setup_distributed, train_loader)
 
@@ -697,21 +696,12 @@ def build_probe(cfg: Config, dist, vit: M.ViT, sources: dict, num_classes: int, 
         optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=cfg.weight_decay)
     print0(f"heads {list(heads)}: {sum(p.numel() for p in params) / 1e3:.1f}k parameters; "
            f"{cfg.optimizer}, lr {lr:.4g}")
-    if dist.world == 1:
-        return heads, optimizer, heads
-    cuda = dist.device.type == "cuda"
-    return heads, optimizer, DDP(heads, device_ids=[dist.local_rank] if cuda else None)
+    return heads, optimizer, ddp(heads, dist)
 
 
 def heads_output(heads: Heads, cfg: Config) -> dict:
     """heads.pth: what eval_only and experiments/attention_analysis.py read."""
     return {"heads": heads.state_dict(), "config": config_dict(cfg)}
-
-
-def lr_schedule(cfg: Config, lr: float, steps_per_epoch: int) -> list:
-    """The lr of every step: linear warmup, then half-cosine to min_lr (MAE's linear probe)."""
-    total, warmup = cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch
-    return [cosine_lr(s, total, warmup, lr, cfg.min_lr) for s in range(total)]
 
 
 # -----------------------------------------------------------------------------
@@ -802,7 +792,7 @@ def main(argv):
         run.resume(steps_per_epoch,
                    lambda ckpt: load_probe_state(ckpt, heads, optimizer, run.ckpt_path),
                    lambda: probe_state(heads, optimizer), data_keys="batch_size and cache")
-        lr_at = lr_schedule(cfg, lr, steps_per_epoch)
+        lr_at = cosine_schedule(cfg, lr, steps_per_epoch)  # MAE's linear probe schedule
 
     for epoch in run.epochs() if train else ():
         batches = train_batches(cfg, run, epoch, cache, loader, sources)

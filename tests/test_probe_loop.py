@@ -11,12 +11,12 @@ sys.path.insert(0, ROOT)
 import losses  # noqa: E402
 import model as M  # noqa: E402
 import probe  # noqa: E402
-from common import cosine_lr, parse_config  # noqa: E402
+from common import cosine_lr, cosine_schedule, parse_config  # noqa: E402
 
 
-def test_lr_schedule_is_cosine_lr_at_every_step():
+def test_cosine_schedule_is_cosine_lr_at_every_step():
     cfg = parse_config(probe.Config, ["epochs=5", "warmup_epochs=2", "min_lr=1e-4"])
-    lr_at = probe.lr_schedule(cfg, 0.4, steps_per_epoch=7)
+    lr_at = cosine_schedule(cfg, 0.4, steps_per_epoch=7)  # what probe.main uses
     assert len(lr_at) == 35
     assert lr_at == [cosine_lr(s, 35, 14, 0.4, 1e-4) for s in range(35)]
 
