@@ -4,6 +4,7 @@
     python bench.py --device cuda              # ViT-S/B/L at 224 px, bf16, batch 256 (ViT-L 128)
     python bench.py --device cuda --data jpeg  # + the step fed from JPEGs decoded from a folder
     python bench.py --device cuda --sections distill --profile   # where the time of one step goes
+    python bench.py --device cpu --sections precision  # the default job's step, fp32 vs bf16
     python bench.py --device cuda --models vit_base --batch 128 --no-compile drop_path=0.1
                                                # (trailing key=value pairs override the Config)
 
@@ -15,6 +16,8 @@ busy machine slows both sides alike:
            (L levels, k <= max_iters, drawn per step), same student, teacher and optimizer
   dtm      the DTM assignment alone (ms per batch) for N = 196 tokens and several (N_m, k); and
            the loss alone (forward + backward), token-wise vs DTM: DTM's cost without step noise
+  precision  pretrain.py's step with the config's own teacher and batch, fp32 vs bf16 autocast
+           (the `precision` key), and the attention alone in bf16, fused kernel vs explicit
   data     the distill step fed from decoded JPEGs (DataLoader workers, pretrain.py's transform
            and masks) vs from tensors already on the device, and the loader alone (--data jpeg)
 
@@ -25,6 +28,7 @@ Student, masking, loss and AdamW settings come from a pre-training config (pretr
 """
 import argparse
 import json
+import math
 import multiprocessing
 import os
 import random
@@ -37,6 +41,7 @@ import time
 import torch
 from torch.profiler import record_function
 
+import common
 import data
 import losses
 import model as M
@@ -80,7 +85,7 @@ def parse_args(argv):
                    help="the compiled distill rows compile the teacher too "
                         "(pretrain.py: the student only)")
     p.add_argument("--sections", default="step,distill,dtm",
-                   help="comma-separated, of step, distill, dtm, data")
+                   help="comma-separated, of step, distill, dtm, data, precision")
     p.add_argument("--data", choices=("tensor", "jpeg"), default="tensor",
                    help="jpeg: also run the data section (the same as adding it to --sections)")
     p.add_argument("--jpeg-dir", default="",
@@ -108,9 +113,10 @@ def parse_args(argv):
     if args.workers < 0:
         args.workers = max(1, len(os.sched_getaffinity(0)) - 2)
     args.sections = [s for s in args.sections.split(",") if s]
-    unknown = set(args.sections) - {"step", "distill", "dtm", "data"}
+    unknown = set(args.sections) - {"step", "distill", "dtm", "data", "precision"}
     if unknown:
-        p.error(f"unknown section(s) {sorted(unknown)}: choose from step, distill, dtm, data")
+        p.error(f"unknown section(s) {sorted(unknown)}: choose from step, distill, dtm, data, "
+                "precision")
     if args.data == "jpeg" and "data" not in args.sections:
         args.sections.append("data")
     return args
@@ -486,6 +492,52 @@ def _write_jpeg(job):
     Image.fromarray(pixels).save(os.path.join(folder, f"{i:06d}.jpg"), quality=90)
 
 
+def bench_precision(args, cfg, device):
+    """pretrain.py's step at the config's batch with its own teacher (teacher=cnn: a SmallCNN with
+    random weights, timing only; else the tiny CLIP), fp32 against bf16 autocast (the `precision`
+    key), plus one block's attention alone in bf16: PyTorch's fused kernel against the explicit
+    softmax(q k^T / sqrt(d)) v that model.Attention uses for bf16 on a CPU."""
+    import torch.nn.functional as F
+    batch = args.batch or cfg.batch_size
+    torch.manual_seed(cfg.seed)
+    student = M.DistillStudent(pretrain.build_encoder(cfg), 128).to(device)
+    if cfg.teacher == "cnn":
+        teacher = M.CNNTeacher(M.SmallCNN(10, width=128), cfg.img_size).to(device)
+    else:
+        teacher = random_clip_teacher(args.teacher or TINY_CLIP).to(device)
+        student.head = torch.nn.Linear(student.head.in_features, teacher.out_dim).to(device)
+    opt = make_optimizer(student, cfg, device)
+    loss_fn = pretrain.PretrainLoss(cfg, student.encoder.num_patches)
+    img = torch.randn(batch, 3, cfg.img_size, cfg.img_size, device=device)
+    grid = cfg.img_size // cfg.patch_size
+    mask = torch.stack([data.block_mask(grid, data.num_masked_patches(grid * grid, cfg.mask_ratio),
+                                        cfg.mask_min_patches) for _ in range(batch)]).to(device)
+    counter = iter(range(10 ** 9))
+
+    def step(precision):
+        def run():
+            v = teacher(img)
+            loss_of = lambda: loss_fn(student, img, mask, v, next(counter), 0)[0]  # noqa: E731
+            train_step(loss_of, list(student.parameters()), opt,
+                       common.autocast(precision, device), cfg.clip_grad)
+        return run
+    fns = {"step fp32": step("fp32"), "step bf16": step("bf16")}
+    blk = student.encoder.blocks[0].attn
+    T, H = 1 + grid * grid, blk.num_heads
+    head_dim = M.VIT_SIZES[cfg.model]["embed_dim"] // H
+    q, k, v = (torch.randn(batch, H, T, head_dim, device=device, dtype=torch.bfloat16,
+                           requires_grad=True) for _ in range(3))
+    fns["attention bf16 fused"] = lambda: F.scaled_dot_product_attention(q, k, v).sum().backward()
+    fns["attention bf16 explicit"] = lambda: (((q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1]))
+                                              .softmax(-1) @ v).sum().backward()
+    times = time_interleaved(fns, device, args.warmup, args.steps)
+    refs = {"step fp32": "step fp32", "step bf16": "step fp32",
+            "attention bf16 fused": "attention bf16 fused",
+            "attention bf16 explicit": "attention bf16 fused"}
+    return [row("precision", name, batch, t, ref=refs[name], vs=refs[name])
+            for name, t in times.items()]
+
+
 def bench_data(args, cfg, device, steps, on_device, batch, folder):
     """The DTM step fed from a DataLoader over JPEGs vs on tensors already on the device.
 
@@ -629,7 +681,7 @@ def targets(rows, args, cfg, teacher_name):
     out = []
     for r in rows:
         ref = by_name.get((r["section"], r["ref"]))
-        if ref is None or ref is r or r["section"] == "dtm":
+        if ref is None or ref is r or r["section"] in ("dtm", "precision"):  # no target
             continue
         text, limit = {"step": ("ours / timm", 1.00), "distill": ("DTM / token-wise", 1.02),
                        "data": ("fed from JPEGs / from device tensors", 1.10)}[r["section"]]
@@ -705,6 +757,8 @@ def main(argv):
             free(device)
         if "dtm" in args.sections:
             rows += bench_dtm(args, cfg, device, autocast, out_dim, batch, num_patches)
+        if "precision" in args.sections:
+            rows += bench_precision(args, cfg, device)
     fill_ratios(rows)
     print(f"\nmeasured in {time.time() - t_start:.0f} s. ms: median step; +-%: half the "
           "interquartile range; ratio: median of the per-round time ratios to the row named in vs")

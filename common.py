@@ -178,6 +178,34 @@ def setup_distributed(device: str = "auto", timeout_s: int = 1800) -> Dist:
     return Dist(rank, world, local, where)
 
 
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether this device computes bf16 matmuls in hardware: CUDA (Ampere or newer), or a CPU
+    with AVX512-BF16 or AMX. Elsewhere a CPU emulates bf16 and is slower than in fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    cpu = torch.cpu
+    return any(getattr(cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported",
+                                                          "_is_amx_tile_supported"))
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """The config's `precision` -> "bf16" | "fp32". auto: bf16 where the hardware has it."""
+    check_choice("precision", precision, PRECISIONS)
+    if precision == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    return precision
+
+
+def autocast(precision: str, device: torch.device):
+    """The student's forward and loss under bf16 autocast (weights, optimizer and gradients
+    stay fp32, as in timm and MAE), or a no-op context for fp32."""
+    bf16 = resolve_precision(precision, device) == "bf16"
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
 def cleanup_distributed():
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -82,11 +82,14 @@ class Config:
     dist_timeout_s: int = 1800       # a collective that waits longer fails the run (a lost process)
     seed: int = 0
     device: str = "auto"
+    precision: str = "auto"  # auto | bf16 | fp32: autocast dtype; auto = bf16 where the hardware
+                             # has it (CUDA, AVX512-BF16/AMX CPUs)
 
     def validate(self):
         check_choice("dataset", self.dataset, data.DATASETS)
         check_choice("model", self.model, M.VIT_SIZES)
         check_choice("device", self.device, ("auto", "cpu", "cuda"))
+        check_choice("precision", self.precision, common.PRECISIONS)
         check_choice("global_pool", self.global_pool, ("token", "avg"))
         if not 0 < self.layer_decay <= 1:
             raise ConfigError(f"config key 'layer_decay' must be in (0, 1], got {self.layer_decay}")
@@ -411,7 +414,7 @@ def main(argv):
     timm_file = lambda: {run.path("model_timm.pth"): export_timm(exported)}  # noqa: E731
     lr_at = cosine_schedule(cfg, lr, steps_per_epoch)  # warm-up, then cosine to min_lr
     net = ddp(model, dist)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dist.device.type == "cuda")
+    autocast = common.autocast(cfg.precision, dist.device)  # bf16 where native (precision)
 
     for epoch in run.epochs():
         batches = run.epoch_batches(epoch, loader)

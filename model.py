@@ -208,7 +208,10 @@ class Attention(nn.Module):
         if bias is not None:
             bias = bias.unsqueeze(0).to(q.dtype)  # (1, H, T, T)
         attn = None
-        if return_attn:  # explicit softmax so the maps can be returned (analysis path only)
+        # The explicit formula where the maps are asked for, and for bf16 on a CPU: there
+        # PyTorch's fused kernel is 5-8x slower than it at ViT sequence lengths (its backward;
+        # `python bench.py --only attention`). Elsewhere the fused kernel (flash on a GPU).
+        if return_attn or (q.dtype == torch.bfloat16 and q.device.type == "cpu"):
             logits = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
             if bias is not None:
                 logits = logits + bias

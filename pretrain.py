@@ -156,6 +156,8 @@ class Config:
                                        # (lost process)
     seed: int = 0
     device: str = "auto"               # auto | cpu | cuda
+    precision: str = "auto"            # auto | bf16 | fp32: autocast dtype; auto = bf16 where
+                                       # the hardware has it (CUDA, AVX512-BF16/AMX CPUs)
     compile: bool = False              # torch.compile the student
 
     def validate(self):
@@ -168,6 +170,7 @@ class Config:
         check_choice("loss", self.loss, ("dtm", "dtm_kmeans", "tokenwise", "fixed", "downsample"))
         check_choice("distance", self.distance, losses.DISTANCES)
         check_choice("device", self.device, ("auto", "cpu", "cuda"))
+        check_choice("precision", self.precision, common.PRECISIONS)
         check_choice("lr_schedule", self.lr_schedule, ("cosine", "multistep"))
         if not 0 < self.mask_ratio < 1:
             raise ConfigError(f"config key 'mask_ratio' must be in (0, 1), got {self.mask_ratio}")
@@ -308,7 +311,8 @@ def reconstruction_loss(cfg: Config, pred: torch.Tensor, img: torch.Tensor,
 # k-NN evaluation: during pre-training (eval_knn_every) and the final comparison (final_knn)
 
 @torch.no_grad()
-def knn_features(loader, encoders: dict, device) -> Tuple[dict, torch.Tensor]:
+def knn_features(loader, encoders: dict, device,
+                 precision: str = "auto") -> Tuple[dict, torch.Tensor]:
     """Embed a loader with each encoder (None = raw pixels) -> ({name: (n, D)}, labels (n,)).
     An encoder gives two features: its final-normed [cls] token and the mean of its patch tokens."""
     feats, labels = {}, []
@@ -320,7 +324,7 @@ def knn_features(loader, encoders: dict, device) -> Tuple[dict, torch.Tensor]:
                 out[name] = img.flatten(1)                                # (b, C*H*W)
                 continue
             enc.eval()
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            with common.autocast(precision, device):
                 tokens = enc(img).float()                                 # (b, 1+N, D)
             out[f"{name} [cls]"], out[f"{name} mean"] = tokens[:, 0], tokens[:, 1:].mean(1)
         for name, f in out.items():
@@ -354,8 +358,8 @@ def knn_eval(cfg: "Config", encoders: dict, dist, val_size: int) -> dict:
     loaders = [DataLoader(ds, batch_size=256, sampler=smp, num_workers=cfg.num_workers,
                           generator=torch.Generator())  # own: training randomness untouched
                for ds, smp in ((bank_set, None), (val_set, shard))]
-    bank, bank_labels = knn_features(loaders[0], encoders, dist.device)
-    val, val_labels = knn_features(loaders[1], encoders, dist.device)
+    bank, bank_labels = knn_features(loaders[0], encoders, dist.device, cfg.precision)
+    val, val_labels = knn_features(loaders[1], encoders, dist.device, cfg.precision)
     num_classes = int(bank_labels.max()) + 1
     return {name: knn_top1(bank[name], bank_labels, val[name], val_labels, cfg.knn_k, num_classes)
             for name in bank}
@@ -622,8 +626,9 @@ def main(argv):
     encoder_file = lambda: {run.path("encoder.pth"): M.encoder_state(student.encoder)}  # noqa
     lr_at, momentum_at = schedules(cfg, lr, steps_per_epoch)
     model = ddp(torch.compile(student) if cfg.compile else student, dist)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dist.device.type == "cuda")
-    print0(f"{steps_per_epoch} steps per epoch")
+    autocast = common.autocast(cfg.precision, dist.device)  # bf16 where native (precision)
+    print0(f"{steps_per_epoch} steps per epoch, "
+           f"{common.resolve_precision(cfg.precision, dist.device)} autocast")
 
     for epoch in run.epochs():
         batches = run.epoch_batches(epoch, loader)

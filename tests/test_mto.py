@@ -542,7 +542,9 @@ def test_simmim_and_mae_with_mto_end_to_end_and_the_analysis(tiny_imagefolder, t
 def test_two_process_gloo_mae_mto_logs_same_losses_as_one(tiny_imagefolder, tmp_path):
     """DDP with MAE + MTO (visible-only encoder, a frozen e_[M], the decoder's hiddens) = 1
     process."""
-    args = TINY + MAE + [f"data_path={tiny_imagefolder}", "mto=true", "epochs=1"]
+    # fp32: in bf16 the two processes' gradient sums round differently, by more than rel=1e-4
+    args = TINY + MAE + [f"data_path={tiny_imagefolder}", "mto=true", "epochs=1",
+                         "precision=fp32"]
     run(args + [f"out_dir={tmp_path / 'one'}"])
     run(args + [f"out_dir={tmp_path / 'two'}"], nproc=2)
     a, b = log_of(tmp_path / "one"), log_of(tmp_path / "two")
