@@ -9,6 +9,7 @@
 only on (seed, epoch, index), so a run gives the same batches on 1 or many GPUs, with any
 number of loader workers, and after a resume.
 """
+import contextlib
 import gzip
 import math
 import multiprocessing
@@ -386,8 +387,7 @@ class MaskedImages(Dataset):
 
     def __getitem__(self, i):
         sample_seed = (self.seed * 1_000_003 + self.epoch) * 10_000_019 + i
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed)
+        with seeded(sample_seed):
             img, label = self.dataset[i]
             if self.mask == "block":
                 mask = block_mask(self.grid, self.num_masked, self.min_patches,
@@ -413,10 +413,23 @@ class SeededImages(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, i):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + i)
+        with seeded((self.seed * 1_000_003 + self.epoch) * 10_000_019 + i):
             img, label = self.dataset[i]
         return plain(img), label
+
+
+@contextlib.contextmanager
+def seeded(seed: int):
+    """Draw from torch's CPU generator seeded with `seed`, then put its state back: what
+    torch.random.fork_rng(devices=[]) + torch.manual_seed do for the CPU, without manual_seed's
+    seeding of every other backend (80 us per sample here, a quarter of the loader's time)."""
+    generator = torch.default_generator
+    state = generator.get_state()
+    generator.manual_seed(seed)
+    try:
+        yield
+    finally:
+        generator.set_state(state)
 
 
 def plain(x):

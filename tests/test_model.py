@@ -205,6 +205,21 @@ def test_forward_intermediates_matches_the_fast_path(kwargs):
 
 
 @pytest.mark.parametrize("kwargs", INTERMEDIATE_CONFIGS)
+def test_bf16_on_cpu_is_the_explicit_attention_and_close_to_fp32(kwargs):
+    """bf16 autocast on a CPU takes the explicit softmax(q k^T / sqrt(d) + bias) v, not the fused
+    kernel (6x slower there): bit for bit the attention-maps path, within bf16 rounding of fp32."""
+    ours = randomise(tiny(**kwargs)).eval()
+    x, mask = images(3), torch.rand(3, N) < 0.5
+    with torch.no_grad():
+        fp32 = ours(x, mask)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            fast = ours(x, mask)
+            explicit, _ = ours.forward_intermediates(x, mask, attn=True)
+    assert torch.equal(fast, explicit)
+    assert (fast.float() - fp32).abs().max() < 0.1 * fp32.abs().max()
+
+
+@pytest.mark.parametrize("kwargs", INTERMEDIATE_CONFIGS)
 def test_forward_intermediates_attention_maps(kwargs):
     """attn=True: explicit softmax maps (rows sum to 1), the branches, the same tokens."""
     ours = randomise(tiny(**kwargs)).eval()

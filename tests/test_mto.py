@@ -277,6 +277,23 @@ def test_masked_images_simmim_is_seeded_per_sample():
     assert torch.equal(ds[2][1], again[2][1])
 
 
+def test_seeded_draws_as_manual_seed_and_leaves_the_global_generator_alone():
+    """data.seeded(s) = fork_rng + torch.manual_seed(s) for the CPU, so samples stay the same
+    and the training loop's own random stream is untouched."""
+    torch.manual_seed(123)
+    expected_next = torch.rand(4)
+    torch.manual_seed(123)
+    with data.seeded(7):
+        drawn = torch.rand(5)
+    assert torch.equal(drawn, torch.rand(5, generator=torch.Generator().manual_seed(7)))
+    assert torch.equal(torch.rand(4), expected_next)                # the outer stream goes on
+    before = torch.get_rng_state()
+    with pytest.raises(ValueError), data.seeded(7):
+        torch.rand(3)
+        raise ValueError
+    assert torch.equal(torch.get_rng_state(), before)               # restored on an error too
+
+
 # -----------------------------------------------------------------------------
 # The models
 

@@ -270,3 +270,23 @@ def test_every_checkpoint_field_is_a_plain_value(tmp_path):
         path = tmp_path / "c.pth"
         torch.save({"config": common.config_dict(cls()), "step": 0, "time": time.time()}, path)
         assert common.load_checkpoint(str(path))["config"] == common.config_dict(cls())
+
+
+# -----------------------------------------------------------------------------
+# precision: bf16 autocast only where the hardware computes it
+
+def test_precision_auto_is_bf16_only_where_the_hardware_has_it(monkeypatch):
+    cpu = torch.device("cpu")
+    for native, expected in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(common, "native_bf16", lambda device, native=native: native)
+        assert common.resolve_precision("auto", cpu) == expected
+        assert common.autocast("auto", cpu).fast_dtype == torch.bfloat16
+        assert common.autocast("auto", cpu)._enabled == (expected == "bf16")
+        assert common.resolve_precision("fp32", cpu) == "fp32"  # as asked, whatever the CPU
+        assert common.resolve_precision("bf16", cpu) == "bf16"
+    allowed = r"'precision' must be one of \['auto', 'bf16', 'fp32'\], got 'fp16'"
+    with pytest.raises(ConfigError, match=allowed):
+        common.resolve_precision("fp16", cpu)
+    for cls in (pretrain.Config, finetune.Config):
+        with pytest.raises(ConfigError, match="precision"):
+            common.make_config(cls, {"precision": "half"})
