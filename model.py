@@ -832,7 +832,8 @@ class CNNTeacher(Teacher):
 
 
 def load_cnn(path: str) -> SmallCNN:
-    """A SmallCNN saved as {'num_classes', 'width', 'model'} (pretrain.py's teacher=cnn cache)."""
+    """A SmallCNN saved as {'num_classes', 'width', 'model'} (pretrain.py's teacher=cnn cache;
+    it also records 'test_top1', 'epochs' and 'images')."""
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     cnn = SmallCNN(ckpt["num_classes"], ckpt["width"])
     cnn.load_state_dict(ckpt["model"], strict=True)

@@ -428,7 +428,8 @@ def train_cnn_teacher(cfg: "Config", dist, path: str):
                     for x, y in DataLoader(test_set, batch_size=512)]
         top1 = 100 * sum(hits).item() / len(test_set)
         print0(f"teacher=cnn: test top-1 {top1:.1f}%; saved {path}")
-        save_atomic({"num_classes": num_classes, "width": cnn.width,
+        save_atomic({"num_classes": num_classes, "width": cnn.width, "test_top1": top1,
+                     "epochs": cfg.teacher_epochs, "images": len(train_set),
                      "model": cnn.cpu().state_dict()}, path)
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
