@@ -7,8 +7,8 @@ On your own runs (every function takes tensors or file paths and writes one PNG)
     from experiments import figures
     images = figures.fashion_images(6, img_size=32)                          # (6, 3, 32, 32)
     figures.plot_masks(images, figures.example_masks(6, grid=8), grid=8, path="masks.png")
-    teacher = model.load_encoder("runs/teacher/encoder.pth")
-    figures.plot_token_morphing(teacher, images28, "morph.png")
+    teacher = model.CNNTeacher(model.load_cnn("runs/fmnist_dtm/teacher_cnn.pth"), img_size=28)
+    figures.plot_token_morphing(teacher, images28, "morph.png")   # or model.ViTTeacher(encoder)
     figures.plot_heterogeneity({"SimMIM": {"baseline": "runs/a/checkpoint.pth",
                                            "+ MTO": "runs/b/checkpoint.pth"}},
                                "heterogeneity.png")
@@ -20,6 +20,7 @@ maps and per-block statistics from experiments/attention_analysis.py, the morphi
 losses.dtm_assignment and the masks from data.py.
 """
 import json
+import math
 import os
 import random
 import sys
@@ -132,15 +133,15 @@ def cluster_colours(num_clusters: int, seed: int = 0) -> np.ndarray:
 
 
 @torch.no_grad()
-def plot_token_morphing(encoder: M.ViT, images: torch.Tensor, path: str,
+def plot_token_morphing(teacher: M.Teacher, images: torch.Tensor, path: str,
                         num_morphed=(24, 12, 6, 3), num_iters: int = 2) -> str:
     """The teacher's patch tokens grouped by DTM's bipartite matching (losses.dtm_assignment) at
-    several N_m: one colour per morphed token over the image. encoder: the teacher (an encoder of
-    this project), whose final-normed patch tokens are the distillation targets
-    (model.ViTTeacher)."""
-    teacher = M.ViTTeacher(encoder.eval())
-    targets = teacher(images)                                           # (B, N, D)
-    grid, N = encoder.cfg.grid, encoder.num_patches
+    several N_m: one colour per morphed token over the image. teacher: a model.Teacher on a
+    square grid of tokens (model.CNNTeacher, model.ViTTeacher), whose tokens are the
+    distillation targets."""
+    targets = teacher.eval()(images)                                    # (B, N, D)
+    N = teacher.num_patches
+    grid = math.isqrt(N)
     pics = pictures(images)
     B, H = pics.shape[:2]
     columns = 1 + len(num_morphed)
@@ -270,6 +271,18 @@ def curves_by_variant(results: dict, variants) -> dict:
     return out
 
 
+def load_teacher(record: dict) -> tuple:
+    """The distillation teacher of a results.json -> (model.Teacher or None, input size): the
+    SmallCNN file ('file', 'img_size') or, in older results, a ViT encoder."""
+    if record.get("file"):
+        size = record.get("img_size", 28)
+        return M.CNNTeacher(M.load_cnn(resolve(record["file"])), size), size
+    if record.get("encoder"):
+        vit = M.load_encoder(resolve(record["encoder"]))
+        return M.ViTTeacher(vit), vit.cfg.img_size
+    return None, 0
+
+
 def make_all(results: dict, fig_dir: str, num_images: int = 6, data_path: str = "data") -> list:
     """Every figure of the issue that the runs in `results` allow; returns the PNG paths."""
     made = []
@@ -277,24 +290,24 @@ def make_all(results: dict, fig_dir: str, num_images: int = 6, data_path: str = 
     images28 = fashion_images(num_images, 28, data_path)
     made.append(plot_masks(images32, example_masks(num_images, grid=8), 8,
                            os.path.join(fig_dir, "masks.png")))
-    teacher = results.get("teacher", {}).get("encoder")
-    if teacher:
-        vit = M.load_encoder(resolve(teacher))
-        images = fashion_images(num_images, vit.cfg.img_size, data_path)
-        made.append(plot_token_morphing(vit, images, os.path.join(fig_dir, "token_morphing.png")))
+    teacher, size = load_teacher(results.get("teacher", {}))
+    if teacher is not None:
+        images = images28 if size == 28 else fashion_images(num_images, size, data_path)
+        made.append(plot_token_morphing(teacher, images,
+                                        os.path.join(fig_dir, "token_morphing.png")))
     panels, log_visible, curves = {}, {}, {}
     for fw, title in (("simmim", "SimMIM"), ("mae", "MAE")):
         h = {label: [r["heterogeneity"] for r in results["runs"].values()
                      if r.get("variant") == v and r.get("heterogeneity")]
              for label, v in (("baseline", fw), ("+ MTO", f"{fw}_mto"))}
-        if all(h.values()):  # (L+1, seeds): the line is the mean over seeds
+        if any(h.values()):  # (L+1, seeds): the line is the mean over seeds
             panels[title] = {label: torch.tensor([r["mean"] for r in seeds]).T
-                             for label, seeds in h.items()}
-            log_visible[title] = h["baseline"][0]["log_visible"]
+                             for label, seeds in h.items() if seeds}
+            log_visible[title] = next(s for s in h.values() if s)[0]["log_visible"]
         runs = curves_by_variant(results, (fw, f"{fw}_mto"))
         if runs:
             curves[title] = {("baseline" if v == fw else "+ MTO"): c for v, c in runs.items()}
-    distill = curves_by_variant(results, ("dtm", "tokenwise"))
+    distill = curves_by_variant(results, ("dtm", "tokenwise", "fixed", "downsample"))
     if distill:
         curves["distillation"] = distill
     if panels:

@@ -1,6 +1,7 @@
-"""experiments/small_scale.py: the --quick run end to end (teacher, a distillation run, SimMIM with
-and without MTO, their probes, results.json, results.md, figures), skipping finished runs on a
-second start, refusing a run folder made by other settings; and the claim arithmetic."""
+"""experiments/small_scale.py: the --quick run end to end (the CNN teacher in process, a DTM and a
+SimMIM run, their probes with the baselines, a fine-tuning run, results.json, results.md,
+figures), skipping finished runs on a second start, refusing a run folder made by other
+settings; and the claim arithmetic, the baseline claims and the choice of a third seed."""
 import json
 import os
 import subprocess
@@ -13,7 +14,7 @@ sys.path.insert(0, os.path.join(ROOT, "experiments"))
 
 import small_scale as S  # noqa: E402
 
-QUICK_RUNS = {"dtm-s0", "simmim-s0", "simmim_mto-s0"}
+QUICK_RUNS = {"dtm-s0", "simmim-s0"}
 FIGURES = {"masks.png", "token_morphing.png", "heterogeneity.png", "learning_curves.png",
            "beyond_cls_dtm_maps.png", "beyond_cls_dtm_stats.png", "beyond_cls_simmim_maps.png",
            "beyond_cls_simmim_stats.png"}
@@ -35,32 +36,54 @@ def quick(tmp_path_factory):
         return out, json.load(f), p.stdout
 
 
+def test_quick_teacher_baselines_and_finetune(quick):
+    out, results, _ = quick
+    t = results["teacher"]  # the SmallCNN, trained in process; its file records the numbers
+    assert t["kind"] == "cnn" and os.path.isfile(S.figures.resolve(t["file"]))
+    assert t["epochs"] == 1 and t["images"] == 256 and 0 <= t["test_top1"] <= 100
+    assert t["wall_s"] > 0 and t["target_top1"] == S.TEACHER_TARGET
+    for rec in results["runs"].values():  # every distillation run reads that file
+        if rec["row"] == "distill":
+            assert f"teacher=cnn teacher_pretrained={t['file']}" in rec["command"]
+    # one baseline probe per architecture: 28 px distillation, 32 px SimMIM
+    base = results["baselines"]
+    assert {r: b["img_size"] for r, b in base.items()} == {"distill": 28, "simmim": 32}
+    for b in base.values():
+        assert set(b["random"]) == set(S.HEADS) and set(b["pixels"]) == {"linear", "knn"}
+        assert all(0 <= a <= 100 for a in [*b["random"].values(), *b["pixels"].values()])
+    probes = {n: r["probe"]["baselines"] for n, r in results["runs"].items()}
+    assert probes == {"dtm-s0": True, "simmim-s0": True}
+    f = results["finetune"]["finetune-dtm"]  # quick: only the fine-tuning from DTM
+    assert set(results["finetune"]) == {"finetune-dtm"} and f["epochs"] == 1
+    assert 0 <= f["final_top1"] <= f["best_top1"] <= 100
+    assert "init=" + results["runs"]["dtm-s0"]["encoder"] in f["command"]
+
+
 def test_quick_results_json(quick):
     out, results, _ = quick
-    keys = {"plan", "machine", "teacher", "runs", "variants", "rauc", "cost", "claims", "figures"}
+    keys = {"plan", "machine", "teacher", "baselines", "finetune", "runs", "variants", "rauc",
+            "cost", "claims", "third_seed", "figures"}
     assert keys <= set(results)
     assert results["quick"] and results["plan"]["model"] == "vit_micro"
-    assert set(results["runs"]) == QUICK_RUNS
-    assert os.path.isfile(S.figures.resolve(results["teacher"]["encoder"]))
+    assert set(results["runs"]) == QUICK_RUNS and results["num_runs"] == 6
     for name, rec in results["runs"].items():
         assert rec["seed"] == 0 and rec["img_per_s"] > 0 and rec["wall_s"] > 0
         assert [e for e, _ in rec["knn_curve"]] == [1.0] and 0 <= rec["knn_final"] <= 100
         acc = rec["probe"]["accuracy"]
         assert set(acc) == set(S.HEADS) and all(0 <= a <= 100 for a in acc.values())
         assert rec["probe"]["path"] == "cached"
-    for name in ("simmim-s0", "simmim_mto-s0"):  # vit_micro: embedding + 2 blocks
-        h = results["runs"][name]["heterogeneity"]
-        assert len(h["mean"]) == 3 and all(0 <= x <= h["log_visible"] + 1e-6 for x in h["mean"])
-    assert set(results["variants"]) == {"dtm", "simmim", "simmim_mto"}
-    # one epoch: RAUC has no interval, and says so instead of a number
-    assert results["rauc"]["simmim"]["per_seed"][0].startswith("undefined")
-    assert set(results["cost"]) == {"simmim_mto vs simmim"}
-    assert results["cost"]["simmim_mto vs simmim"]["mean"] > 0
+    h = results["runs"]["simmim-s0"]["heterogeneity"]  # vit_micro: embedding + 2 blocks
+    assert len(h["mean"]) == 3 and all(0 <= x <= h["log_visible"] + 1e-6 for x in h["mean"])
+    assert set(results["variants"]) == {"dtm", "simmim"}
+    assert results["rauc"] == {} and results["cost"] == {}  # no MTO run in --quick
+    assert results["third_seed"] == {"seed": None, "variants": [], "claims": []}
     claims = {c["id"]: c for c in results["claims"]}
     assert set(claims) == {c[0] for c in S.CLAIMS}
     assert claims["dtm_knn"]["verdict"] == "not run"  # no token-wise run in --quick
-    assert claims["mto_simmim_knn"]["verdict"] == "inconclusive (one seed)"
-    assert claims["mto_simmim_rauc"]["verdict"].startswith("inconclusive (RAUC undefined")
+    assert claims["dtm_fixed_knn"]["verdict"] == "not run"
+    random = claims["simmim_random"]  # against the random-init encoder of its architecture
+    assert random["verdict"] == "inconclusive (one seed)"
+    assert random["baseline_mean"] == results["baselines"]["simmim"]["random"]["knn_mean"]
 
 
 def test_quick_figures_and_markdown(quick):
@@ -70,7 +93,11 @@ def test_quick_figures_and_markdown(quick):
         with open(out / "figures" / name, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     md = (out / "results.md").read_text()
-    assert "| simmim_mto |" in md and "## Claims" in md and "figures/masks.png" in md
+    assert "| simmim |" in md and "## Claims" in md and "figures/masks.png" in md
+    assert "| raw pixels (28 px; baseline) |" in md and "| raw pixels (32 px; baseline) |" in md
+    assert "| random-init vit_micro (SimMIM, 32 px; baseline) |" in md
+    assert ">= 88" in md and ">= 90% test top-1" in md and "RAUC caveat" in md
+    assert "min of runs" in md and "Budget (the plan): teacher 256 images x 1" in md
     for rec in results["runs"].values():  # everything under --out, nothing in the repository
         assert rec["out_dir"].startswith(str(out)) and rec["encoder"].startswith(str(out))
 
@@ -79,12 +106,12 @@ def test_second_start_skips_finished_runs_and_refuses_other_settings(quick):
     out, results, _ = quick
     p = driver(out)
     assert p.returncode == 0, p.stderr[-3000:]
-    assert p.stdout.count("finished before, skipped") == 7  # teacher + 3 runs + 3 probes
+    assert p.stdout.count("finished before, skipped") == 6  # teacher, 2 runs, 2 probes, finetune
     with open(out / "results.json") as f:
         assert set(json.load(f)["runs"]) == QUICK_RUNS
     info_path = out / "runs" / "teacher" / "run.json"
     info = json.loads(info_path.read_text())
-    info["args"] = info["args"] + ["epochs=2"]
+    info["args"] = info["args"] + ["teacher_epochs=2"]
     info_path.write_text(json.dumps(info))
     p = driver(out)
     assert p.returncode != 0
@@ -95,7 +122,7 @@ def test_verdicts_and_summaries():
     assert S.summary([1.0, 3.0]) == {"mean": 2.0, "spread": 2.0, "values": [1.0, 3.0]}
     assert S.verdict(2.5, 2.0, 2) == "reproduced"
     assert S.verdict(-2.5, 2.0, 2) == "not reproduced"
-    assert S.verdict(1.5, 2.0, 2).startswith("inconclusive")
+    assert S.verdict(1.5, 2.0, 2) == S.INCONCLUSIVE
     assert S.verdict(5.0, 0.0, 1) == "inconclusive (one seed)"
     accuracies = (("dtm", (80.0, 81.0)), ("tokenwise", (78.0, 78.5)))
     records = {f"{v}-s{s}": {"variant": v, "seed": s, "probe": {"accuracy": {"knn_mean": acc}}}
@@ -110,3 +137,24 @@ def test_verdicts_and_summaries():
     assert rauc == pytest.approx((7 + 15) / (5 + 12.5))
     flat = {v: {"variant": v, "seed": 0, "knn_curve": [(1, 50.0), (2, 50.0)]} for v in curves}
     assert S.rauc_of(flat, "simmim", "simmim_mto")["per_seed"][0].startswith("undefined")
+
+
+def test_random_init_claims_and_the_third_seed():
+    """A MIM variant against its architecture's random-init encoder (one number: the spread is
+    the variant's); a third seed goes to the variants of the claims INCONCLUSIVE on two seeds,
+    and only to them."""
+    knn = {("mae", 0): 60.0, ("mae", 1): 64.0, ("mae_mto", 0): 70.0, ("mae_mto", 1): 71.0,
+           ("dtm", 0): 80.0, ("dtm", 1): 81.0, ("fixed", 0): 79.0, ("fixed", 1): 82.0}
+    records = {f"{v}-s{s}": {"variant": v, "seed": s, "probe": {"accuracy": {"knn_mean": a}}}
+               for (v, s), a in knn.items()}
+    baselines = {"mae": {"random": {"knn_mean": 61.0}}}
+    claims = {c[0]: S.judge(c, records, {}, baselines) for c in S.CLAIMS}
+    mae, mae_mto = claims["mae_random"], claims["mae_mto_random"]
+    assert mae["diff"] == pytest.approx(1.0) and mae["spread"] == pytest.approx(4.0)
+    assert mae["verdict"] == S.INCONCLUSIVE and mae_mto["verdict"] == "reproduced"
+    assert claims["simmim_random"]["verdict"] == "not run"
+    assert claims["dtm_fixed_knn"]["verdict"] == S.INCONCLUSIVE  # +0.0 against a spread of 3
+    assert claims["dtm_knn"]["verdict"] == "not run"
+    chosen = S.third_seed_variants(list(claims.values()), S.Plan())
+    assert chosen == ["dtm", "fixed", "mae"]
+    assert S.third_seed_variants([], S.Plan()) == []
