@@ -425,9 +425,63 @@ def bench_distill(args, cfg, device, autocast, peak, setup, batch):
 # -----------------------------------------------------------------------------
 # Section: DTM alone
 
+# ops that launch no kernel: views, allocation, dtype queries
+NO_KERNEL_OPS = {"view", "_unsafe_view", "_reshape_alias", "reshape", "expand", "expand_as",
+                 "slice", "select", "narrow", "as_strided", "as_strided_", "unsqueeze",
+                 "unsqueeze_", "squeeze", "squeeze_", "t", "transpose", "permute", "detach",
+                 "alias", "lift_fresh", "resize_", "resolve_conj", "resolve_neg", "result_type"}
+
+
+def kernel_count(fn):
+    """The ATen ops one call of fn runs that reach a kernel (~ GPU launches), by torch.profiler on
+    the CPU: views and allocations left out, a composite op (matmul, cosine_similarity, argsort;
+    all its overloads CompositeImplicitAutograd) counted as the ops it calls, any other op once."""
+    from torch.profiler import profile as torch_profile
+
+    def composite(name):
+        packet = getattr(torch.ops.aten, name, None)
+        found = []
+        for overload in packet.overloads() if packet is not None else []:
+            full = f"aten::{name}" + ("" if overload == "default" else f".{overload}")
+            try:
+                found.append(torch._C._dispatch_has_kernel_for_dispatch_key(
+                    full, "CompositeImplicitAutograd"))
+            except RuntimeError:  # an overload only Python knows (e.g. sort.int)
+                pass
+        return bool(found) and all(found)
+
+    def count(event):
+        name = event.name[len("aten::"):]
+        if name in NO_KERNEL_OPS or name.startswith("empty"):
+            return 0
+        if composite(name):
+            return sum(count(c) for c in event.cpu_children if c.name.startswith("aten::"))
+        return 1
+
+    with torch_profile() as prof:
+        fn()
+    return sum(count(e) for e in prof.events() if e.name.startswith("aten::")
+               and not (e.cpu_parent and e.cpu_parent.name.startswith("aten::")))
+
+
+def dtm_kernel_counts(cfg, draws=20, N=196, batch=2, dim=64):
+    """Kernels of one DTM loss step (forward + backward; levels drawn as in training, seeds
+    0..draws-1; the mean) and of one token-wise step, on CPU tensors (B, N, C). The count does
+    not depend on B and C (the same at B = 32, C = 512), so small tensors keep it quick."""
+    u = torch.randn(batch, N, dim, requires_grad=True)
+    v = torch.randn(batch, N, dim)
+    counts = []
+    for seed in range(draws):
+        levels = losses.sample_levels(N, cfg.dtm_levels, cfg.dtm_max_iters, cfg.dtm_min_morphed,
+                                      random.Random(seed))
+        counts.append(kernel_count(lambda: losses.dtm_loss(u, v, levels).backward()))
+    return statistics.mean(counts), kernel_count(lambda: losses.tokenwise_loss(u, v).backward())
+
+
 def bench_dtm(args, cfg, device, autocast, out_dim, batch, num_patches):
     """dtm_assignment on random targets (B, 196, C) for several (N_m, k) and for levels drawn as in
-    training; then the loss alone, forward + backward, token-wise vs DTM, at the student's N."""
+    training; then the loss alone, forward + backward, token-wise vs DTM, at the student's N.
+    Printed first: the kernels of one DTM loss step at N = 196 (dtm_kernel_counts)."""
     N = 196
     v = torch.randn(batch, N, out_dim, device=device)
     fns = {f"assignment N=196 N_m={nm} k={k}": (lambda nm=nm, k=k: losses.dtm_assignment(v, nm, k))
@@ -454,6 +508,10 @@ def bench_dtm(args, cfg, device, autocast, out_dim, batch, num_patches):
             loss.backward()
             u_leaf.grad = None
         fns[f"loss fwd+bwd N={num_patches} {kind}"] = loss_step
+    draws = 20
+    ops, tokenwise_ops = dtm_kernel_counts(cfg, draws)
+    print(f"  DTM loss ops per step (fwd+bwd, mean over {draws} draws): {ops:.1f} "
+          f"(token-wise: {tokenwise_ops})", flush=True)
     print(f"  dtm: batch {batch}, C = {out_dim}, {len(fns)} cases ...", flush=True)
     times = time_interleaved(fns, device, args.warmup, max(args.steps, 10))
     rows = []

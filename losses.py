@@ -158,7 +158,8 @@ def dtm_assignment_loop(tokens: torch.Tensor, num_morphed: int, num_iters: int) 
     return ids
 
 
-def bipartite_merge(sums: torch.Tensor, num_merges: int):
+def bipartite_merge(sums: torch.Tensor, num_merges: int,
+                    positions: Optional[torch.Tensor] = None):
     """One round of ToMe's bipartite matching for a batch of T current tokens.
 
     sums (B, T, C): the sum of the original target tokens each current token stands for (the
@@ -166,9 +167,13 @@ def bipartite_merge(sums: torch.Tensor, num_merges: int):
     even positions, set B = odd positions; the num_merges A tokens with the most similar partner
     in B merge into it. Returns the new sums (B, T - r, C) and new_pos (B, T): where each current
     token goes in the new list [A tokens that stay, best score first; then all B tokens].
+    positions: torch.arange(>= T) on sums' device; dtm_assignment makes it once for all rounds
+    (each round slices it instead of launching aranges of its own).
     """
     batch, num_tokens, dim = sums.shape
     r = num_merges
+    if positions is None:
+        positions = torch.arange(num_tokens, device=sums.device)
     feats = F.normalize(sums, dim=-1)                           # directions of the group means
     feats_a, feats_b = feats[:, 0::2], feats[:, 1::2]           # (B, Ta, C), (B, Tb, C)
     size_a, size_b = feats_a.shape[1], feats_b.shape[1]
@@ -176,20 +181,22 @@ def bipartite_merge(sums: torch.Tensor, num_merges: int):
     best_score, partner = scores.max(dim=-1)                    # best B token for each A token
     order = best_score.argsort(dim=-1, descending=True)         # most similar A tokens first
     merging, staying = order[:, :r], order[:, r:]               # A tokens that merge / stay
-    merging_partner = partner.gather(1, merging)                # their partners in B
+    merging_partner = partner.gather(1, merging)                # their partners in B (B, r)
 
     keep = size_a - r                                           # new list: [staying A, all B]
-    pos_a = torch.empty_like(partner)
-    pos_a.scatter_(1, staying, torch.arange(keep, device=sums.device).expand(batch, keep))
-    pos_a.scatter_(1, merging, keep + merging_partner)
     new_pos = torch.empty(batch, num_tokens, dtype=torch.long, device=sums.device)
-    new_pos[:, 0::2] = pos_a
-    new_pos[:, 1::2] = keep + torch.arange(size_b, device=sums.device)
+    pos_a = new_pos[:, 0::2]                                    # (B, Ta) view: no copy into new_pos
+    pos_a.scatter_(1, staying, positions[:keep].expand(batch, keep))
+    pos_a.scatter_(1, merging, keep + merging_partner)
+    new_pos[:, 1::2] = positions[keep:keep + size_b]            # B tokens: keep, keep + 1, ...
 
-    sums_a, sums_b = sums[:, 0::2], sums[:, 1::2]
+    sums_a = _take(sums[:, 0::2], order)                        # (B, Ta, C) in `order`: one gather
+    new_sums = torch.cat([sums_a[:, r:], sums[:, 1::2]], dim=1)  # [staying A, all B] (B, T-r, C)
     index_b = merging_partner.unsqueeze(-1).expand(-1, -1, dim)
-    sums_b = sums_b.scatter_add(1, index_b, _take(sums_a, merging))   # add A sums to partners
-    return torch.cat([_take(sums_a, staying), sums_b], dim=1), new_pos
+    # add the merging A sums to their partners, in place in the cat's B part (no copy of it);
+    # the same additions in the same order as an out-of-place scatter_add, so the same bits
+    new_sums[:, keep:].scatter_add_(1, index_b, sums_a[:, :r])
+    return new_sums, new_pos
 
 
 @torch.no_grad()
@@ -205,7 +212,8 @@ def dtm_assignment(target: torch.Tensor, num_morphed: int, num_iters: int) -> to
     B, N, C = target.shape
     _check_level(N, num_morphed, num_iters)
     sums = target.float()
-    assign = torch.arange(N, device=target.device).expand(B, N)  # current token of each original
+    positions = torch.arange(N, device=target.device)          # made once, sliced by each round
+    assign = None                   # the identity; the first round's new_pos is then the answer
     tokens, carry = N, 0
     schedule = morph_schedule(N, num_morphed, num_iters)
     while schedule or carry:
@@ -214,10 +222,11 @@ def dtm_assignment(target: torch.Tensor, num_morphed: int, num_iters: int) -> to
         carry = want - r
         if r == 0:
             continue
-        sums, new_pos = bipartite_merge(sums, r)
-        assign = new_pos.gather(1, assign)
+        sums, new_pos = bipartite_merge(sums, r, positions)
+        # the current token of each original one (no gather through the identity)
+        assign = new_pos if assign is None else new_pos.gather(1, assign)
         tokens -= r
-    return assign
+    return positions.expand(B, N) if assign is None else assign
 
 
 # -------------------------------------------------------------------------------------------------
@@ -312,11 +321,21 @@ def downsample_assignment(grid: int, batch: int = 1, device=None) -> torch.Tenso
 
 def morph(tokens: torch.Tensor, assign: torch.Tensor, num_morphed: int):
     """Eq. 3: u_hat_i = sum_j m_ij u_j. (B, N, C), (B, N) -> sums (B, N_m, C), w (B, N_m)."""
+    return morph_sums(tokens, assign, num_morphed), cluster_sizes(tokens, assign, num_morphed)
+
+
+def morph_sums(tokens: torch.Tensor, assign: torch.Tensor, num_morphed: int) -> torch.Tensor:
+    """The sums of Eq. 3 alone: (B, N, C), (B, N) -> u_hat (B, N_m, C)."""
     B, N, C = tokens.shape
     index = assign.unsqueeze(-1).expand(-1, -1, C)
-    sums = tokens.new_zeros(B, num_morphed, C).scatter_add(1, index, tokens)
-    w = tokens.new_zeros(B, num_morphed).scatter_add(1, assign, tokens.new_ones(B, N))  # sum_j m_ij
-    return sums, w
+    return tokens.new_zeros(B, num_morphed, C).scatter_add(1, index, tokens)
+
+
+def cluster_sizes(tokens: torch.Tensor, assign: torch.Tensor, num_morphed: int) -> torch.Tensor:
+    """w_i = sum_j m_ij, the number of tokens in morphed token i: (B, N) -> (B, N_m), the dtype
+    of tokens (B, N, C)."""
+    B, N = assign.shape
+    return tokens.new_zeros(B, num_morphed).scatter_add(1, assign, tokens.new_ones(B, N))
 
 
 def morphed_distance(u, v, assign, num_morphed, kind="cosine"):
@@ -326,8 +345,9 @@ def morphed_distance(u, v, assign, num_morphed, kind="cosine"):
     distances compare means (as the authors' code), so their scale does not grow with w_i.
     """
     u, v = u.float(), v.float()
-    u_sum, w = morph(u, assign, num_morphed)
-    v_sum, _ = morph(v, assign, num_morphed)
+    u_sum = morph_sums(u, assign, num_morphed)             # (B, N_m, C)
+    v_sum = morph_sums(v, assign, num_morphed)
+    w = cluster_sizes(u, assign, num_morphed)              # (B, N_m): once, shared by u and v
     w_ = w.clamp(min=1).unsqueeze(-1)
     d = distance(u_sum / w_, v_sum / w_, kind)              # (B, N_m)
     return (w * d).sum(-1).div(u.shape[1]).mean()
@@ -343,11 +363,14 @@ def dtm_loss(u: torch.Tensor, v: torch.Tensor, levels: Sequence[Tuple[int, int]]
     if matching not in MATCHINGS:
         raise ValueError(f"unknown matching '{matching}': choose one of {MATCHINGS}")
     find = dtm_assignment if matching == "bipartite" else kmeans_assignment
-    loss = u.new_zeros((), dtype=torch.float32)
+    v = v.float()                                          # once for all levels, not per level
+    terms = []                                             # L_DTM^l of each level
     for num_morphed, num_iters in levels:
         assign = find(v.detach(), num_morphed, num_iters)
-        loss = loss + morphed_distance(u, v, assign, num_morphed, kind)
-    return loss
+        terms.append(morphed_distance(u, v, assign, num_morphed, kind))
+    if not terms:
+        return u.new_zeros((), dtype=torch.float32)
+    return sum(terms[1:], terms[0])                        # L^1 + L^2 + ...: no 0 + L^1 add
 
 
 # =================================================================================================

@@ -656,3 +656,112 @@ def test_kmeans_batched_equals_image_by_image_and_in_the_loss():
                           tokenwise_loss(u, target), atol=1e-6)
     with pytest.raises(ValueError, match="unknown matching"):
         dtm_loss(u, target, levels, matching="kmedoids")
+
+
+# -----------------------------------------------------------------------------
+# 11. The fewer-kernel formulation is exact: the same ids, loss and gradients, bit for bit
+#
+# losses.py saves kernels per DTM step (one arange per assignment, one gather of the A sums in
+# score order, in-place scatters, w once per level, v cast once, no 0 + L^1). The reference
+# below is the plain formulation it replaced; every result must be equal, not close.
+
+def reference_merge(sums, r):
+    """One bipartite round, written plainly: (B, T, C) -> new sums (B, T - r, C), new_pos."""
+    batch, num_tokens, dim = sums.shape
+    feats = F.normalize(sums, dim=-1)
+    feats_a, feats_b = feats[:, 0::2], feats[:, 1::2]
+    size_a, size_b = feats_a.shape[1], feats_b.shape[1]
+    best_score, partner = (feats_a @ feats_b.transpose(1, 2)).max(dim=-1)
+    order = best_score.argsort(dim=-1, descending=True)
+    merging, staying = order[:, :r], order[:, r:]
+    merging_partner = partner.gather(1, merging)
+    keep = size_a - r
+    pos_a = torch.empty_like(partner)
+    pos_a.scatter_(1, staying, torch.arange(keep).expand(batch, keep))
+    pos_a.scatter_(1, merging, keep + merging_partner)
+    new_pos = torch.empty(batch, num_tokens, dtype=torch.long)
+    new_pos[:, 0::2] = pos_a
+    new_pos[:, 1::2] = keep + torch.arange(size_b)
+
+    def rows(x, ids):
+        return x.gather(1, ids.unsqueeze(-1).expand(-1, -1, dim))
+    sums_a, sums_b = sums[:, 0::2], sums[:, 1::2]
+    index_b = merging_partner.unsqueeze(-1).expand(-1, -1, dim)
+    sums_b = sums_b.scatter_add(1, index_b, rows(sums_a, merging))
+    return torch.cat([rows(sums_a, staying), sums_b], dim=1), new_pos
+
+
+def reference_assignment(target, n_m, k):
+    B, N, _ = target.shape
+    sums, assign = target.float(), torch.arange(N).expand(B, N)
+    tokens, carry, schedule = N, 0, morph_schedule(N, n_m, k)
+    while schedule or carry:
+        want = (schedule.pop(0) if schedule else 0) + carry
+        r = min(want, (tokens + 1) // 2)
+        carry = want - r
+        if r:
+            sums, new_pos = reference_merge(sums, r)
+            assign, tokens = new_pos.gather(1, assign), tokens - r
+    return assign
+
+
+def reference_loss(u, v, levels, kind="cosine"):
+    loss = torch.zeros(())
+    for n_m, k in levels:
+        with torch.no_grad():
+            assign = reference_assignment(v.detach().float(), n_m, k)
+        uf, vf = u.float(), v.float()
+        B, N, C = uf.shape
+        index = assign.unsqueeze(-1).expand(-1, -1, C)
+        u_sum = uf.new_zeros(B, n_m, C).scatter_add(1, index, uf)
+        v_sum = vf.new_zeros(B, n_m, C).scatter_add(1, index, vf)
+        w = uf.new_zeros(B, n_m).scatter_add(1, assign, uf.new_ones(B, N))
+        w_ = w.clamp(min=1).unsqueeze(-1)
+        d = distance(u_sum / w_, v_sum / w_, kind)
+        loss = loss + (w * d).sum(-1).div(N).mean()
+    return loss
+
+
+def test_bipartite_merge_equals_the_plain_reference_bit_for_bit():
+    g = gen(40)
+    for n, r in [(2, 1), (7, 1), (7, 4), (16, 3), (16, 8), (49, 25), (196, 13), (196, 98)]:
+        sums = torch.randn(3, n, 9, generator=g)
+        sums[1, 1::3] = sums[1, :1]                             # ties in the scores
+        ref_sums, ref_pos = reference_merge(sums, r)
+        for positions in (None, torch.arange(n + 5)):
+            new_sums, new_pos = losses.bipartite_merge(sums, r, positions)
+            assert torch.equal(new_pos, ref_pos), (n, r)
+            assert torch.equal(new_sums, ref_sums), (n, r)
+
+
+@pytest.mark.parametrize("n, num_levels, kind", [(196, 2, "cosine"), (49, 3, "cosine"),
+                                                  (16, 2, "l2"), (7, 4, "smooth_l1")])
+def test_loss_and_gradients_equal_the_plain_reference_bit_for_bit(n, num_levels, kind):
+    g = gen(41)
+    rng = random.Random(n)
+    for _ in range(4):
+        levels = sample_levels(n, num_levels, 14, 1, rng)
+        u0, v0 = torch.randn(3, n, 16, generator=g), torch.randn(3, n, 16, generator=g)
+        for n_m, k in levels:
+            assert torch.equal(dtm_assignment(v0, n_m, k), reference_assignment(v0, n_m, k))
+        u, v = u0.clone().requires_grad_(True), v0.clone().requires_grad_(True)
+        loss = dtm_loss(u, v, levels, kind)
+        loss.backward()
+        u_ref, v_ref = u0.clone().requires_grad_(True), v0.clone().requires_grad_(True)
+        expected = reference_loss(u_ref, v_ref, levels, kind)
+        expected.backward()
+        assert torch.equal(loss, expected), (levels, loss.item(), expected.item())
+        assert torch.equal(u.grad, u_ref.grad) and torch.equal(v.grad, v_ref.grad), levels
+
+
+def test_loss_with_a_bfloat16_student_equals_the_plain_reference_bit_for_bit():
+    # bf16 u (autocast's head output) and v: the casts to float and the gradient back to u
+    g = gen(42)
+    levels = sample_levels(49, 2, 14, 1, random.Random(3))
+    u0 = torch.randn(2, 49, 16, generator=g).bfloat16()
+    v = torch.randn(2, 49, 16, generator=g).bfloat16()
+    u, u_ref = u0.clone().requires_grad_(True), u0.clone().requires_grad_(True)
+    loss, expected = dtm_loss(u, v, levels), reference_loss(u_ref, v, levels)
+    loss.backward()
+    expected.backward()
+    assert torch.equal(loss, expected) and torch.equal(u.grad, u_ref.grad)
