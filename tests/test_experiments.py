@@ -97,7 +97,7 @@ def test_quick_figures_and_markdown(quick):
     assert "| raw pixels (28 px; baseline) |" in md and "| raw pixels (32 px; baseline) |" in md
     assert "| random-init vit_micro (SimMIM, 32 px; baseline) |" in md
     assert ">= 88" in md and ">= 90% test top-1" in md and "RAUC caveat" in md
-    assert "min of runs" in md and "Budget (the plan): teacher 256 images x 1" in md
+    assert "min of runs" in md and "Budget (the plan): teacher 256 images x 1 epoch;" in md
     for rec in results["runs"].values():  # everything under --out, nothing in the repository
         assert rec["out_dir"].startswith(str(out)) and rec["encoder"].startswith(str(out))
 
