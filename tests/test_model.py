@@ -703,3 +703,20 @@ def test_global_pool_avg_matches_timm():
     ref.load_state_dict(to_timm(vit.state_dict()), strict=True)
     x = torch.randn(2, 3, 16, 16)
     assert torch.allclose(vit(x), ref(x), atol=1e-5)
+
+
+def test_ema_teacher_update_is_the_per_parameter_lerp_bit_for_bit():
+    """EMATeacher.update (one multi-tensor lerp) = the old loop of lerp_ per parameter, exactly."""
+    student = randomise(tiny(layer_scale=0.1))
+    teacher = EMATeacher(student)
+    randomise(teacher.encoder, std=0.3)
+    randomise(student, std=0.5)
+    reference = [p.clone() for p in teacher.encoder.parameters()]
+    for momentum in (0.996, 0.9, 0.5, 0.123):
+        teacher.update(student, momentum)
+        for p_t, p_s in zip(reference, student.parameters()):  # the old update, written plainly
+            p_t.lerp_(p_s.detach(), 1.0 - momentum)
+        for (n, p), ref in zip(teacher.encoder.named_parameters(), reference):
+            assert torch.equal(p, ref), (momentum, n)
+    with pytest.raises(ValueError):
+        teacher.update(tiny(depth=1), 0.9)
