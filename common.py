@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import difflib
 import errno
+import inspect
 import itertools
 import json
 import math
@@ -276,7 +277,21 @@ def ddp(model: torch.nn.Module, dist_: "Dist") -> torch.nn.Module:
     if dist_.world == 1:
         return model
     cuda = dist_.device.type == "cuda"
-    return DistributedDataParallel(model, device_ids=[dist_.local_rank] if cuda else None)
+    # broadcast_buffers: DDP copies rank 0's buffers to every rank before each forward. The ViT's
+    # and the MAE decoder's buffers are constant tables (sin-cos positions, relative position
+    # indices), built the same on every rank and never changed by training: the copy is a
+    # collective per step for nothing. Running statistics (BatchNorm in the probe heads) do change,
+    # and probe.sync_bn_stats expects them broadcast, so a model with any keeps the broadcast.
+    running_stats = any(isinstance(m, torch.nn.modules.batchnorm._NormBase)
+                        and m.track_running_stats for m in model.modules())
+    # (newer torch names it forward_sync_buffers and deprecates broadcast_buffers; both still
+    # copy rank 0's buffers once at the wrap.)
+    sync = ("forward_sync_buffers" if "forward_sync_buffers" in
+            inspect.signature(DistributedDataParallel).parameters else "broadcast_buffers")
+    # gradient_as_bucket_view: the .grad tensors are views into DDP's all-reduce buckets, so no
+    # copy between them after each backward (and no second copy of the gradients in memory).
+    return DistributedDataParallel(model, device_ids=[dist_.local_rank] if cuda else None,
+                                   gradient_as_bucket_view=True, **{sync: running_stats})
 
 
 NO_DECAY = ("cls_token", "mask_token", "pos_embed", "relative_position_bias_table")

@@ -290,3 +290,56 @@ def test_precision_auto_is_bf16_only_where_the_hardware_has_it(monkeypatch):
     for cls in (pretrain.Config, finetune.Config):
         with pytest.raises(ConfigError, match="precision"):
             common.make_config(cls, {"precision": "half"})
+
+
+def _every_buffer(module):
+    return {n: b.clone() for n, b in module.named_buffers()}
+
+
+def test_ddp_buffers_are_constant_and_only_running_stats_are_broadcast(tmp_path):
+    """common.ddp: broadcast_buffers=False is exact because no buffer of the pre-training and
+    fine-tuning models changes in a training step; the probe heads' BatchNorm running statistics
+    do change, so they keep the broadcast. The gradients equal the old wrap's (DDP defaults)."""
+    import losses
+    import model as M
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    torch.manual_seed(0)
+    enc = M.build_vit("vit_micro", img_size=16, patch_size=4, pos_embed="sincos")
+    mae = M.MAE(enc, M.MAEDecoder(embed_dim=32, grid=4, patch_size=4, decoder_dim=32, depth=1,
+                                  num_heads=2))
+    simmim = M.SimMIM(M.build_vit("vit_micro", img_size=16, patch_size=4, rel_pos_bias=True))
+    x = torch.randn(2, 3, 16, 16)
+    mask = torch.zeros(2, 16, dtype=torch.bool)
+    mask[0, :6], mask[1, 5:11] = True, True
+    for net in (mae, simmim):  # a few optimiser steps: every buffer stays as it was built
+        before = _every_buffer(net)
+        opt = torch.optim.AdamW(net.parameters(), lr=0.1)
+        for _ in range(2):
+            pred, _ = net(x, mask)
+            pred.float().square().mean().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        assert before and all(torch.equal(b, before[n]) for n, b in net.named_buffers())
+
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}",
+                                         rank=0, world_size=1)
+    try:
+        fake = common.Dist(world=2)  # ddp only wraps with several processes
+        heads = losses.ProbeHeads(["cls", "mean"], dim=32, num_classes=3)
+        for net, broadcast in ((mae, False), (simmim, False), (enc, False), (heads, True)):
+            wrapped = common.ddp(net, fake)
+            sync = getattr(wrapped, "forward_sync_buffers", None)  # torch >= 2.14 names it so
+            assert (wrapped.broadcast_buffers if sync is None else sync) is broadcast
+            assert wrapped.gradient_as_bucket_view
+        torch.manual_seed(1)
+        grads = []
+        for wrap in (lambda m: DDP(m), lambda m: common.ddp(m, fake)):  # old wrap, new wrap
+            torch.manual_seed(1)
+            net = M.build_vit("vit_micro", img_size=16, patch_size=4, pos_embed="sincos",
+                              num_classes=3)
+            wrap(net)(x, mask=mask).logsumexp(-1).sum().backward()
+            grads.append([p.grad.clone() for p in net.parameters()])
+        assert all(torch.equal(a, b) for a, b in zip(*grads))
+    finally:
+        torch.distributed.destroy_process_group()
