@@ -426,17 +426,23 @@ def normalize_patches(target: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return (target - mean) / (var + eps) ** 0.5
 
 
-def mask_ids(mask: torch.Tensor):
+def mask_ids(mask: torch.Tensor, num_masked: Optional[int] = None):
     """(B, N) bool, the same count per image -> ids of masked (B, |M|), visible (B, |V|) patches.
 
-    Each set is in patch order. Reads the per-image counts on the host once (a device sync).
+    Each set is in patch order. num_masked: |M|, when the caller knows it (the data set masks
+    data.num_masked_patches per image); otherwise the per-image counts are read on the host once.
     """
-    counts = set(mask.sum(1).tolist())
-    if len(counts) > 1:
-        raise ValueError("every image needs the same number of masked patches, "
-                         f"got {sorted(counts)}")
+    if num_masked is None:  # reading the counts waits for the GPU (a device -> host sync)
+        counts = set(mask.sum(1).tolist())
+        if len(counts) > 1:
+            raise ValueError("every image needs the same number of masked patches, "
+                             f"got {sorted(counts)}")
+        num_masked = counts.pop()
+    else:  # the same check, without the sync: a device-side assert (RuntimeError on the CPU)
+        torch._assert_async((mask.sum(1) == num_masked).all(),
+                            f"every image needs exactly num_masked={num_masked} masked patches")
     order = mask.to(torch.uint8).argsort(dim=1, stable=True)  # visible (0) first, then masked
-    num_visible = mask.shape[1] - counts.pop()
+    num_visible = mask.shape[1] - num_masked
     return order[:, num_visible:], order[:, :num_visible]
 
 
@@ -525,14 +531,16 @@ def ranking_loss(H: torch.Tensor, printed_sign: bool = False) -> torch.Tensor:
 
 
 def mto_losses(hiddens: Sequence[torch.Tensor], mask: torch.Tensor, printed_sign: bool = False,
-               eps: float = 1e-6, exclude_self: bool = False) -> dict:
+               eps: float = 1e-6, exclude_self: bool = False,
+               num_masked: Optional[int] = None) -> dict:
     """The MTO terms over X^0..X^L (each (B, N, D), patch tokens only; X^0 = initial embedding).
 
     -> {"spa": L_spa (Eq. 3), "e": L_e (Eq. 4), "r": L_r (Eq. 5)}, scalars; the caller weights
     them (total = L_pixel + lambda * (L_spa + L_e + L_r), lambda = 1; Table 3 switches terms
-    off). exclude_self: L_spa without the diagonal (sparsity_loss).
+    off). exclude_self: L_spa without the diagonal (sparsity_loss). num_masked: the number of
+    True per row of `mask`, when known (mask_ids then reads nothing on the host).
     """
-    ids = mask_ids(mask)                                            # one host read, all layers
+    ids = mask_ids(mask, num_masked)                     # at most one host read, all layers
     H = torch.stack([heterogeneity(x, mask, ids) for x in hiddens])  # (L+1, B): H^0..H^L
     return {"spa": sparsity_loss(hiddens[0], mask, ids, exclude_self),
             "e": entropy_loss(H[0], eps), "r": ranking_loss(H, printed_sign)}

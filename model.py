@@ -152,16 +152,22 @@ def lookup_bias(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 # -----------------------------------------------------------------------------
 # Masked and visible patches, pixel patches
 
-def mask_ids(mask: torch.Tensor):
+def mask_ids(mask: torch.Tensor, num_masked: Optional[int] = None):
     """(B, N) bool, the same count per image -> ids of masked (B, |M|) and visible (B, |V|) patches.
 
-    Each set is in patch order. Reads the per-image counts on the host once (a device sync).
+    Each set is in patch order. num_masked: |M|, when the caller knows it (the data set masks
+    data.num_masked_patches per image); otherwise the per-image counts are read on the host once.
     """
-    counts = mask.sum(1).tolist()
-    if len(set(counts)) > 1:
-        raise ValueError("every image needs the same number of masked patches, "
-                         f"got {sorted(set(counts))}")
-    num_visible = mask.shape[1] - counts[0]
+    if num_masked is None:  # reading the counts waits for the GPU (a device -> host sync)
+        counts = mask.sum(1).tolist()
+        if len(set(counts)) > 1:
+            raise ValueError("every image needs the same number of masked patches, "
+                             f"got {sorted(set(counts))}")
+        num_masked = counts[0]
+    else:  # the same check, without the sync: a device-side assert (RuntimeError on the CPU)
+        torch._assert_async((mask.sum(1) == num_masked).all(),
+                            f"every image needs exactly num_masked={num_masked} masked patches")
+    num_visible = mask.shape[1] - num_masked
     order = mask.to(torch.uint8).argsort(dim=1, stable=True)  # visible (0) first, then masked (1)
     return order[:, num_visible:], order[:, :num_visible]
 
@@ -659,9 +665,11 @@ class MAE(nn.Module):
         self.encoder, self.decoder = encoder, decoder
         encoder.mask_token.requires_grad_(False)
 
-    def forward(self, x, mask, return_hiddens=False):
-        """-> pred (B, N, p*p*C), and the decoder's X^0..X^L if return_hiddens else None."""
-        _, keep = mask_ids(mask)                                       # (B, |V|) visible patch ids
+    def forward(self, x, mask, return_hiddens=False, num_masked=None):
+        """-> pred (B, N, p*p*C), and the decoder's X^0..X^L if return_hiddens else None.
+
+        num_masked: the number of True per row of `mask` if known (no device -> host sync)."""
+        _, keep = mask_ids(mask, num_masked)                           # (B, |V|) visible patch ids
         latent = self.encoder(x, keep=keep)                            # (B, 1+|V|, D)
         if not return_hiddens:
             return self.decoder(latent, keep), None

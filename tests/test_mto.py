@@ -583,3 +583,54 @@ def test_mae_resume_continues_with_the_decoder(tiny_imagefolder, tmp_path):
     b = torch.load(resumed / "checkpoint.pth", weights_only=False)["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert [r["loss"] for r in log_of(resumed)] == [r["loss"] for r in log_of(full)][4:]
+
+
+def old_mask_ids(mask):
+    """mask_ids before num_masked: the counts read on the host, then a stable argsort."""
+    count = mask.sum(1).tolist()[0]
+    order = mask.to(torch.uint8).argsort(dim=1, stable=True)
+    return order[:, mask.shape[1] - count:], order[:, :mask.shape[1] - count]
+
+
+def no_host_reads(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a device -> host read")
+    for name in ("tolist", "item", "__bool__", "nonzero"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+
+
+@pytest.mark.parametrize("num_masked", [0, 1, 9, 12, 16])
+def test_mask_ids_with_a_known_count_are_the_old_ids_without_a_host_read(monkeypatch,
+                                                                          num_masked):
+    mask = exact_mask(5, 16, num_masked, seed=num_masked)
+    ref = old_mask_ids(mask)
+    for fn in (M.mask_ids, losses.mask_ids):
+        assert all(torch.equal(a, b) for a, b in zip(fn(mask), ref))  # the count read on the host
+        with monkeypatch.context() as m:
+            no_host_reads(m)
+            ids = fn(mask, num_masked)
+        assert all(torch.equal(a, b) for a, b in zip(ids, ref))
+        with pytest.raises(RuntimeError, match="num_masked"):  # a wrong count is still caught
+            fn(mask, num_masked + 1)
+
+
+def test_mae_and_mto_losses_with_a_known_count_are_bit_identical(monkeypatch):
+    net, cfg = build("mae")
+    img, mask = batch(cfg)
+    k = data.num_masked_patches(mask.shape[1], cfg.mask_ratio)
+    runs = []
+    for num_masked in (None, k):  # None: the old path, counts read on the host
+        net.zero_grad(set_to_none=True)
+        with monkeypatch.context() as m:
+            if num_masked is not None:
+                no_host_reads(m)
+            pred, hiddens = net(img, mask, return_hiddens=True, num_masked=num_masked)
+            terms = losses.mto_losses([h[:, 1:] for h in hiddens], mask, num_masked=num_masked)
+        (pred.square().mean() + sum(terms.values())).backward()
+        runs.append((pred, hiddens, terms, [p.grad.clone() for p in net.parameters()
+                                           if p.grad is not None]))
+    (pred0, hid0, terms0, grads0), (pred1, hid1, terms1, grads1) = runs
+    assert torch.equal(pred0, pred1)
+    assert all(torch.equal(a, b) for a, b in zip(hid0, hid1))
+    assert all(torch.equal(terms0[n], terms1[n]) for n in ("spa", "e", "r"))
+    assert len(grads0) == len(grads1) and all(torch.equal(a, b) for a, b in zip(grads0, grads1))
