@@ -514,8 +514,9 @@ class PretrainLoss:
     Eq. 1), plus w_spa L_spa + w_e L_e + w_r L_r (MTO Eqs. 3-5) over the per-layer tokens X^l of
     the blocks that hold the mask tokens."""
 
-    def __init__(self, cfg: Config, num_patches: int):
+    def __init__(self, cfg: Config, num_patches: int, num_masked=None):
         self.cfg, self.num_patches = cfg, num_patches
+        self.num_masked = num_masked  # |M| per image, known in advance: no device -> host sync
         self.grid = round(math.sqrt(num_patches))
         self.mto_weights = {t: getattr(cfg, f"mto_{t}") for t in MTO_TERMS}
 
@@ -544,12 +545,14 @@ class PretrainLoss:
 
     def pixels(self, model, img, mask):
         cfg = self.cfg
-        pred, hiddens = model(img, mask, return_hiddens=cfg.mto)  # (B, N, p*p*C); X^0..X^L
+        known = {"num_masked": self.num_masked} if cfg.framework == "mae" else {}  # MAE's ids
+        pred, hiddens = model(img, mask, return_hiddens=cfg.mto, **known)  # (B, N, p*p*C); X^l
         loss = reconstruction_loss(cfg, pred, img, mask)
         terms = {"pixel": loss.detach()}
         if cfg.mto:
             mto = losses.mto_losses([h[:, 1:] for h in hiddens], mask, cfg.mto_printed_sign,
-                                    cfg.mto_eps, exclude_self=cfg.mto_spa_exclude_self)
+                                    cfg.mto_eps, exclude_self=cfg.mto_spa_exclude_self,
+                                    num_masked=self.num_masked)
             for name, w in self.mto_weights.items():
                 if w > 0:  # a switched-off term is still logged, never added (0 * inf is nan)
                     loss = loss + w * mto[name]
@@ -616,7 +619,7 @@ def main(argv):
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     dataset, loader = build_data(cfg, dist, run.micro_batch)
     student, teacher = build_models(cfg, dist)  # teacher: None for simmim / mae
-    loss_fn = PretrainLoss(cfg, student.encoder.num_patches)
+    loss_fn = PretrainLoss(cfg, student.encoder.num_patches, dataset.num_masked)
     lr = peak_lr(cfg)
     optimizer = torch.optim.AdamW(param_groups(student, cfg.weight_decay), lr=lr,
                                   betas=(0.9, cfg.beta2), fused=dist.device.type == "cuda")
