@@ -215,8 +215,8 @@ class Attention(nn.Module):
             bias = bias.unsqueeze(0).to(q.dtype)  # (1, H, T, T)
         attn = None
         # The explicit formula where the maps are asked for, and for bf16 on a CPU: there
-        # PyTorch's fused kernel is 5-8x slower than it at ViT sequence lengths (its backward;
-        # `python bench.py --only attention`). Elsewhere the fused kernel (flash on a GPU).
+        # PyTorch's fused kernel is about 6x slower than it for 50 tokens (its backward;
+        # `python bench.py --device cpu --sections precision`). Elsewhere the fused kernel.
         if return_attn or (q.dtype == torch.bfloat16 and q.device.type == "cpu"):
             logits = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
             if bias is not None:
