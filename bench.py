@@ -1,10 +1,12 @@
 """Speed of the pre-training step: variants side by side, all timed in one process.
 
-    python bench.py --device cpu               # tiny models, about a minute on 2 cores
-    python bench.py --device cuda              # ViT-S/B/L at 224 px, bf16, batch 256 (ViT-L 128)
+    python bench.py --device cpu               # tiny models, a few minutes on 2 cores
+    python bench.py --device cuda              # ViT-S/B/L at 224 px, bf16, batch 256 (ViT-L 128);
+                                               # the distill step at the recipe's 128 per GPU
     python bench.py --device cuda --data jpeg  # + the step fed from JPEGs decoded from a folder
     python bench.py --device cuda --sections distill --profile   # where the time of one step goes
     python bench.py --device cpu --sections precision  # the default job's step, fp32 vs bf16
+    python bench.py --device cpu --sections loader     # one loader worker, before vs after
     python bench.py --device cuda --models vit_base --batch 128 --no-compile drop_path=0.1
                                                # (trailing key=value pairs override the Config)
 
@@ -12,6 +14,8 @@ Sections (rows). Every ratio compares variants timed in turn, one step each, in 
 busy machine slows both sides alike:
   step     this project's ViT vs timm's VisionTransformer: same size, batch, precision and weights,
            eager and torch.compile; a step is forward, backward, gradient clipping and AdamW
+  relpos   our ViT's step without BEiT's relative position bias, with a shared table, a table
+           per block, and both (the DTM recipes): what each costs
   distill  pretrain.py's step: frozen CLIP-sized teacher + student + loss, token-wise vs DTM
            (L levels, k <= max_iters, drawn per step), same student, teacher and optimizer
   dtm      the DTM assignment alone (ms per batch) for N = 196 tokens and several (N_m, k); and
@@ -20,6 +24,11 @@ busy machine slows both sides alike:
            (the `precision` key), and the attention alone in bf16, fused kernel vs explicit
   data     the distill step fed from decoded JPEGs (DataLoader workers, pretrain.py's transform
            and masks) vs from tensors already on the device, and the loader alone (--data jpeg)
+  loader   one worker's time per sample on ImageNet-sized JPEGs with the ImageNet recipe's
+           augmentation, before (jitter on the whole image, float32) and after (crop first, uint8)
+  save     how long rank 0's training loop waits for a checkpoint of the model and its AdamW
+           moments (the config's model; --models vit_base for the ImageNet size): the write
+           itself (before) vs a host copy handed to a background thread (after, common.Run.save)
 
 Student, masking, loss and AdamW settings come from a pre-training config (pretrain.Config:
 --config, then key=value overrides). The teacher is open_clip's visual tower with RANDOM weights
@@ -52,8 +61,10 @@ from common import param_groups, parse_config
 PEAK_BF16_TFLOPS = {"H100 PCIe": 756, "H100 NVL": 835, "H100": 989, "H200": 989, "A100": 312}
 GPU_MODELS = "vit_small,vit_base,vit_large"  # the step section's default sizes on a GPU
 GPU_BATCH, GPU_BATCH_LARGE, CPU_BATCH = 256, 128, 16
+RECIPE_GPU_BATCH = 128  # distill, dtm, data sections on a GPU: the recipes' 1024 over 8 GPUs
 DTM_CASES = [(196, 1), (147, 2), (98, 1), (98, 7), (98, 14), (49, 14), (1, 1), (1, 14)]  # (N_m, k)
 TINY_CLIP = "bench-tiny-clip"  # the CPU teacher: an open_clip config registered at start-up
+SECTIONS = ("step", "relpos", "distill", "dtm", "data", "precision", "loader", "save")
 # profiler scopes of a step
 PHASES = ("teacher", "student forward", "loss", "backward", "clip+adamw")
 
@@ -68,7 +79,8 @@ def parse_args(argv):
     p.add_argument("--models", help=f"step section, comma-separated (default: cuda {GPU_MODELS}; "
                                     "cpu the config's model)")
     p.add_argument("--batch", type=int, default=0,
-                   help=f"batch per step (default: cuda {GPU_BATCH}, ViT-L {GPU_BATCH_LARGE}; "
+                   help=f"batch per step (default: cuda {GPU_BATCH}, ViT-L {GPU_BATCH_LARGE}, "
+                        f"distill/dtm/data {RECIPE_GPU_BATCH}; "
                         f"cpu {CPU_BATCH})")
     p.add_argument("--teacher", help="open_clip model name (default: cuda the config's "
                                      f"teacher_model; cpu {TINY_CLIP}, a ViT-Tiny-like tower)")
@@ -81,11 +93,11 @@ def parse_args(argv):
                    help="untimed steps per variant (default: cuda 5, cpu 2)")
     p.add_argument("--no-compile", dest="compile", action="store_false",
                    help="skip the torch.compile rows")
-    p.add_argument("--compile-teacher", action="store_true",
-                   help="the compiled distill rows compile the teacher too "
-                        "(pretrain.py: the student only)")
-    p.add_argument("--sections", default="step,distill,dtm",
-                   help="comma-separated, of step, distill, dtm, data, precision")
+    p.add_argument("--eager-teacher", dest="compile_teacher", action="store_false",
+                   help="the compiled distill rows keep the teacher eager (pretrain.py with "
+                        "compile=true compiles both)")
+    p.add_argument("--sections", default="step,relpos,distill,dtm,loader,save",
+                   help=f"comma-separated, of {', '.join(SECTIONS)}")
     p.add_argument("--data", choices=("tensor", "jpeg"), default="tensor",
                    help="jpeg: also run the data section (the same as adding it to --sections)")
     p.add_argument("--jpeg-dir", default="",
@@ -113,10 +125,9 @@ def parse_args(argv):
     if args.workers < 0:
         args.workers = max(1, len(os.sched_getaffinity(0)) - 2)
     args.sections = [s for s in args.sections.split(",") if s]
-    unknown = set(args.sections) - {"step", "distill", "dtm", "data", "precision"}
+    unknown = set(args.sections) - set(SECTIONS)
     if unknown:
-        p.error(f"unknown section(s) {sorted(unknown)}: choose from step, distill, dtm, data, "
-                "precision")
+        p.error(f"unknown section(s) {sorted(unknown)}: choose from {', '.join(SECTIONS)}")
     if args.data == "jpeg" and "data" not in args.sections:
         args.sections.append("data")
     return args
@@ -346,6 +357,38 @@ def bench_step(args, cfg, device, autocast, peak):
         del ours, ref, fns, kept, x
         free(device)
     return rows
+
+
+RELPOS = {"no bias": (False, False), "shared table": (False, True),
+          "per-block tables": (True, False), "both (the DTM recipes)": (True, True)}
+
+
+def bench_relpos(args, cfg, device, autocast):
+    """What BEiT's relative position bias costs: our ViT's training step (the config's model,
+    layer scale and batch) without it, with one shared table, one table per block, and both
+    (DTM App. D). With a bias, attention takes a float mask that needs a gradient, which rules
+    out the flash kernel on a GPU."""
+    name = (args.models or cfg.model).split(",")[0]
+    batch = batch_for(args, name)
+    x = torch.randn(batch, 3, cfg.img_size, cfg.img_size, device=device)
+    fns = {}
+    for label, (per_block, shared) in RELPOS.items():
+        torch.manual_seed(cfg.seed)
+        vit = M.build_vit(name, img_size=cfg.img_size, patch_size=cfg.patch_size,
+                          layer_scale=cfg.layer_scale, rel_pos_bias=per_block,
+                          shared_rel_pos_bias=shared, pos_embed="none" if per_block or shared
+                          else "learned").to(device)
+        opt = make_optimizer(vit, cfg, device)
+        forward = torch.compile(vit) if args.compile else vit
+        fns[label] = lambda f=forward, v=vit, opt=opt: train_step(
+            lambda: f(x).float().square().mean(), list(v.parameters()), opt, autocast,
+            cfg.clip_grad)
+    mode = "compiled" if args.compile else "eager"
+    print(f"  relpos {name} {mode}: batch {batch}, {list(fns)} ...", flush=True)
+    times = time_interleaved(fns, device, args.warmup, args.steps)
+    ref = f"{name} {mode} no bias"
+    return [row("relpos", f"{name} {mode} {label}", batch, t, ref=ref, vs="no bias")
+            for label, t in times.items()]
 
 
 # -----------------------------------------------------------------------------
@@ -596,6 +639,93 @@ def bench_precision(args, cfg, device):
             for name, t in times.items()]
 
 
+LOADER_RECIPE = "configs/in1k_vit_base_dtm.yaml"  # the loader section's transform and masks
+LOADER_BLOCK = 10  # samples per timed call of the loader section
+
+
+def legacy_transform(img_size, crop_scale_min, color_jitter):
+    """The transform before the crop-first change, kept here as the loader section's reference:
+    colour jitter on the whole decoded image, then the crop, then float32 normalised in the
+    worker."""
+    from torchvision.transforms import v2 as T
+    return T.Compose([T.ToImage(), T.ColorJitter(color_jitter, color_jitter, color_jitter),
+                      T.RandomResizedCrop(img_size, scale=(crop_scale_min, 1.0), antialias=True),
+                      T.RandomHorizontalFlip(), T.ToDtype(torch.float32, scale=True),
+                      T.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)])
+
+
+def bench_loader(args, folder):
+    """One loader worker's work per sample on ImageNet-sized JPEGs with the ImageNet DTM recipe's
+    transform and mask (decode, augment, mask), before (jitter first, float32) and after (crop
+    first, uint8; normalised on the device): ms per LOADER_BLOCK samples in this process (one
+    worker = one core), and the bytes each batch takes through shared memory and the bus."""
+    rcfg = parse_config(pretrain.Config, ["--config", LOADER_RECIPE])
+    root = args.jpeg_dir or os.path.join(folder, "jpegs")
+    have = sum(len(files) for _, _, files in os.walk(os.path.join(root, "train")))
+    if have < args.jpeg_count:
+        make_jpegs(root, args.jpeg_count, args.workers)
+    grid = rcfg.img_size // rcfg.patch_size
+    tfs = {"before: jitter first, float32": legacy_transform,
+           "after: crop first, uint8": data.pretrain_transform}
+    sets = {name: data.MaskedImages(
+        data.build_dataset("imagefolder", root, train=True,
+                           transform=tf(rcfg.img_size, rcfg.crop_scale_min, rcfg.color_jitter)),
+        grid, rcfg.mask_ratio, rcfg.mask, rcfg.mask_min_patches, rcfg.seed)
+        for name, tf in tfs.items()}
+    n = min(len(ds) for ds in sets.values())
+    counter = iter(range(10 ** 9))
+
+    def block(ds):
+        def fn():
+            start = next(counter) * LOADER_BLOCK
+            for i in range(start, start + LOADER_BLOCK):
+                ds[(0, i % n)]
+        return fn
+    with torch.inference_mode():
+        times = time_interleaved({k: block(ds) for k, ds in sets.items()}, torch.device("cpu"),
+                                 1, max(args.steps, 5))
+    ref = next(iter(times))
+    rows = [row("loader", name, LOADER_BLOCK, t, ref=ref, vs=ref[:6]) for name, t in times.items()]
+    img = sets[next(reversed(sets))][(0, 0)][0]
+    per_batch = rcfg.batch_size * img.numel()
+    print(f"  loader: {rcfg.img_size} px, crop >= {rcfg.crop_scale_min}, jitter "
+          f"{rcfg.color_jitter} ({LOADER_RECIPE}); a batch of {rcfg.batch_size} images is "
+          f"{4 * per_batch / 2 ** 20:.1f} MiB as float32, {per_batch / 2 ** 20:.1f} MiB as uint8",
+          flush=True)
+    return rows
+
+
+def bench_save(args, cfg, device, folder):
+    """The wait of rank 0's loop for one checkpoint (weights and both AdamW moments, as
+    pretrain.py saves them), before: written in the loop (common.save_run); after: copied to
+    host memory and written by a background thread (common.host_copy, BackgroundWrite), whose
+    write is waited for outside the timing."""
+    name = (args.models or cfg.model).split(",")[0]
+    vit = M.build_vit(name, img_size=cfg.img_size, patch_size=cfg.patch_size).to(device)
+    weights = vit.state_dict()
+    moments = {m: {k: torch.rand_like(v, dtype=torch.float) for k, v in weights.items()}
+               for m in ("exp_avg", "exp_avg_sq")}
+    state = {"model": weights, "optimizer": moments}
+    path = os.path.join(folder, "checkpoint.pth")
+    size = sum(v.numel() * v.element_size() for part in (weights, *state["optimizer"].values())
+               for v in part.values())
+    print(f"  save: {name}, a checkpoint of {size / 2 ** 20:.0f} MiB into {folder} ...", flush=True)
+    times = {"before: written in the loop": [], "after: host copy, background write": []}
+    for _ in range(max(args.steps, 3)):
+        sync(device)
+        t0 = time.perf_counter()
+        common.save_run(path, state, {})
+        times["before: written in the loop"].append(time.perf_counter() - t0)
+        sync(device)
+        t0 = time.perf_counter()
+        writer = common.BackgroundWrite(common.save_run, path, common.host_copy(state), {})
+        times["after: host copy, background write"].append(time.perf_counter() - t0)
+        writer.wait()
+    ref = next(iter(times))
+    return [row("save", f"{name} {label}", 1, t, ref=ref, vs="written in the loop")
+            for label, t in times.items()]
+
+
 def bench_data(args, cfg, device, steps, on_device, batch, folder):
     """The DTM step fed from a DataLoader over JPEGs vs on tensors already on the device.
 
@@ -627,7 +757,8 @@ def bench_data(args, cfg, device, steps, on_device, batch, folder):
 
     def fed():
         img, mask, _ = next(batches)
-        steps[key](img.to(device, non_blocking=True), mask.to(device, non_blocking=True))
+        steps[key](data.normalize(img.to(device, non_blocking=True)),
+                   mask.to(device, non_blocking=True))
 
     queue = args.workers * prefetch  # batches in flight
     print(f"  data: {args.workers} workers, batch {batch}, {queue} batches in flight, {key} ...",
@@ -739,24 +870,28 @@ def targets(rows, args, cfg, teacher_name):
     out = []
     for r in rows:
         ref = by_name.get((r["section"], r["ref"]))
-        if ref is None or ref is r or r["section"] in ("dtm", "precision"):  # no target
+        if ref is None or ref is r or r["section"] not in ("step", "distill", "data"):
             continue
         text, limit = {"step": ("ours / timm", 1.00), "distill": ("DTM / token-wise", 1.02),
                        "data": ("fed from JPEGs / from device tensors", 1.10)}[r["section"]]
         if r["section"] != "data" or "JPEGs" in r["variant"]:
             out.append((f"{r['variant']}: {text} <= {limit:.2f}", r["ratio"], limit, noise(r)))
-    # DTM's overhead from the loss timed alone (no step noise), over the token-wise eager step
+    # DTM's overhead from the loss timed alone (no step noise; the mean over its random (N_m, k)
+    # draws), over the token-wise step as the recipe runs it (compiled when there are such rows)
     n = cfg.img_size // cfg.patch_size
     dtm, tok = (by_name.get(("dtm", f"loss fwd+bwd N={n * n} {k}")) for k in ("dtm", "tokenwise"))
-    step = next((r for r in rows
-                 if r["section"] == "distill" and r["variant"].endswith("tokenwise eager")), None)
-    if dtm and tok and step:
-        out.append(("(DTM loss - token-wise loss, timed alone) / token-wise eager step <= 0.02",
-                    (dtm["ms"] - tok["ms"]) / step["ms"], 0.02, 0.0))
+    steps = {r["variant"].rsplit(" ", 1)[-1]: r for r in rows
+             if r["section"] == "distill" and " tokenwise " in r["variant"]}
+    mode = "compiled" if "compiled" in steps else "eager"
+    if dtm and tok and mode in steps:
+        mean = lambda r: statistics.mean(r["seconds"])  # noqa: E731
+        out.append((f"(DTM loss - token-wise loss, timed alone, mean over draws) / token-wise "
+                    f"{mode} step <= 0.02", (mean(dtm) - mean(tok)) / mean(steps[mode]), 0.02,
+                    0.0))
     headline = [r for r in rows if r["section"] == "distill" and " dtm " in r["variant"]]
     if (headline and args.device == "cuda" and cfg.model == "vit_base"
             and teacher_name == "ViT-B-16-quickgelu" and cfg.img_size == 224
-            and headline[0]["batch"] == 256):
+            and headline[0]["batch"] == RECIPE_GPU_BATCH):
         best = max(headline, key=lambda r: r["images_s"])
         out.append((f"{best['variant']}: images/s >= 2300", best["images_s"], -2300, 0.0))
     return out
@@ -796,13 +931,15 @@ def main(argv):
     print("NOTE: the teacher's weights are RANDOM (open_clip architecture, no download): "
           "timing only.", flush=True)
     rows, teacher_name, t_start = [], None, time.time()
-    batch = batch_for(args, cfg.model)
+    batch = args.batch or (RECIPE_GPU_BATCH if args.device == "cuda" else CPU_BATCH)
     num_patches = (cfg.img_size // cfg.patch_size) ** 2
     with tempfile.TemporaryDirectory() as folder:
         if args.device == "cpu" and not args.teacher:
             register_tiny_clip(cfg, folder)
         if "step" in args.sections:
             rows += bench_step(args, cfg, device, autocast, peak)
+        if "relpos" in args.sections:
+            rows += bench_relpos(args, cfg, device, autocast)
         out_dim = 512 if args.device == "cuda" else 64
         if "distill" in args.sections or "data" in args.sections:
             setup = build_distill(args, cfg, device)
@@ -817,6 +954,10 @@ def main(argv):
             rows += bench_dtm(args, cfg, device, autocast, out_dim, batch, num_patches)
         if "precision" in args.sections:
             rows += bench_precision(args, cfg, device)
+        if "loader" in args.sections:
+            rows += bench_loader(args, folder)
+        if "save" in args.sections:
+            rows += bench_save(args, cfg, device, folder)
     fill_ratios(rows)
     print(f"\nmeasured in {time.time() - t_start:.0f} s. ms: median step; +-%: half the "
           "interquartile range; ratio: median of the per-round time ratios to the row named in vs")

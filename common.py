@@ -18,6 +18,7 @@ import shutil
 import signal
 import socket
 import sys
+import threading
 import time
 import typing
 from datetime import timedelta
@@ -630,6 +631,49 @@ def save_run(ckpt_path: str, state: dict, outputs: dict):
     save_atomic(state, ckpt_path)
 
 
+def write_run(ckpt_path: str, state: dict, outputs: dict, extra_path: str = None):
+    """save_run, then a kept copy of the checkpoint at extra_path (checkpoint-<epoch>.pth)."""
+    save_run(ckpt_path, state, outputs)
+    if extra_path:
+        save_atomic(state, extra_path)
+
+
+def host_copy(obj):
+    """A snapshot of a (nested) checkpoint: every tensor copied to host memory, so training
+    can change the weights while a background thread writes the copy."""
+    if torch.is_tensor(obj):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):  # an OrderedDict stays one, with a state_dict's _metadata
+        out = type(obj)((k, host_copy(v)) for k, v in obj.items())
+        if hasattr(obj, "_metadata"):
+            out._metadata = obj._metadata
+        return out
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(host_copy(v) for v in obj)
+    return obj
+
+
+class BackgroundWrite:
+    """fn(*args) in a thread; wait() joins it and raises its error in the caller. A process
+    that exits while the thread writes waits for it (not a daemon thread)."""
+
+    def __init__(self, fn, *args):
+        self.error = None
+        self.thread = threading.Thread(target=self._run, args=(fn, *args), name="checkpoint")
+        self.thread.start()
+
+    def _run(self, fn, *args):
+        try:
+            fn(*args)
+        except BaseException as e:  # noqa: B902 (re-raised by wait, in the training thread)
+            self.error = e
+
+    def wait(self):
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+
 def ensure_outputs(outputs: dict, step: int) -> list:
     """A resumed, finished run: rewrite each output ({path: obj}) that is missing, unreadable or
     from another step than the checkpoint's. -> the paths rewritten (rank 0 only)."""
@@ -775,18 +819,20 @@ def ignore_stop_signals(worker_id: int = 0):
 
 
 class SkipSampler(torch.utils.data.Sampler):
-    """Wrap a (distributed) sampler and skip its first `skip` indices in the current epoch:
-    resuming mid-epoch continues with exactly the samples an uninterrupted run would see."""
+    """Wrap a (distributed) sampler, skip its first `skip` indices in the current epoch and yield
+    (epoch, index) keys (data.MaskedImages / SeededImages read both). Resuming mid-epoch
+    continues with exactly the samples an uninterrupted run would see, and persistent loader
+    workers, whose dataset copies never see set_epoch, still draw this epoch's augmentation."""
 
     def __init__(self, sampler):
-        self.sampler, self.skip = sampler, 0
+        self.sampler, self.skip, self.epoch = sampler, 0, 0
 
     def set_epoch(self, epoch: int, skip: int = 0):
         self.sampler.set_epoch(epoch)
-        self.skip = skip
+        self.epoch, self.skip = epoch, skip
 
     def __iter__(self):
-        return itertools.islice(iter(self.sampler), self.skip, None)
+        return ((self.epoch, i) for i in itertools.islice(iter(self.sampler), self.skip, None))
 
     def __len__(self):
         return len(self.sampler) - self.skip
@@ -794,13 +840,43 @@ class SkipSampler(torch.utils.data.Sampler):
 
 def train_loader(dataset, micro_batch: int, dist_: Dist, seed: int, num_workers: int) -> DataLoader:
     """A shuffled, sharded training loader that can resume mid-epoch (its SkipSampler skips what
-    a resumed epoch has seen; `Run.epoch_batches` positions it). The workers ignore SIGTERM and
-    SIGINT."""
+    a resumed epoch has seen; `Run.epoch_batches` positions it). The workers persist across
+    epochs (no re-fork, no re-import of the data set each epoch: the epoch travels in the
+    sampler's keys) and ignore SIGTERM and SIGINT."""
     shards = DistributedSampler(dataset, num_replicas=dist_.world, rank=dist_.rank, shuffle=True,
                                 seed=seed, drop_last=True)
     return DataLoader(dataset, batch_size=micro_batch, sampler=SkipSampler(shards),
                       num_workers=num_workers, pin_memory=dist_.device.type == "cuda",
-                      drop_last=True, worker_init_fn=ignore_stop_signals)
+                      drop_last=True, worker_init_fn=ignore_stop_signals,
+                      persistent_workers=num_workers > 0)
+
+
+def on_device(batches, device: torch.device):
+    """Yield each batch (a tuple) with its tensors moved to `device`. On CUDA the next batch is
+    copied from pinned memory on a side stream while the current one computes, so the copy no
+    longer waits on the default stream right before the teacher's forward."""
+    move = lambda b: tuple(t.to(device, non_blocking=True) if torch.is_tensor(t) else t  # noqa
+                           for t in b)
+    if device.type != "cuda":
+        yield from (move(b) for b in batches)
+        return
+    side, batches = torch.cuda.Stream(device), iter(batches)
+
+    def copy_next():
+        b = next(batches, None)
+        if b is None:
+            return None
+        with torch.cuda.stream(side):
+            return move(b)
+    ready = copy_next()
+    while ready is not None:
+        compute = torch.cuda.current_stream(device)
+        compute.wait_stream(side)  # this batch's copy is done before its first use
+        for t in ready:
+            if torch.is_tensor(t):
+                t.record_stream(compute)  # its memory is not reused while compute may read it
+        current, ready = ready, copy_next()
+        yield current
 
 
 def no_sync(model: torch.nn.Module, micro: int, accum_steps: int):
@@ -850,7 +926,7 @@ class Run:
         self.ckpt_path, self.log_path = self.path("checkpoint.pth"), self.path("log.jsonl")
         self.step, self.steps_per_epoch, self.skipped, self.stopping = 0, 0, 0, False
         self.lr, self._sums, self._count, self._data = 0.0, {}, 0, None
-        self._ckpt = None
+        self._ckpt, self._writer = None, None
         if resume_keys is not None and os.path.isfile(self.ckpt_path):  # checked before any work
             self._ckpt = load_checkpoint(self.ckpt_path)
             check_resume_config(self._ckpt["config"], self.record, resume_keys, self.ckpt_path)
@@ -880,20 +956,31 @@ class Run:
 
     def save(self, epochs_done: int, outputs: dict = None, keep: bool = False):
         """Write the outputs ({path: obj}) and then checkpoint.pth (rank 0); keep=True also
-        keeps a copy, checkpoint-<epochs_done>.pth."""
+        keeps a copy, checkpoint-<epochs_done>.pth. The tensors are copied to host memory
+        here and written by a background thread, so training goes on while the file is
+        written; the next save, `finish` and a stop wait for it and raise its error."""
         if not self.dist.main:
             return
-        state = {**self._state(), "epoch": epochs_done, "step": self.step,
-                 "steps_per_epoch": self.steps_per_epoch, "skipped_steps": self.skipped,
-                 "config": self.record}
-        save_run(self.ckpt_path, state, outputs or {})
-        if keep:
-            save_atomic(state, self.path(f"checkpoint-{epochs_done:04d}.pth"))
-        print0(f"saved {self.ckpt_path} at step {self.step} "
+        self.wait_saved()
+        state = host_copy({**self._state(), "epoch": epochs_done, "step": self.step,
+                           "steps_per_epoch": self.steps_per_epoch,
+                           "skipped_steps": self.skipped, "config": self.record})
+        outputs = host_copy(outputs or {})
+        extra = self.path(f"checkpoint-{epochs_done:04d}.pth") if keep else None
+        self._writer = BackgroundWrite(write_run, self.ckpt_path, state, outputs, extra)
+        print0(f"saving {self.ckpt_path} at step {self.step} "
                f"(epoch {self.step / self.steps_per_epoch:.2f})")
 
+    def wait_saved(self):
+        """Block until the background write of the last save is on disk (raise its error)."""
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.wait()
+
     def finish(self, outputs: dict):
-        """A rerun of a finished run: rewrite an output lost after its checkpoint (rank 0)."""
+        """The last save is on disk; a rerun of a finished run: rewrite an output lost after
+        its checkpoint (rank 0)."""
+        self.wait_saved()
         if self.dist.main:
             ensure_outputs(outputs, self.step)
 
@@ -1001,6 +1088,7 @@ class Run:
         the corrupt images the epoch skipped."""
         if self.step < (epoch + 1) * self.steps_per_epoch:
             self.save(epoch)
+            self.wait_saved()
             print0(f"stopped by signal at step {self.step}; rerun the same command to resume")
             self.stop.exit()
         skipped = self.check_corrupt()
@@ -1010,6 +1098,7 @@ class Run:
     def exit_if_stopped(self, epochs_done: int):
         """A signal arrived in the epoch's last log interval: the epoch is saved; exit now."""
         if self.stopping:
+            self.wait_saved()
             print0(f"stopped by signal after epoch {epochs_done}; rerun the same command to resume")
             self.stop.exit()
 

@@ -158,7 +158,8 @@ class Config:
     device: str = "auto"               # auto | cpu | cuda
     precision: str = "auto"            # auto | bf16 | fp32: autocast dtype; auto = bf16 where
                                        # the hardware has it (CUDA, AVX512-BF16/AMX CPUs)
-    compile: bool = False              # torch.compile the student
+    compile: bool = False              # torch.compile the student and the teacher (the in1k
+                                       # GPU recipes: true; compile=false turns it off)
 
     def validate(self):
         check_choice("framework", self.framework, FRAMEWORKS)
@@ -630,21 +631,22 @@ def main(argv):
     encoder_file = lambda: {run.path("encoder.pth"): M.encoder_state(student.encoder)}  # noqa
     lr_at, momentum_at = schedules(cfg, lr, steps_per_epoch)
     model = ddp(torch.compile(student) if cfg.compile else student, dist)
+    # the targets: the teacher's forward, a third of a ViT-B step, compiled with the student
+    targets = torch.compile(teacher) if cfg.compile and teacher is not None else teacher
     autocast = common.autocast(cfg.precision, dist.device)  # bf16 where native (precision)
     print0(f"{steps_per_epoch} steps per epoch, "
            f"{common.resolve_precision(cfg.precision, dist.device)} autocast")
 
     for epoch in run.epochs():
-        batches = run.epoch_batches(epoch, loader)
+        batches = common.on_device(run.epoch_batches(epoch, loader), dist.device)
         model.train()
         for step in run.steps(epoch):  # a progress bar; log, stop signal, corrupt data: `run`
             run.set_lr(optimizer, lr_at[step])
             logged = {}                                           # this step's loss terms
             for micro in range(cfg.accum_steps):
-                img, mask, _ = next(batches)                      # (B, C, H, W), (B, N) bool
-                img = img.to(dist.device, non_blocking=True)
-                mask = mask.to(dist.device, non_blocking=True)
-                v = teacher(img) if teacher is not None else None  # (B, N, C) targets
+                img, mask, _ = next(batches)        # on the device: uint8 (B, C, H, W), (B, N)
+                img = data.normalize(img)                             # float32 model input
+                v = targets(img) if teacher is not None else None  # (B, N, C) targets
                 with autocast, no_sync(model, micro, cfg.accum_steps):
                     loss, terms = loss_fn(model, img, mask, v, step, micro)
                     (loss / cfg.accum_steps).backward()

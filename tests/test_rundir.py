@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -201,6 +202,50 @@ def test_save_run_writes_the_outputs_before_the_checkpoint(tmp_path, monkeypatch
     common.save_run(str(tmp_path / "checkpoint.pth"), {"step": 8}, {encoder: {"model": {}}})
     assert order == ["encoder.pth", "checkpoint.pth"]
     assert common.read_torch_file(str(tmp_path / "encoder.pth"))["step"] == 8
+
+
+def tiny_run(tmp_path, module):
+    """A common.Run over one Linear layer, positioned at step 2 of 2-step epochs."""
+    run = common.Run(pretrain.Config(out_dir=str(tmp_path / "run"), batch_size=4), common.Dist())
+    run.resume(2, load=lambda ckpt: None, state=lambda: {"model": module.state_dict()})
+    run.step = 2
+    return run
+
+
+def test_a_background_save_writes_the_weights_of_its_step(tmp_path, monkeypatch):
+    """Run.save copies the tensors to host memory and returns; a thread writes the copy. The
+    files hold the weights at the save, though training changes them before the write ends."""
+    release, save_run = threading.Event(), common.save_run
+
+    def held_save_run(*args):
+        assert release.wait(30), "the test never released the write"
+        save_run(*args)
+    monkeypatch.setattr(common, "save_run", held_save_run)
+    layer = torch.nn.Linear(3, 2)
+    run = tiny_run(tmp_path, layer)
+    saved = {k: v.clone() for k, v in layer.state_dict().items()}
+    encoder = run.path("encoder.pth")
+    run.save(1, {encoder: {"model": layer.state_dict()}})
+    assert not os.path.exists(run.ckpt_path)        # save returned before the write
+    with torch.no_grad():
+        layer.weight.add_(1.0)                      # the next step changes the weights
+    release.set()
+    run.finish({})                                  # waits for the write
+    for path in (run.ckpt_path, encoder):
+        written = common.load_checkpoint(path)
+        assert written["step"] == 2
+        assert all(torch.equal(written["model"][k], v) for k, v in saved.items())
+
+
+def test_a_failed_background_save_stops_the_run_at_the_next_wait(tmp_path, monkeypatch):
+    def full_disk(obj, path):
+        raise RunError(f"cannot write '{path}' (No space left on device)")
+    run = tiny_run(tmp_path, torch.nn.Linear(3, 2))
+    monkeypatch.setattr(common, "save_atomic", full_disk)
+    run.save(1)                                      # the error stays in the thread ...
+    with pytest.raises(RunError, match="No space left"):
+        run.finish({})                               # ... until the run waits for the write
+    run.finish({})                                   # reported once
 
 
 def test_ensure_outputs_rewrites_only_missing_or_stale_files(tmp_path):
