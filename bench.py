@@ -639,7 +639,8 @@ def bench_precision(args, cfg, device):
             for name, t in times.items()]
 
 
-LOADER_RECIPE = "configs/in1k_vit_base_dtm.yaml"  # the loader section's transform and masks
+LOADER_RECIPE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs",
+                             "in1k_vit_base_dtm.yaml")  # the loader section's transform, masks
 LOADER_BLOCK = 10  # samples per timed call of the loader section
 
 
@@ -687,9 +688,10 @@ def bench_loader(args, folder):
     ref = next(iter(times))
     rows = [row("loader", name, LOADER_BLOCK, t, ref=ref, vs=ref[:6]) for name, t in times.items()]
     img = sets[next(reversed(sets))][(0, 0)][0]
-    per_batch = rcfg.batch_size * img.numel()
+    per_batch = RECIPE_GPU_BATCH * img.numel()
     print(f"  loader: {rcfg.img_size} px, crop >= {rcfg.crop_scale_min}, jitter "
-          f"{rcfg.color_jitter} ({LOADER_RECIPE}); a batch of {rcfg.batch_size} images is "
+          f"{rcfg.color_jitter} ({os.path.basename(LOADER_RECIPE)}); a batch of "
+          f"{RECIPE_GPU_BATCH} images (one GPU's) is "
           f"{4 * per_batch / 2 ** 20:.1f} MiB as float32, {per_batch / 2 ** 20:.1f} MiB as uint8",
           flush=True)
     return rows

@@ -655,11 +655,13 @@ def host_copy(obj):
 
 class BackgroundWrite:
     """fn(*args) in a thread; wait() joins it and raises its error in the caller. A process
-    that exits while the thread writes waits for it (not a daemon thread)."""
+    that exits while the thread writes waits for it (not a daemon thread; `_fail` joins it
+    before os._exit)."""
+    NAME = "checkpoint-write"
 
     def __init__(self, fn, *args):
         self.error = None
-        self.thread = threading.Thread(target=self._run, args=(fn, *args), name="checkpoint")
+        self.thread = threading.Thread(target=self._run, args=(fn, *args), name=self.NAME)
         self.thread.start()
 
     def _run(self, fn, *args):
@@ -667,6 +669,8 @@ class BackgroundWrite:
             fn(*args)
         except BaseException as e:  # noqa: B902 (re-raised by wait, in the training thread)
             self.error = e
+            print(f"warning: {first_line(e)}; the run stops at its next save", file=sys.stderr,
+                  flush=True)
 
     def wait(self):
         self.thread.join()
@@ -745,6 +749,9 @@ def _fail(message: str, code: int):
         bar.close()
     print(f"error: {message}", file=sys.stderr, flush=True)
     if code == 3 and dist.is_initialized():  # peers may be gone: do not wait for them in a barrier
+        for writer in threading.enumerate():  # os._exit would cut a checkpoint write off
+            if writer.name == BackgroundWrite.NAME:
+                writer.join()
         release_run_dirs()  # os._exit skips atexit
         os._exit(code)
     cleanup_distributed()

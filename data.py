@@ -60,9 +60,18 @@ def pretrain_transform(img_size: int, crop_scale_min: float = 0.08, color_jitter
 def normalize(x: torch.Tensor) -> torch.Tensor:
     """uint8 images (B, 3, H, W), on the device -> float32 with ImageNet mean/std: the same
     operations, bit for bit, as torchvision's ToDtype(float32, scale=True) + Normalize."""
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    mean, std = _mean_std(x.device)
     return x.to(torch.float32).mul_(1.0 / 255).sub_(mean).div_(std)
+
+
+_MEAN_STD = {}  # device -> ImageNet mean, std (1, 3, 1, 1): made once, never copied per batch
+
+
+def _mean_std(device: torch.device):
+    if device not in _MEAN_STD:  # a host -> GPU copy waits for the GPU: only the first time
+        _MEAN_STD[device] = tuple(torch.tensor(v, device=device).view(1, 3, 1, 1)
+                                  for v in (IMAGENET_MEAN, IMAGENET_STD))
+    return _MEAN_STD[device]
 
 
 def eval_transform(img_size: int, crop_ratio: float = 0.875):
