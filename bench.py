@@ -723,7 +723,7 @@ def bench_save(args, cfg, device, folder):
         writer = common.BackgroundWrite(common.save_run, path, common.host_copy(state), {})
         times["after: host copy, background write"].append(time.perf_counter() - t0)
         writer.wait()
-    ref = next(iter(times))
+    ref = f"{name} {next(iter(times))}"
     return [row("save", f"{name} {label}", 1, t, ref=ref, vs="written in the loop")
             for label, t in times.items()]
 
