@@ -660,7 +660,10 @@ def md_budget(p: dict) -> str:
 
 def md_header(results: dict) -> list:
     p, m = results["plan"], results["machine"]
+    partial = [f"**Partial: written before the third-seed pass ({results['partial']}); the "
+               "finished run overwrites this file.**", ""] if results.get("partial") else []
     return [f"# Small-scale results ({'quick' if results['quick'] else 'full'} run)", "",
+            *partial,
             f"`{results['command']}` on {m['cores']} x {m['cpu']}, torch {m['torch']}; "
             f"{results['wall_s_total'] / 60:.1f} min of runs (measured wall time, "
             f"{results['num_runs']} runs).", "", md_budget(p), "",
@@ -822,22 +825,43 @@ def analyse(records: dict, baselines: dict) -> tuple:
     return raucs, cost, [judge(c, records, raucs, baselines) for c in CLAIMS]
 
 
-def third_seed_pass(plan: Plan, runs_dir: str, teacher: Run, records: dict, baselines: dict,
-                    infos: dict) -> dict:
-    """Judge the claims on plan.seeds; run plan.third_seed for the variants of the INCONCLUSIVE
-    ones (records grows by those runs) -> what was added, and the claims before."""
+def plan_third_seed(plan: Plan, records: dict, baselines: dict) -> dict:
+    """Judge the claims on plan.seeds -> the third seed's variants: those of the claims judged
+    INCONCLUSIVE (none without plan.third_seed), and the claims before it."""
     before = analyse(records, baselines)[2]
     third = {"seed": plan.third_seed, "variants": [], "claims": [], "claims_before": before}
     if plan.third_seed is None or plan.third_seed in plan.seeds:
         return third
     third["claims"] = [c["id"] for c in before if c["verdict"] == INCONCLUSIVE]
     third["variants"] = third_seed_variants(before, plan)
+    return third
+
+
+def run_third_seed(third: dict, plan: Plan, runs_dir: str, teacher: Run, records: dict,
+                   infos: dict):
+    """Run (and probe) the third seed of third["variants"]; records grows by those runs."""
     pairs = plan_runs(plan, runs_dir, teacher, (plan.third_seed,), third["variants"])
     print(f"third seed {plan.third_seed} for {third['variants'] or 'no variant'} "
           f"(inconclusive: {third['claims'] or 'none'})", flush=True)
     launch_pairs(pairs, infos, len(infos) + 2 * len(pairs))
     records.update(measure(pairs, infos, plan))
-    return third
+
+
+def collect(argv, quick: bool, plan: Plan, infos: dict, teacher: Run, tunes: list,
+            records: dict, baselines: dict, third: dict, partial: str = "") -> dict:
+    """Every number of the run so far -> results.json's dict (`partial`: what is still to
+    come, "" for the finished run)."""
+    raucs, cost, claims = analyse(records, baselines)
+    return {"quick": quick, "partial": partial,
+            "command": "python experiments/small_scale.py " + " ".join(argv),
+            "machine": machine(), "plan": dataclasses.asdict(plan),
+            "wall_s_total": sum(i.get("wall_s", 0.0) for i in infos.values()),
+            "num_runs": len(infos), "teacher": teacher_record(teacher, infos["teacher"]),
+            "baselines": baselines, "runs": records,
+            "finetune": {r.name: finetune_record(r, infos[r.name]) for r in tunes},
+            "variants": variant_table(records, plan.variants), "rauc": raucs, "cost": cost,
+            "third_seed": {k: v for k, v in third.items() if k != "claims_before"},
+            "claims_before_third_seed": third["claims_before"], "claims": claims}
 
 
 def write_outputs(results: dict, out: str, plan: Plan):
@@ -848,7 +872,8 @@ def write_outputs(results: dict, out: str, plan: Plan):
     write_json(results, os.path.join(out, "results.json"))
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(render_markdown(results))
-    print(f"done: {rel(os.path.join(out, 'results.json'))}, results.md, figures/ "
+    done = "partial (before the third seed)" if results.get("partial") else "done"
+    print(f"{done}: {rel(os.path.join(out, 'results.json'))}, results.md, figures/ "
           f"({results['wall_s_total'] / 60:.1f} min of runs)", flush=True)
 
 
@@ -878,20 +903,13 @@ def main(argv):
     records = measure(pairs, infos, plan)
     baselines = {run.meta["row"]: baseline_record(run, probe, plan) for run, probe in pairs
                  if probe.meta["baselines"]}
-    third = third_seed_pass(plan, runs_dir, teacher, records, baselines, infos)
-    raucs, cost, claims = analyse(records, baselines)
-
-    command = "python experiments/small_scale.py " + " ".join(argv)
-    results = {"quick": args.quick, "command": command,
-               "machine": machine(), "plan": dataclasses.asdict(plan),
-               "wall_s_total": sum(i.get("wall_s", 0.0) for i in infos.values()),
-               "num_runs": len(infos), "teacher": teacher_record(teacher, infos["teacher"]),
-               "baselines": baselines, "runs": records,
-               "finetune": {r.name: finetune_record(r, infos[r.name]) for r in tunes},
-               "variants": variant_table(records, plan.variants), "rauc": raucs, "cost": cost,
-               "third_seed": {k: v for k, v in third.items() if k != "claims_before"},
-               "claims_before_third_seed": third["claims_before"], "claims": claims}
-    write_outputs(results, out, plan)
+    third = plan_third_seed(plan, records, baselines)
+    results = (argv, args.quick, plan, infos, teacher, tunes, records, baselines, third)
+    if third["variants"]:  # the two-seed tables first: a third pass cut off loses none of them
+        write_outputs(collect(*results, partial=f"seed {plan.third_seed} of "
+                              f"{', '.join(third['variants'])} still running"), out, plan)
+        run_third_seed(third, plan, runs_dir, teacher, records, infos)
+    write_outputs(collect(*results), out, plan)
 
 
 if __name__ == "__main__":

@@ -62,7 +62,7 @@ def test_quick_teacher_baselines_and_finetune(quick):
 def test_quick_results_json(quick):
     out, results, _ = quick
     keys = {"plan", "machine", "teacher", "baselines", "finetune", "runs", "variants", "rauc",
-            "cost", "claims", "third_seed", "figures"}
+            "cost", "claims", "third_seed", "figures", "partial"}
     assert keys <= set(results)
     assert results["quick"] and results["plan"]["model"] == "vit_micro"
     assert set(results["runs"]) == QUICK_RUNS and results["num_runs"] == 6
@@ -84,6 +84,15 @@ def test_quick_results_json(quick):
     random = claims["simmim_random"]  # against the random-init encoder of its architecture
     assert random["verdict"] == "inconclusive (one seed)"
     assert random["baseline_mean"] == results["baselines"]["simmim"]["random"]["knn_mean"]
+
+
+def test_partial_results_say_so(quick):
+    """Before a third-seed pass the driver writes the two-seed tables marked partial (a pass cut
+    off loses none of them); the finished run's files carry no mark."""
+    _, results, _ = quick
+    assert results["partial"] == "" and "Partial" not in S.render_markdown(results)
+    md = S.render_markdown({**results, "partial": "seed 2 of dtm still running"})
+    assert "**Partial: written before the third-seed pass (seed 2 of dtm still running)" in md
 
 
 def test_quick_figures_and_markdown(quick):
