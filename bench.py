@@ -63,8 +63,10 @@ GPU_MODELS = "vit_small,vit_base,vit_large"  # the step section's default sizes 
 GPU_BATCH, GPU_BATCH_LARGE, CPU_BATCH = 256, 128, 16
 RECIPE_GPU_BATCH = 128  # distill, dtm, data sections on a GPU: the recipes' 1024 over 8 GPUs
 DTM_CASES = [(196, 1), (147, 2), (98, 1), (98, 7), (98, 14), (49, 14), (1, 1), (1, 14)]  # (N_m, k)
+CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 TINY_CLIP = "bench-tiny-clip"  # the CPU teacher: an open_clip config registered at start-up
-SECTIONS = ("step", "relpos", "distill", "dtm", "data", "precision", "loader", "save")
+SECTIONS = ("step", "relpos", "distill", "dtm", "data", "precision", "loader", "save",
+            "stalls")
 # profiler scopes of a step
 PHASES = ("teacher", "student forward", "loss", "backward", "clip+adamw")
 
@@ -96,7 +98,7 @@ def parse_args(argv):
     p.add_argument("--eager-teacher", dest="compile_teacher", action="store_false",
                    help="the compiled distill rows keep the teacher eager (pretrain.py with "
                         "compile=true compiles both)")
-    p.add_argument("--sections", default="step,relpos,distill,dtm,loader,save",
+    p.add_argument("--sections", default="step,relpos,distill,dtm,loader,save,stalls",
                    help=f"comma-separated, of {', '.join(SECTIONS)}")
     p.add_argument("--data", choices=("tensor", "jpeg"), default="tensor",
                    help="jpeg: also run the data section (the same as adding it to --sections)")
@@ -568,6 +570,85 @@ def bench_dtm(args, cfg, device, autocast, out_dim, batch, num_patches):
 
 
 # -----------------------------------------------------------------------------
+# Section: the smaller stalls (counted: a CPU has no GPU to wait for)
+
+SYNC_OPS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select")
+
+
+def host_reads(fn) -> int:
+    """Device -> host reads (each a GPU sync) of one call of fn: Tensor.tolist calls and ATen ops
+    that read a value or a data-dependent size. A read inside torch._assert_async is left out: on
+    a GPU that check runs on the device without a sync."""
+    from torch.profiler import profile as torch_profile
+    calls, tolist = [0], torch.Tensor.tolist
+
+    def counted(self, *args, **kwargs):
+        calls[0] += 1
+        return tolist(self, *args, **kwargs)
+
+    def in_assert(event):
+        while event is not None:
+            if event.name == "aten::_assert_async":
+                return True
+            event = event.cpu_parent
+        return False
+    torch.Tensor.tolist = counted
+    try:
+        with torch_profile() as prof:
+            fn()
+    finally:
+        torch.Tensor.tolist = tolist
+    return calls[0] + sum(e.name in SYNC_OPS and not in_assert(e) for e in prof.events())
+
+
+def recipe(name, *overrides):
+    """A shipped config (configs/NAME) with key=value overrides."""
+    return parse_config(pretrain.Config, ["--config", os.path.join(CONFIGS, name), *overrides])
+
+
+def bench_stalls(args, cfg, batch):
+    """Point 5's smaller stalls, before and after, counted: host reads of one MAE + MTO loss
+    step (|M| read from the masks, or known from the data set); the buffers DDP would copy
+    from rank 0 before each forward of the DTM recipe's student (all of them, or none when
+    common.syncs_buffers finds no running statistics); the ops of one EMA teacher update (a
+    lerp_ per parameter tensor, or model.EMATeacher's one multi-tensor lerp)."""
+    name = (args.models or cfg.model).split(",")[0]
+    mae = recipe("in1k_vit_base_mae_mto.yaml", f"model={name}", f"img_size={cfg.img_size}",
+                 f"patch_size={cfg.patch_size}")
+    student = pretrain.build_mim(mae, pretrain.build_encoder(mae))
+    N = student.encoder.num_patches
+    mask = batch_of_masks(mae, batch)                               # (B, N), |M| per image
+    img = torch.rand(batch, 3, mae.img_size, mae.img_size)
+
+    def mae_step(num_masked):
+        loss_fn = pretrain.PretrainLoss(mae, N, num_masked)
+        return lambda: loss_fn(student, img, mask, None, 0, 0)[0].backward()
+    known = int(mask[0].sum())
+    counts = [("host reads, MAE + MTO loss step (fwd + bwd)",
+               host_reads(mae_step(None)), host_reads(mae_step(known)))]
+
+    dtm = recipe("in1k_vit_base_dtm.yaml", f"model={name}")
+    encoder = pretrain.build_encoder(dtm)
+    buffers = list(encoder.buffers())
+    after = len(buffers) if common.syncs_buffers(encoder) else 0
+    counts.append((f"buffers DDP copies per forward, DTM recipe's {name} (relative position "
+                   "bias)", len(buffers), after))
+
+    ema = M.EMATeacher(encoder)
+    params = list(encoder.parameters())
+
+    def per_tensor():
+        with torch.no_grad():
+            for t, s in zip(ema.encoder.parameters(), params):
+                t.lerp_(s, 0.004)
+    counts.append((f"ops of one EMA teacher update, {name} ({len(params)} tensors)",
+                   kernel_count(per_tensor), kernel_count(lambda: ema.update(encoder, 0.996))))
+    for what, before, after in counts:
+        print(f"  stalls: {what}: before {before}, after {after}", flush=True)
+    return [{"what": what, "before": before, "after": after} for what, before, after in counts]
+
+
+# -----------------------------------------------------------------------------
 # Section: the data pipeline
 
 def make_jpegs(root, count, workers, seed=0, num_classes=10):
@@ -639,8 +720,7 @@ def bench_precision(args, cfg, device):
             for name, t in times.items()]
 
 
-LOADER_RECIPE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs",
-                             "in1k_vit_base_dtm.yaml")  # the loader section's transform, masks
+LOADER_RECIPE = os.path.join(CONFIGS, "in1k_vit_base_dtm.yaml")  # the loader's transform, masks
 LOADER_BLOCK = 10  # samples per timed call of the loader section
 
 
@@ -960,6 +1040,7 @@ def main(argv):
             rows += bench_loader(args, folder)
         if "save" in args.sections:
             rows += bench_save(args, cfg, device, folder)
+        counts = bench_stalls(args, cfg, batch) if "stalls" in args.sections else []
     fill_ratios(rows)
     print(f"\nmeasured in {time.time() - t_start:.0f} s. ms: median step; +-%: half the "
           "interquartile range; ratio: median of the per-round time ratios to the row named in vs")
@@ -980,7 +1061,7 @@ def main(argv):
             print(f"  {verdict(value, limit, band):5} {text}: {value:.3f}{shown}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"argv": argv, "device": where, "rows": rows,
+            json.dump({"argv": argv, "device": where, "rows": rows, "counts": counts,
                        "targets": [{"target": t, "value": v, "verdict": verdict(v, lim, b)}
                                    for t, v, lim, b in checks]}, f, indent=1)
     return rows

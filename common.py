@@ -273,18 +273,22 @@ def cosine_schedule(cfg, lr: float, steps_per_epoch: int) -> list:
     return [cosine_lr(s, total, warmup, lr, cfg.min_lr) for s in range(total)]
 
 
+def syncs_buffers(model: torch.nn.Module) -> bool:
+    """Whether DDP should copy rank 0's buffers to every rank before each forward. The ViT's and
+    the MAE decoder's buffers are constant tables (sin-cos positions, relative position indices),
+    built the same on every rank and never changed by training: the copy is a collective per
+    step for nothing. Running statistics (BatchNorm in the probe heads) do change, and
+    probe.sync_bn_stats expects them broadcast, so a model with any keeps the copy."""
+    return any(isinstance(m, torch.nn.modules.batchnorm._NormBase) and m.track_running_stats
+               for m in model.modules())
+
+
 def ddp(model: torch.nn.Module, dist_: "Dist") -> torch.nn.Module:
     """The module a training loop calls: DistributedDataParallel with several processes."""
     if dist_.world == 1:
         return model
     cuda = dist_.device.type == "cuda"
-    # broadcast_buffers: DDP copies rank 0's buffers to every rank before each forward. The ViT's
-    # and the MAE decoder's buffers are constant tables (sin-cos positions, relative position
-    # indices), built the same on every rank and never changed by training: the copy is a
-    # collective per step for nothing. Running statistics (BatchNorm in the probe heads) do change,
-    # and probe.sync_bn_stats expects them broadcast, so a model with any keeps the broadcast.
-    running_stats = any(isinstance(m, torch.nn.modules.batchnorm._NormBase)
-                        and m.track_running_stats for m in model.modules())
+    running_stats = syncs_buffers(model)  # broadcast_buffers: off for constant buffers only
     # (newer torch names it forward_sync_buffers and deprecates broadcast_buffers; both still
     # copy rank 0's buffers once at the wrap.)
     sync = ("forward_sync_buffers" if "forward_sync_buffers" in

@@ -56,5 +56,12 @@ def test_cpu_mode_smallest_settings_gives_every_row(tmp_path):
         if r["ref"] is not None:
             assert r["ratio"] > 0, r
         assert r["mfu"] is None and r["peak_gib"] is None  # n/a on CPU
+    # point 5, counted: the MAE encoder's and mto_losses' reads of |M| are gone (|M| is known);
+    # no DDP buffer copy for the constant tables (3 in vit_micro with relative position bias);
+    # one multi-tensor lerp for the EMA teacher instead of one per parameter tensor
+    counts = {c["what"].split(",")[0]: (c["before"], c["after"])
+              for c in json.loads(out.read_text())["counts"]}
+    assert counts == {"host reads": (2, 0), "buffers DDP copies per forward": (3, 0),
+                      "ops of one EMA teacher update": (37, 1)}
     ours = next(r for r in rows if r["variant"] == "vit_micro ours eager")
     assert ours["vs"] == "timm eager"
