@@ -319,13 +319,17 @@ def param_groups(model: torch.nn.Module, weight_decay: float):
 
 def save_atomic(obj, path: str):
     """torch.save to `<path>.tmp.<pid>`, then rename: a kill mid-write leaves the old file intact.
-    A failed write (a full disk) removes the temporary file and stops the run with one line."""
+    A missing folder is made. A failed write (a full disk) removes the temporary file and stops
+    the run with one line."""
     tmp = f"{path}.tmp.{os.getpid()}"
+    folder = os.path.dirname(os.path.abspath(path))
     try:
+        os.makedirs(folder, exist_ok=True)
         torch.save(obj, tmp)
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
-        folder = os.path.dirname(os.path.abspath(path))
+        while not os.path.isdir(folder):  # the nearest folder that exists, for its free space
+            folder = os.path.dirname(folder)
         full = shutil.disk_usage(folder).free < 2**20
         with contextlib.suppress(OSError):
             os.remove(tmp)

@@ -173,6 +173,18 @@ def test_a_failed_save_is_one_line_and_keeps_the_old_file(tmp_path, monkeypatch)
     assert common.load_checkpoint(str(path))["step"] == 1
 
 
+def test_a_save_makes_its_folder_and_an_unwritable_one_is_one_line(tmp_path):
+    # a teacher trained for minutes must not be lost because its folder did not exist yet
+    path = tmp_path / "runs" / "teacher" / "teacher_cnn.pth"
+    common.save_atomic({"step": 3}, str(path))
+    assert common.load_checkpoint(str(path))["step"] == 3
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")  # a file where a folder should be: makedirs fails
+    with pytest.raises(RunError, match="cannot write .*a_file/sub/x.pth'") as e:
+        common.save_atomic({"step": 4}, str(blocker / "sub" / "x.pth"))
+    assert "\n" not in str(e.value)
+
+
 def test_a_full_tmpfs_is_one_line(tmp_path):
     folder = tmp_path / "small"
     folder.mkdir()
