@@ -4,8 +4,9 @@ A refactor of the stage scripts must keep behaviour; these checksums were record
 If a change is meant to alter training (a new default, a fixed bug), update the checksum in the
 same commit and say why in its message. One CPU thread; float kernels differ between torch
 versions, CPU instruction sets and CPU models (the same fp32 runs gave other bits on an Intel
-Xeon with AVX512 and AMX than on the AMD EPYC with AVX512 that recorded them), so the sums hold for the torch version, CPU capability and
-vendor they were recorded on (elsewhere the test is skipped and says why).
+Xeon with AVX512 and AMX than on the AMD EPYC with AVX512 that recorded them), so the sums
+hold for the torch version, CPU capability and vendor they were recorded on (elsewhere the test
+is skipped and says why).
 """
 import hashlib
 import os
