@@ -78,6 +78,20 @@ def morph_schedule(num_tokens: int, num_morphed: int, num_iters: int) -> List[in
     return [step] * (num_iters - 1) + [total - (num_iters - 1) * step]
 
 
+def merge_rounds(num_tokens: int, num_morphed: int, num_iters: int) -> List[int]:
+    """The merges each round really makes: R (Eq. 1), capped at |A| = ceil(T / 2) per round (a
+    round of T tokens can merge at most its A set); what does not fit carries over, and extra
+    rounds run until exactly N_m tokens remain. Depends only on (N, N_m, k): no data, no sync."""
+    rounds, tokens, carry = [], num_tokens, 0
+    schedule = morph_schedule(num_tokens, num_morphed, num_iters)
+    while schedule or carry:
+        want = (schedule.pop(0) if schedule else 0) + carry
+        r = min(want, (tokens + 1) // 2)
+        carry, tokens = want - r, tokens - r
+        rounds += [r] if r else []
+    return rounds
+
+
 def sample_levels(num_tokens: int, num_levels: int = 2, max_iters: int = 14,
                   min_morphed: int = 1,
                   rng: Optional[random.Random] = None) -> List[Tuple[int, int]]:
@@ -131,14 +145,7 @@ def dtm_assignment_loop(tokens: torch.Tensor, num_morphed: int, num_iters: int) 
     _check_level(tokens.shape[0], num_morphed, num_iters)
     clusters = [[j] for j in range(tokens.shape[0])]              # members of each current token
     sums = [tokens[j].double() for j in range(tokens.shape[0])]   # sum of the members' tokens
-    schedule = morph_schedule(tokens.shape[0], num_morphed, num_iters)
-    carry = 0
-    while schedule or carry:
-        want = (schedule.pop(0) if schedule else 0) + carry
-        r = min(want, (len(clusters) + 1) // 2)                   # at most |A| merges per round
-        carry = want - r
-        if r == 0:
-            continue
+    for r in merge_rounds(tokens.shape[0], num_morphed, num_iters):
         set_a, set_b = range(0, len(clusters), 2), list(range(1, len(clusters), 2))
         pairs = []                                                # (score, A token, its partner)
         for a in set_a:
@@ -158,45 +165,26 @@ def dtm_assignment_loop(tokens: torch.Tensor, num_morphed: int, num_iters: int) 
     return ids
 
 
-def bipartite_merge(sums: torch.Tensor, num_merges: int,
-                    positions: Optional[torch.Tensor] = None):
-    """One round of ToMe's bipartite matching for a batch of T current tokens.
+def bipartite_merge(x: torch.Tensor, num_merges: int, dim: int) -> torch.Tensor:
+    """One round of ToMe's bipartite matching for a batch of T current tokens, batched.
 
-    sums (B, T, C): the sum of the original target tokens each current token stands for (the
-    cosine of a sum equals the cosine of the mean, so the group sizes are not needed). Set A =
-    even positions, set B = odd positions; the num_merges A tokens with the most similar partner
-    in B merge into it. Returns the new sums (B, T - r, C) and new_pos (B, T): where each current
-    token goes in the new list [A tokens that stay, best score first; then all B tokens].
-    positions: torch.arange(>= T) on sums' device; dtm_assignment makes it once for all rounds
-    (each round slices it instead of launching aranges of its own).
+    x (B, T, W): one row per current token. Its first `dim` channels are the sum of the target
+    tokens it stands for (the cosine of a sum equals the cosine of the mean, so no sizes are
+    needed); the other channels ride along and are summed the same way (dtm_assignment: the
+    token's row of M). Set A = even positions, set B = odd positions; the r A tokens with the
+    most similar partner in B add their rows to it. -> (B, T - r, W), the rows in the order
+    [A tokens that stay, best score first; then all B tokens] (dtm_assignment_loop's order).
     """
-    batch, num_tokens, dim = sums.shape
+    B, T, W = x.shape
     r = num_merges
-    if positions is None:
-        positions = torch.arange(num_tokens, device=sums.device)
-    feats = F.normalize(sums, dim=-1)                           # directions of the group means
-    feats_a, feats_b = feats[:, 0::2], feats[:, 1::2]           # (B, Ta, C), (B, Tb, C)
-    size_a, size_b = feats_a.shape[1], feats_b.shape[1]
-    scores = feats_a @ feats_b.transpose(1, 2)                  # cosine similarity (B, Ta, Tb)
+    feats = F.normalize(x[..., :dim], dim=-1)                   # directions of the group means
+    scores = feats[:, 0::2] @ feats[:, 1::2].transpose(1, 2)    # cosine similarity (B, Ta, Tb)
     best_score, partner = scores.max(dim=-1)                    # best B token for each A token
-    order = best_score.argsort(dim=-1, descending=True)         # most similar A tokens first
-    merging, staying = order[:, :r], order[:, r:]               # A tokens that merge / stay
-    merging_partner = partner.gather(1, merging)                # their partners in B (B, r)
-
-    keep = size_a - r                                           # new list: [staying A, all B]
-    new_pos = torch.empty(batch, num_tokens, dtype=torch.long, device=sums.device)
-    pos_a = new_pos[:, 0::2]                                    # (B, Ta) view: no copy into new_pos
-    pos_a.scatter_(1, staying, positions[:keep].expand(batch, keep))
-    pos_a.scatter_(1, merging, keep + merging_partner)
-    new_pos[:, 1::2] = positions[keep:keep + size_b]            # B tokens: keep, keep + 1, ...
-
-    sums_a = _take(sums[:, 0::2], order)                        # (B, Ta, C) in `order`: one gather
-    new_sums = torch.cat([sums_a[:, r:], sums[:, 1::2]], dim=1)  # [staying A, all B] (B, T-r, C)
-    index_b = merging_partner.unsqueeze(-1).expand(-1, -1, dim)
-    # add the merging A sums to their partners, in place in the cat's B part (no copy of it);
-    # the same additions in the same order as an out-of-place scatter_add, so the same bits
-    new_sums[:, keep:].scatter_add_(1, index_b, sums_a[:, :r])
-    return new_sums, new_pos
+    rank = best_score.argsort(dim=-1, descending=True).argsort(dim=-1)  # 0: the most similar
+    keep = scores.shape[1] - r                                  # A tokens that stay
+    new_a = torch.where(rank < r, keep + partner, rank - r)     # each A row's place (B, Ta)
+    out = F.pad(x[:, 1::2], (0, 0, keep, 0))                    # [staying A: 0 so far, all B]
+    return out.scatter_add_(1, new_a.unsqueeze(-1).expand(-1, -1, W), x[:, 0::2])
 
 
 @torch.no_grad()
@@ -204,29 +192,21 @@ def dtm_assignment(target: torch.Tensor, num_morphed: int, num_iters: int) -> to
     """Cluster id in [0, N_m) of every token: the morphing matrix M of Eq. 2 as (B, N) ids.
 
     m_ij = 1 iff assign[j] == i. The batched form of dtm_assignment_loop (read that one first):
-    k rounds of bipartite matching on the (detached) target tokens with the Eq. 1 schedule, the
-    overflow of a round carried to the next, until exactly N_m morphed tokens remain. The number
-    of rounds depends only on (N, N_m, k), so it runs on the device with no host sync and no loop
-    over images.
+    k rounds of bipartite matching on the (detached) target tokens with the Eq. 1 schedule
+    (merge_rounds), until exactly N_m morphed tokens remain. Each row carries [the sum of its
+    members' target tokens | its row of M]: M starts as the identity and merging two tokens
+    adds their rows, so after the last round M is read off the rows. The rounds depend only on
+    (N, N_m, k): no host sync and no loop over images. Always computed in fp32 (a bf16 autocast
+    would pair other tokens).
     """
     B, N, C = target.shape
     _check_level(N, num_morphed, num_iters)
-    sums = target.float()
-    positions = torch.arange(N, device=target.device)          # made once, sliced by each round
-    assign = None                   # the identity; the first round's new_pos is then the answer
-    tokens, carry = N, 0
-    schedule = morph_schedule(N, num_morphed, num_iters)
-    while schedule or carry:
-        want = (schedule.pop(0) if schedule else 0) + carry
-        r = min(want, (tokens + 1) // 2)
-        carry = want - r
-        if r == 0:
-            continue
-        sums, new_pos = bipartite_merge(sums, r, positions)
-        # the current token of each original one (no gather through the identity)
-        assign = new_pos if assign is None else new_pos.gather(1, assign)
-        tokens -= r
-    return positions.expand(B, N) if assign is None else assign
+    with torch.autocast(target.device.type, enabled=False):
+        eye = torch.eye(N, device=target.device).expand(B, N, N)
+        x = torch.cat([target.float(), eye], dim=-1)           # (B, N, C + N): [V | M = I]
+        for r in merge_rounds(N, num_morphed, num_iters):
+            x = bipartite_merge(x, r, C)                       # (B, T - r, C + N)
+    return x[..., C:].argmax(dim=1)                            # M (B, N_m, N) -> ids (B, N)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -246,12 +226,13 @@ def kmeans_assignment(target: torch.Tensor, num_morphed: int, num_iters: int) ->
     """
     B, N, C = target.shape
     _check_level(N, num_morphed, num_iters)
-    feats = F.normalize(target.float(), dim=-1)                       # (B, N, C)
-    centres = _seed_centres(feats, num_morphed)                       # (B, K, C)
-    for step in range(num_iters):
-        assign = _nearest_centre(feats, centres)                      # (B, N)
-        if step < num_iters - 1:
-            centres = _centres(feats, assign, num_morphed)
+    with torch.autocast(target.device.type, enabled=False):  # the clustering in fp32, always
+        feats = F.normalize(target.float(), dim=-1)                   # (B, N, C)
+        centres = _seed_centres(feats, num_morphed)                   # (B, K, C)
+        for step in range(num_iters):
+            assign = _nearest_centre(feats, centres)                  # (B, N)
+            if step < num_iters - 1:
+                centres = _centres(feats, assign, num_morphed)
     return assign
 
 
