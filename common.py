@@ -161,8 +161,15 @@ class Dist:
         return self.rank == 0
 
 
-def setup_distributed(device: str = "auto", timeout_s: int = 1800) -> Dist:
-    """Read torchrun's RANK/WORLD_SIZE/LOCAL_RANK; NCCL on CUDA, gloo on CPU."""
+# Start-up may keep ranks waiting long in a collective (rank 0 reads a large image folder, trains
+# the CNN teacher, loads a checkpoint); after it, Run.resume sets the config's dist_timeout_s.
+STARTUP_TIMEOUT_S = 3600
+
+
+def setup_distributed(device: str = "auto", timeout_s: int = 600) -> Dist:
+    """Read torchrun's RANK/WORLD_SIZE/LOCAL_RANK; NCCL on CUDA, gloo on CPU. More processes on
+    a node than GPUs (a check on a one-GPU machine) share the GPUs and use gloo, which NCCL
+    refuses."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
@@ -172,12 +179,26 @@ def setup_distributed(device: str = "auto", timeout_s: int = 1800) -> Dist:
         return Dist(device=torch.device(device))
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local = int(os.environ["LOCAL_RANK"])
+    where, backend = torch.device("cpu"), "gloo"
     if device == "cuda":
-        torch.cuda.set_device(local)
-    dist.init_process_group("nccl" if device == "cuda" else "gloo",
-                            timeout=timedelta(seconds=timeout_s))
-    where = torch.device(device, local) if device == "cuda" else torch.device("cpu")
+        gpus = torch.cuda.device_count()
+        where = torch.device("cuda", local % gpus)
+        torch.cuda.set_device(where)
+        shared = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) > gpus
+        backend = "gloo" if shared else "nccl"
+        if shared and local == 0:
+            print(f"warning: {os.environ['LOCAL_WORLD_SIZE']} processes share {gpus} GPU(s): "
+                  "gloo instead of NCCL (slow; for checks only)", flush=True)
+    dist.init_process_group(backend, timeout=timedelta(seconds=max(timeout_s, STARTUP_TIMEOUT_S)),
+                            device_id=where if backend == "nccl" else None)
     return Dist(rank, world, local, where)
+
+
+def set_collective_timeout(timeout_s: int):
+    """After start-up: a collective that waits longer than timeout_s (a lost process) fails the
+    run. NCCL's watchdog then aborts the process (exit 134, SIGABRT); gloo raises (exit 3)."""
+    if dist.is_initialized():
+        dist.distributed_c10d._set_pg_timeout(timedelta(seconds=timeout_s))
 
 
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -283,10 +304,17 @@ def syncs_buffers(model: torch.nn.Module) -> bool:
                for m in model.modules())
 
 
-def ddp(model: torch.nn.Module, dist_: "Dist") -> torch.nn.Module:
-    """The module a training loop calls: DistributedDataParallel with several processes."""
-    if dist_.world == 1:
-        return model
+def ddp(model: torch.nn.Module, dist_: "Dist", compile: bool = False) -> torch.nn.Module:
+    """The module a training loop calls: DistributedDataParallel with several processes, then
+    torch.compile if asked. Compiled around DDP (not inside it), dynamo splits the graph at DDP's
+    bucket boundaries, so each bucket's all-reduce overlaps the rest of the backward; a compiled
+    module inside DDP would all-reduce only after the whole backward."""
+    if dist_.world > 1:
+        model = _wrap_ddp(model, dist_)
+    return torch.compile(model) if compile else model
+
+
+def _wrap_ddp(model: torch.nn.Module, dist_: "Dist") -> DistributedDataParallel:
     cuda = dist_.device.type == "cuda"
     running_stats = syncs_buffers(model)  # broadcast_buffers: off for constant buffers only
     # (newer torch names it forward_sync_buffers and deprecates broadcast_buffers; both still
@@ -295,7 +323,7 @@ def ddp(model: torch.nn.Module, dist_: "Dist") -> torch.nn.Module:
             inspect.signature(DistributedDataParallel).parameters else "broadcast_buffers")
     # gradient_as_bucket_view: the .grad tensors are views into DDP's all-reduce buckets, so no
     # copy between them after each backward (and no second copy of the gradients in memory).
-    return DistributedDataParallel(model, device_ids=[dist_.local_rank] if cuda else None,
+    return DistributedDataParallel(model, device_ids=[dist_.device.index] if cuda else None,
                                    gradient_as_bucket_view=True, **{sync: running_stats})
 
 
@@ -388,8 +416,13 @@ def read_torch_file(path: str, safe_globals=()) -> dict:
         raise ValueError(f"it is truncated or not a torch file ({first_line(e)[:80]})") from None
 
 
-def load_checkpoint(path: str) -> dict:
-    """A run's own checkpoint.pth (auto-resume); an unreadable one stops the run with one line."""
+def load_checkpoint(path: str, rank: int = 0, step: int = None) -> dict:
+    """A run's own checkpoint.pth (auto-resume); an unreadable one stops the run with one line.
+    rank > 0: the file rank 0 resumes from, which must hold rank 0's `step`."""
+    shared = ("out_dir must be one folder that every node sees (a shared file system), or "
+              "copy rank 0's checkpoint.pth to every node")
+    if rank and not os.path.isfile(path):
+        raise RunError(f"rank {rank} cannot find '{path}', which rank 0 resumes from: {shared}")
     try:
         ckpt = read_torch_file(path)
     except ValueError as e:
@@ -398,6 +431,9 @@ def load_checkpoint(path: str) -> dict:
     if not isinstance(ckpt, dict) or "step" not in ckpt:
         raise RunError(f"cannot read checkpoint '{path}': it is not a checkpoint of this project; "
                        "delete it to start over, or use a new out_dir")
+    if rank and ckpt["step"] != step:
+        raise RunError(f"rank {rank} reads step {ckpt['step']} from '{path}' where rank 0 resumes "
+                       f"from step {step}: {shared}")
     return ckpt
 
 
@@ -454,21 +490,43 @@ def open_run_dir(out_dir: str):
     remove the temp files of a killed save. A folder in use by another run stops every rank
     with one line (exit 2). Call it once, before reading or writing anything in out_dir."""
     make_run_dir(out_dir)
-    problem = ""
+    problem = None
     if is_main():
         try:
             lock_run_dir(out_dir)
             remove_stale_temp_files(out_dir)
         except ConfigError as e:
-            problem = str(e)
-    if dist.is_initialized():  # every rank stops if rank 0 could not take the folder
-        box = [problem]
+            problem = e
+    stop_all_if(problem)  # every rank stops if rank 0 could not take the folder
+
+
+def stop_all_if(error: Exception = None):
+    """Every rank calls it at the same point with its own ConfigError / RunError, or None. If any
+    rank has one, rank 0 raises the first (one line; exit 2 or 3) and the others exit quietly
+    with its code, so no rank is left waiting in a collective. One process: raise it."""
+    if not dist.is_initialized():
+        if error is not None:
+            raise error
+        return
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, None if error is None else
+                           (isinstance(error, ConfigError), str(error)))
+    first = next((e for e in errors if e is not None), None)
+    if first is None:
+        return
+    config, message = first
+    if is_main():
+        raise (ConfigError if config else RunError)(message)
+    sys.exit(2 if config else 3)
+
+
+def broadcast0(value):
+    """Rank 0's `value` (any picklable object) on every rank."""
+    if dist.is_initialized():
+        box = [value]
         dist.broadcast_object_list(box, src=0)
-        problem = box[0]
-    if problem and is_main():
-        raise ConfigError(problem)
-    if problem:
-        sys.exit(2)  # rank 0 says why
+        value = box[0]
+    return value
 
 
 def make_run_dir(out_dir: str):
@@ -941,11 +999,31 @@ class Run:
         self.ckpt_path, self.log_path = self.path("checkpoint.pth"), self.path("log.jsonl")
         self.step, self.steps_per_epoch, self.skipped, self.stopping = 0, 0, 0, False
         self.lr, self._sums, self._count, self._data = 0.0, {}, 0, None
-        self._ckpt, self._writer = None, None
-        if resume_keys is not None and os.path.isfile(self.ckpt_path):  # checked before any work
-            self._ckpt = load_checkpoint(self.ckpt_path)
-            check_resume_config(self._ckpt["config"], self.record, resume_keys, self.ckpt_path)
+        self._writer = None
+        self._ckpt = self.read_resume(resume_keys) if resume_keys is not None else None
         write_config(cfg.out_dir, self.record)
+
+    def read_resume(self, resume_keys):
+        """The checkpoint this run resumes from, or None. Rank 0 decides (its out_dir holds
+        checkpoint.pth); every rank reads that file at rank 0's step and checks its config,
+        before any work. A rank that cannot (an out_dir on its own node's disk) or any bad
+        checkpoint stops every rank with one line."""
+        ckpt, problem = None, None
+        if is_main() and os.path.isfile(self.ckpt_path):
+            try:
+                ckpt = load_checkpoint(self.ckpt_path)
+            except RunError as e:
+                problem = e
+        step = broadcast0(ckpt["step"] if ckpt else None)  # rank 0's decision, for every rank
+        try:
+            if step is not None and not is_main():
+                ckpt = load_checkpoint(self.ckpt_path, self.dist.rank, step)
+            if ckpt is not None:
+                check_resume_config(ckpt["config"], self.record, resume_keys, self.ckpt_path)
+        except (ConfigError, RunError) as e:
+            problem = e
+        stop_all_if(problem)
+        return ckpt
 
     def path(self, name: str) -> str:
         return os.path.join(self.cfg.out_dir, name)
@@ -967,6 +1045,7 @@ class Run:
             print0(f"resumed from {self.ckpt_path} at epoch {self.step // steps_per_epoch}, "
                    f"step {self.step}")
         trim_log(self.log_path, self.step, self.step // steps_per_epoch)  # lines past the ckpt
+        set_collective_timeout(getattr(self.cfg, "dist_timeout_s", 600))  # start-up is over
         return ckpt
 
     def save(self, epochs_done: int, outputs: dict = None, keep: bool = False):

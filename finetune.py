@@ -79,7 +79,7 @@ class Config:
     out_dir: str = "runs/finetune"
     log_every: int = 20              # steps between log lines (loss reduced, SIGTERM/SIGINT
                                      # checked)
-    dist_timeout_s: int = 1800       # a collective that waits longer fails the run (a lost process)
+    dist_timeout_s: int = 600        # after start-up: a collective waiting longer fails the run
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"  # auto | bf16 | fp32: autocast dtype; auto = bf16 where the hardware

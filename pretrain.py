@@ -152,8 +152,7 @@ class Config:
     skip_nonfinite: int = 0            # skip up to this many steps with a NaN/inf loss, then stop
                                        # (0: stop at
                                        # the first; > 0 checks every step: one host sync per step)
-    dist_timeout_s: int = 1800         # a collective that waits longer than this fails the run
-                                       # (lost process)
+    dist_timeout_s: int = 600          # after start-up: a collective waiting longer fails the run
     seed: int = 0
     device: str = "auto"               # auto | cpu | cuda
     precision: str = "auto"            # auto | bf16 | fp32: autocast dtype; auto = bf16 where
@@ -630,7 +629,7 @@ def main(argv):
                lambda: run_state(student, optimizer, teacher))
     encoder_file = lambda: {run.path("encoder.pth"): M.encoder_state(student.encoder)}  # noqa
     lr_at, momentum_at = schedules(cfg, lr, steps_per_epoch)
-    model = ddp(torch.compile(student) if cfg.compile else student, dist)
+    model = ddp(student, dist, compile=cfg.compile)  # DDP, then compile around it
     # the targets: the teacher's forward, a third of a ViT-B step, compiled with the student
     targets = torch.compile(teacher) if cfg.compile and teacher is not None else teacher
     autocast = common.autocast(cfg.precision, dist.device)  # bf16 where native (precision)

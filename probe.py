@@ -109,7 +109,7 @@ class Config:
     eval_every: int = 10               # epochs between evaluations (and always after the last)
     log_every: int = 50                # optimizer steps between log lines (and SIGTERM checks)
     max_corrupt_frac: float = 0.01     # imagefolder: skip corrupt images; more than this: stop
-    dist_timeout_s: int = 1800         # a collective that waits longer fails the run (lost process)
+    dist_timeout_s: int = 600          # after start-up: a collective waiting longer fails the run
     seed: int = 0
     device: str = "auto"               # auto | cpu | cuda
 

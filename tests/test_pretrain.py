@@ -135,3 +135,42 @@ def test_every_config_parses(name):
     config = importlib.import_module(script).Config
     cfg = parse_config(config, ["--config", os.path.join(ROOT, "configs", name)])
     assert cfg.epochs >= 1
+
+
+def run_ranks(args_per_rank, port, timeout=120):
+    """Start one pretrain.py process per rank as torchrun would (RANK, WORLD_SIZE, ...), each
+    with its own arguments, e.g. an out_dir of its own, as on nodes with node-local disks."""
+    world = len(args_per_rank)
+    procs = []
+    for rank, args in enumerate(args_per_rank):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(rank), "LOCAL_RANK": "0",
+               "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(port)}
+        procs.append(subprocess.Popen([sys.executable, "pretrain.py", *args], cwd=ROOT, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    return [(p, *p.communicate(timeout=timeout)) for p in procs]
+
+
+def test_resume_with_an_out_dir_per_node_stops_every_rank_with_one_line(tiny_imagefolder,
+                                                                        tmp_path):
+    # each rank has its own out_dir (a node-local disk): rank 0's holds the checkpoint after the
+    # first run, rank 1's does not. The rerun must not resume rank 0 alone (ranks at different
+    # steps hang or mix states): every rank stops, and rank 0 says which rank and which file.
+    dirs = [tmp_path / "node0", tmp_path / "node1"]
+    args = [[*TINY, f"data_path={tiny_imagefolder}", f"out_dir={d}"] for d in dirs]
+    first = run_ranks([[*a, "epochs=1"] for a in args], port=29541)
+    assert all(p.returncode == 0 for p, _, _ in first), first[0][2][-2000:]
+    assert os.path.isfile(dirs[0] / "checkpoint.pth")
+    assert not os.path.exists(dirs[1] / "checkpoint.pth")
+    (p0, _, err0), (p1, _, err1) = run_ranks(args, port=29542)
+    assert p0.returncode == 3 and p1.returncode == 3, (err0[-2000:], err1[-2000:])
+    lines = err0.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: rank 1 cannot find"), err0
+    assert str(dirs[1] / "checkpoint.pth") in lines[0] and "shared file system" in lines[0]
+    assert "error" not in err1  # rank 0 says it once
+    # a checkpoint of another step on rank 1's disk (a copy of an older one) is refused too
+    shutil.copy(dirs[0] / "checkpoint.pth", dirs[1] / "checkpoint.pth")
+    run_ranks([[*a, "epochs=2"] for a in args], port=29543)  # both at step 8, rank 1's copy at 4
+    (p0, _, err0), (p1, _, _) = run_ranks([[*a, "epochs=3"] for a in args], port=29544)
+    assert p0.returncode == 3 and p1.returncode == 3
+    assert "rank 1 reads step 4" in err0 and "rank 0 resumes from step 8" in err0, err0
