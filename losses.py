@@ -477,8 +477,8 @@ def sparsity_loss(x: torch.Tensor, mask: torch.Tensor, ids=None,
     tokens. Mean over the visible rows and the batch (the paper sums; a mean keeps the scale
     independent of N). Low entropy = each visible row puts its weight on few tokens.
     exclude_self=True leaves each row's own column (a token's similarity to itself) out of its
-    softmax. The printed formula keeps it (the default), but with normed tokens the self logit
-    dominates its row and L_spa is then near 0 from the start (DECISIONS.md).
+    softmax. The printed formula keeps it (the default); with normed tokens the self logit
+    dominates the row of a token that resembles no other (DECISIONS.md).
     """
     _check_tokens(x, mask)
     _, ids_visible = ids if ids is not None else mask_ids(mask)

@@ -1,5 +1,6 @@
-"""DECISIONS.md kept honest: the recipes' learning rates and pre-training details, the probe
-block's own attention, losses.py's imports, and every test the decisions file names exists."""
+"""DECISIONS.md kept honest: the recipes' learning rates and pre-training details, the MTO
+choices the configs must state, the K-Means input, the probe block's own attention, losses.py's
+imports, and every test the decisions file names exists."""
 import ast
 import math
 import os
@@ -60,7 +61,9 @@ def test_dtm_pretraining_configs_follow_table_12_and_beit_v2(size, layer_scale):
     assert cfg["layer_scale"] == layer_scale and cfg["drop_path"] == 0.0
     schedule = (cfg["epochs"], cfg["warmup_epochs"], cfg["beta2"], cfg["clip_grad"])
     assert schedule == (300, 10, 0.98, 3.0)
-    assert math.floor(cfg["mask_ratio"] * 196) == 75                  # BEiT v2's 75 of 196
+    import data
+    assert data.num_masked_patches(196, cfg["mask_ratio"]) == 75       # BEiT v2's 75 of 196
+    assert data.num_masked_patches(196, 0.4) == 78                    # the text's 0.4: not it
     assert cfg["distance"] == "cosine" and cfg["dtm_levels"] == 2 and cfg["dtm_max_iters"] == 14
 
 
@@ -81,6 +84,70 @@ def test_finetuning_configs_carry_table_13(size, epochs, warmup, decay, drop_pat
     path = os.path.join(ROOT, "configs", f"in1k_vit_{size}_finetune.yaml")
     parsed = parse_config(finetune.Config, ["--config", path])
     assert finetune.peak_lr(parsed)[0] == 5e-4                       # Table 13, as given
+
+
+def decisions_text():
+    with open(os.path.join(ROOT, "DECISIONS.md"), encoding="utf-8") as f:
+        return f.read()
+
+
+def test_fix_init_is_on_for_the_beit_and_simmim_recipes_and_off_for_mae():
+    # DECISIONS.md 2: BEiT v2 / DTM and SimMIM rescale the output projections at init, MAE not
+    for name, _, _ in RECIPES:
+        if "finetune" not in name:
+            assert config(name)["fix_init"] is ("mae" not in name), name
+
+
+def mto_configs():
+    names = sorted(f for f in os.listdir(os.path.join(ROOT, "configs")) if f.endswith(".yaml"))
+    return [f for f in names if "mto" in f or config(f).get("mto")]
+
+
+def test_every_mto_config_states_the_l_spa_diagonal_decision():
+    """DECISIONS.md 6: Eq. 3 keeps j = i. The default and every MTO config say so, explicitly."""
+    stated = set(re.findall(r"`mto_spa_exclude_self: (true|false)`", decisions_text()))
+    assert len(stated) == 1, stated
+    value = stated.pop() == "true"
+    import pretrain
+    assert pretrain.Config().mto_spa_exclude_self is value
+    names = mto_configs()
+    assert len(names) == 4, names
+    for name in names:
+        assert config(name).get("mto_spa_exclude_self", "missing") is value, name
+        with open(os.path.join(ROOT, "configs", name)) as f:
+            line = next(x for x in f if x.startswith("mto_spa_exclude_self:"))
+        assert "# " in line and "Eq. 3" in line, f"{name}: say why, in one line"
+
+
+def test_ranking_loss_sums_the_layers_as_eq_5_prints():
+    """DECISIONS.md 6: L_r = sum over l = 1..L (Eq. 5, Algorithm 1), not the mean over L."""
+    import losses
+    for num_layers in (1, 4, 12):
+        flat = torch.ones(num_layers + 1, 3)                          # H^0..H^L, 3 images
+        assert losses.ranking_loss(flat).item() == pytest.approx(num_layers * math.log(2))
+    H = torch.tensor([2.0, 1.0, 1.5])                                 # steps -1.0, +0.5
+    by_hand = math.log1p(math.exp(-1.0)) + math.log1p(math.exp(0.5))
+    assert losses.ranking_loss(H).item() == pytest.approx(by_hand, rel=1e-6)
+
+
+def test_kmeans_reads_the_detached_target(monkeypatch):
+    """DECISIONS.md 4: the K-Means clusters come from the detached teacher tokens v, as the
+    bipartite matching's do, and the same ids morph u and v."""
+    import losses
+    seen, real = [], losses.kmeans_assignment
+
+    def spy(target, num_morphed, num_iters):
+        seen.append((target, real(target, num_morphed, num_iters)))
+        return seen[-1][1]
+
+    monkeypatch.setattr(losses, "kmeans_assignment", spy)
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(2, 20, 6, generator=g, requires_grad=True)
+    u = torch.randn(2, 20, 6, generator=g, requires_grad=True)
+    losses.dtm_loss(u, v, [(6, 3)], matching="kmeans")
+    ((target, ids),) = seen
+    assert not target.requires_grad and torch.equal(target, v.detach())
+    assert not torch.equal(real(u.detach(), 6, 3), ids)              # from u they would differ
 
 
 def test_probe_block_matches_the_model_it_no_longer_imports():
