@@ -773,6 +773,9 @@ LOST_PEER = ("Connection closed by peer", "Connection reset by peer", "Broken pi
              "NCCL communicator was aborted", "watchdog")
 
 
+LOADER_DIED = ("shared memory", "/torch_", "exited unexpectedly", "is killed by signal")
+
+
 def run_main(main):
     """Run a stage's main(); bad input becomes one line on stderr and exit code 2, a failure
     during the run (NaN loss, bad data, a lost process, a full disk, an unreadable checkpoint)
@@ -792,6 +795,12 @@ def run_main(main):
         msg = str(e).strip()
         if isinstance(e, RunError) or "cannot be downloaded" in msg:
             _fail(msg, 3)
+        if any(s in msg for s in LOADER_DIED):  # the workers pass their batches through /dev/shm
+            free = shutil.disk_usage("/dev/shm").free / 2**20 if os.path.isdir("/dev/shm") else 0
+            _fail(f"a data loader worker died ({first_line(e)[:100]}); the usual cause is a full "
+                  f"/dev/shm ({free:.0f} MiB free): give the container more shared memory "
+                  "(docker run --shm-size=16g) or set num_workers=0, then rerun the same command "
+                  "to resume", 3)
         lost = isinstance(e, dist.DistError) or any(s in msg for s in LOST_PEER)
         if dist.is_initialized() and lost:
             _fail(f"rank {dist.get_rank()} lost contact with another process "

@@ -140,7 +140,8 @@ def _read_idx(path: str) -> np.ndarray:
 
 
 def build_dataset(name: str, root: str, train: bool, transform=None, subset: int = 0):
-    """One of DATASETS. `imagefolder` reads root/train and root/val (ImageNet layout)."""
+    """One of DATASETS. `imagefolder` reads root/train and root/val (ImageNet layout). subset > 0:
+    that many images, evenly spaced over the split (an image folder is sorted by class)."""
     if name == "fashion_mnist":
         ds = FashionMNIST(root, train=train, transform=transform)
     elif name == "imagefolder":
@@ -157,8 +158,8 @@ def build_dataset(name: str, root: str, train: bool, transform=None, subset: int
         ds = cls(root, train=train, transform=transform, download=True)
     else:
         raise ValueError(f"unknown dataset '{name}': choose one of {DATASETS}")
-    if subset and subset < len(ds):
-        ds = torch.utils.data.Subset(ds, range(subset))
+    if subset and subset < len(ds):  # evenly spaced: every class of a folder sorted by class
+        ds = torch.utils.data.Subset(ds, [i * len(ds) // subset for i in range(subset)])
     return ds
 
 

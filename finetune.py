@@ -41,7 +41,7 @@ class Config:
     # data
     dataset: str = "fashion_mnist"   # fashion_mnist | imagefolder | cifar10 | cifar100
     data_path: str = "data"
-    subset: int = 0                  # use only the first `subset` training images (0 = all)
+    subset: int = 0                  # use `subset` training images, evenly spaced (0 = all)
     img_size: int = 28
     num_workers: int = 2
     max_corrupt_frac: float = 0.01   # imagefolder: skip corrupt images, stop when more than this

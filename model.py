@@ -149,6 +149,16 @@ def lookup_bias(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return table[index.view(-1)].view(n, n, -1).permute(2, 0, 1)  # (H, 1+N, 1+N)
 
 
+def sdpa_bias(bias: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(H, T, T) -> (1, H, T, T) in `dtype`, laid out as the fused attention kernels read a
+    bias: last dim contiguous, each row starting at a multiple of 8 elements (padded, then
+    sliced back to T)."""
+    H, T, _ = bias.shape
+    padded = bias.new_zeros(1, H, T, -(-T // 8) * 8, dtype=dtype)
+    padded[..., :T] = bias
+    return padded[..., :T]
+
+
 # -----------------------------------------------------------------------------
 # Masked and visible patches, pixel patches
 
@@ -212,7 +222,7 @@ class Attention(nn.Module):
             own = lookup_bias(self.relative_position_bias_table, self.relative_position_index)
             bias = own if bias is None else bias + own
         if bias is not None:
-            bias = bias.unsqueeze(0).to(q.dtype)  # (1, H, T, T)
+            bias = sdpa_bias(bias, q.dtype)  # (1, H, T, T)
         attn = None
         # The explicit formula where the maps are asked for, and for bf16 on a CPU: there
         # PyTorch's fused kernel is about 6x slower than it for 50 tokens (its backward;

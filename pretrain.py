@@ -61,7 +61,7 @@ class Config:
     dataset: str = "fashion_mnist"     # fashion_mnist | imagefolder | cifar10 | cifar100
     data_path: str = "data"            # imagefolder: root with train/ (and val/); others: download
                                        # dir
-    subset: int = 0                    # use only the first `subset` training images (0 = all)
+    subset: int = 0                    # use `subset` training images, evenly spaced (0 = all)
     img_size: int = 28                 # input side in pixels
     crop_scale_min: float = 0.2        # RandomResizedCrop scale lower bound (BEiT v2: 0.08 at 224)
     color_jitter: float = 0.4          # DTM Table 12
@@ -347,8 +347,9 @@ def knn_top1(bank: torch.Tensor, bank_labels, val: torch.Tensor, val_labels, k: 
 
 
 def knn_eval(cfg: "Config", encoders: dict, dist, val_size: int) -> dict:
-    """k-NN top-1 of every feature of `encoders`: bank = the first knn_bank training images,
-    queries = the first val_size test images (0 = all), sharded over the processes."""
+    """k-NN top-1 of every feature of `encoders`: bank = knn_bank training images, queries =
+    val_size test images (0 = all), both evenly spaced over their split (every class), the
+    queries sharded over the processes."""
     tf = data.eval_transform(cfg.img_size)
     bank_set = data.build_dataset(cfg.dataset, cfg.data_path, train=True, transform=tf,
                                   subset=cfg.knn_bank)

@@ -71,8 +71,8 @@ class Config:
     # data
     dataset: str = "fashion_mnist"     # fashion_mnist | imagefolder | cifar10 | cifar100
     data_path: str = "data"            # imagefolder: root with train/ and val/; else download dir
-    subset: int = 0                    # use only the first `subset` training images (0 = all)
-    val_subset: int = 0                # use only the first `val_subset` validation images (0 = all)
+    subset: int = 0                    # use `subset` training images, evenly spaced (0 = all)
+    val_subset: int = 0                # use `val_subset` validation images, evenly spaced (0 = all)
     crop_scale_min: float = 0.08       # streaming: RandomResizedCrop's lowest scale (MAE linprobe)
     num_workers: int = 2               # loader processes per process
     # heads: pool -> BatchNorm1d(affine=False) -> Linear

@@ -407,3 +407,33 @@ def test_a_checkpoint_that_does_not_fit_is_one_line(not_fitting_runs, script, ke
     errors = p.stderr.strip().splitlines()
     assert p.returncode == 2 and len(errors) == 1, p.stderr[-2000:]
     assert "does not fit this model: missing [" in errors[0]
+
+
+SHM_SCRIPT = """
+import os, signal, sys, torch
+sys.path.insert(0, {root!r})
+import common
+
+class BusError(torch.utils.data.Dataset):  # a worker dies as when /dev/shm is full (SIGBUS)
+    def __len__(self):
+        return 4
+    def __getitem__(self, i):
+        os.kill(os.getpid(), signal.SIGBUS)
+
+def main(argv):
+    for _ in torch.utils.data.DataLoader(BusError(), num_workers=1):
+        pass
+
+common.run_main(main)
+"""
+
+
+def test_loader_workers_out_of_shared_memory_is_one_line_with_the_fix(tmp_path):
+    script = tmp_path / "shm.py"
+    script.write_text(SHM_SCRIPT.format(root=F.ROOT))
+    p = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 3
+    # (the worker's own bus-error note may end without a newline, so find our line in stderr)
+    lines = [line for line in p.stderr.splitlines() if "error: " in line]
+    assert len(lines) == 1 and "error: a data loader worker died" in lines[0], p.stderr
+    assert "/dev/shm" in lines[0] and "--shm-size" in lines[0] and "num_workers=0" in lines[0]

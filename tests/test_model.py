@@ -720,3 +720,27 @@ def test_ema_teacher_update_is_the_per_parameter_lerp_bit_for_bit():
             assert torch.equal(p, ref), (momentum, n)
     with pytest.raises(ValueError):
         teacher.update(tiny(depth=1), 0.9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_relative_position_bias_reaches_attention_aligned_and_unchanged(dtype, monkeypatch):
+    # the bias SDPA receives: rows of 1 + N = 17 tokens start every 24 elements (a multiple of
+    # 8: 16 bytes in bf16), last dim contiguous; the model's outputs and gradients are those of
+    # the plain `bias.unsqueeze(0).to(dtype)` bit for bit
+    table = torch.randn(3, 17, 17)
+    b = M.sdpa_bias(table, dtype)
+    assert b.shape == (1, 3, 17, 17) and b.dtype == dtype
+    assert b.stride() == (3 * 17 * 24, 17 * 24, 24, 1)
+    assert torch.equal(b, table.unsqueeze(0).to(dtype))
+    results = []
+    for plain in (False, True):
+        if plain:
+            monkeypatch.setattr(M, "sdpa_bias", lambda bias, dt: bias.unsqueeze(0).to(dt))
+        torch.manual_seed(0)
+        vit = randomise(tiny(pos_embed="none", rel_pos_bias=True, shared_rel_pos_bias=True))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            out = vit(images())
+        out.float().square().sum().backward()
+        results.append([out.detach()] + [p.grad for p in vit.parameters() if p.grad is not None])
+    assert len(results[0]) == len(results[1]) > 10
+    assert all(torch.equal(x, y) for x, y in zip(*results))

@@ -75,3 +75,15 @@ def test_an_unreadable_image_is_skipped_with_its_path(folder, capsys):
     ds[i]
     assert f"skipping corrupt image {path}" in capsys.readouterr().err
     assert data.corrupt_count(ds) == 1
+
+
+def test_subsets_cover_every_class_of_a_folder_sorted_by_class(tiny_imagefolder):
+    # an image folder lists its images class by class (ImageNet: 1,300 of class 0 first), so
+    # the first n images of a k-NN bank or a validation subset would all be of class 0
+    full = data.build_dataset("imagefolder", tiny_imagefolder, train=True)
+    assert full.targets == sorted(full.targets) and len(set(full.targets)) == 2
+    for n in (2, 4, 7, 31):
+        part = data.build_dataset("imagefolder", tiny_imagefolder, train=True, subset=n)
+        labels = [full.targets[i] for i in part.indices]
+        assert len(part) == n == len(set(part.indices)) and set(labels) == {0, 1}, n
+        assert abs(labels.count(0) - labels.count(1)) <= 1, (n, labels)
