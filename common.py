@@ -867,6 +867,8 @@ class StopRequest:
     does not go on with an unfinished encoder, and SLURM requeue / a rerun resumes.
 
     All ranks must stop at the same step, so the flag is reduced across ranks (max) when asked.
+    When a peer is lost no collective can finish: that run ends with exit 3 (gloo), 134 (NCCL's
+    watchdog, after dist_timeout_s) or 137 (torchrun's kill), from the last checkpoint.
     """
 
     def __init__(self):
