@@ -33,6 +33,7 @@ code decides, is written in DECISIONS.md.
 # =================================================================================================
 import math
 import random
+from functools import partial
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -188,7 +189,8 @@ def bipartite_merge(x: torch.Tensor, num_merges: int, dim: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def dtm_assignment(target: torch.Tensor, num_morphed: int, num_iters: int) -> torch.Tensor:
+def dtm_assignment(target: torch.Tensor, num_morphed: int, num_iters: int,
+                   merge=bipartite_merge) -> torch.Tensor:
     """Cluster id in [0, N_m) of every token: the morphing matrix M of Eq. 2 as (B, N) ids.
 
     m_ij = 1 iff assign[j] == i. The batched form of dtm_assignment_loop (read that one first):
@@ -197,7 +199,7 @@ def dtm_assignment(target: torch.Tensor, num_morphed: int, num_iters: int) -> to
     members' target tokens | its row of M]: M starts as the identity and merging two tokens
     adds their rows, so after the last round M is read off the rows. The rounds depend only on
     (N, N_m, k): no host sync and no loop over images. Always computed in fp32 (a bf16 autocast
-    would pair other tokens).
+    would pair other tokens). merge: the round, e.g. torch.compile(bipartite_merge, dynamic=True).
     """
     B, N, C = target.shape
     _check_level(N, num_morphed, num_iters)
@@ -205,7 +207,7 @@ def dtm_assignment(target: torch.Tensor, num_morphed: int, num_iters: int) -> to
         eye = torch.eye(N, device=target.device).expand(B, N, N)
         x = torch.cat([target.float(), eye], dim=-1)           # (B, N, C + N): [V | M = I]
         for r in merge_rounds(N, num_morphed, num_iters):
-            x = bipartite_merge(x, r, C)                       # (B, T - r, C + N)
+            x = merge(x, r, C)                                 # (B, T - r, C + N)
     return x[..., C:].argmax(dim=1)                            # M (B, N_m, N) -> ids (B, N)
 
 
@@ -335,19 +337,22 @@ def morphed_distance(u, v, assign, num_morphed, kind="cosine"):
 
 
 def dtm_loss(u: torch.Tensor, v: torch.Tensor, levels: Sequence[Tuple[int, int]],
-             kind: str = "cosine", matching: str = "bipartite") -> torch.Tensor:
+             kind: str = "cosine", matching: str = "bipartite",
+             merge=bipartite_merge) -> torch.Tensor:
     """Eq. 5: sum over levels l of L_DTM^l. u online (B, N, C), v target (B, N, C).
 
     The morphing of each level is computed from the detached target v and applied to both.
-    matching: 'bipartite' (the paper's method, Eq. 2) or 'kmeans' (Table 11; k = K-Means steps).
+    matching: 'bipartite' (the paper's method, Eq. 2; merge: its round) or 'kmeans' (Table 11;
+    k = K-Means steps).
     """
     if matching not in MATCHINGS:
         raise ValueError(f"unknown matching '{matching}': choose one of {MATCHINGS}")
-    find = dtm_assignment if matching == "bipartite" else kmeans_assignment
+    assignment = (partial(dtm_assignment, merge=merge) if matching == "bipartite"  # Eq. 2
+                  else kmeans_assignment)                                        # Table 11
     v = v.float()                                          # once for all levels, not per level
     terms = []                                             # L_DTM^l of each level
     for num_morphed, num_iters in levels:
-        assign = find(v.detach(), num_morphed, num_iters)
+        assign = assignment(v.detach(), num_morphed, num_iters)
         terms.append(morphed_distance(u, v, assign, num_morphed, kind))
     if not terms:
         return u.new_zeros((), dtype=torch.float32)

@@ -520,6 +520,10 @@ class PretrainLoss:
         self.num_masked = num_masked  # |M| per image, known in advance: no device -> host sync
         self.grid = round(math.sqrt(num_patches))
         self.mto_weights = {t: getattr(cfg, f"mto_{t}") for t in MTO_TERMS}
+        # compile: DTM's merge round too (the loss itself stays eager: its number of rounds
+        # changes with every (N_m, k) draw); dynamic shapes serve every round of every level
+        self.merge = (torch.compile(losses.bipartite_merge, dynamic=True) if cfg.compile
+                      else losses.bipartite_merge)
 
     def __call__(self, model, img, mask, v, step: int, micro: int):
         if self.cfg.framework == "distill":
@@ -542,7 +546,7 @@ class PretrainLoss:
             levels = losses.sample_levels(N, cfg.dtm_levels, cfg.dtm_max_iters,
                                           cfg.dtm_min_morphed, rng)
         matching = "kmeans" if cfg.loss == "dtm_kmeans" else "bipartite"
-        return losses.dtm_loss(u, v, levels, cfg.distance, matching=matching)
+        return losses.dtm_loss(u, v, levels, cfg.distance, matching=matching, merge=self.merge)
 
     def pixels(self, model, img, mask):
         cfg = self.cfg

@@ -798,3 +798,31 @@ def test_dtm_loss_op_count_fits_the_budget():
     top = [e for e in prof.events() if e.name.startswith("aten::")
            and not (e.cpu_parent and e.cpu_parent.name.startswith("aten::"))]
     assert len(top) <= 0.6 * 973, len(top)
+
+
+def test_a_compiled_merge_round_gives_the_same_loss_and_compiles_few_graphs():
+    # pretrain.py with compile=true passes torch.compile(bipartite_merge, dynamic=True): one
+    # compiled round serves every (T, r) of every level (a few graphs, not one per draw), with
+    # the loss and gradients of the eager round. aot_eager: the capture without a C++ compiler.
+    graphs = []
+
+    def recording(gm, example_inputs):
+        graphs.append(gm)
+        return torch._dynamo.backends.debugging.aot_eager(gm, example_inputs)
+    torch._dynamo.reset()
+    merge = torch.compile(losses.bipartite_merge, dynamic=True, backend=recording)
+    rng, g = random.Random(7), gen(53)
+    try:
+        for _ in range(4):
+            levels = sample_levels(49, 2, 14, 1, rng)
+            u0, v = torch.randn(2, 49, 16, generator=g), torch.randn(2, 49, 16, generator=g)
+            grads = []
+            for fn in (losses.bipartite_merge, merge):
+                u = u0.clone().requires_grad_(True)
+                loss = dtm_loss(u, v, levels, merge=fn)
+                loss.backward()
+                grads.append((loss.detach(), u.grad))
+            assert torch.allclose(*[l for l, _ in grads]) and torch.allclose(*[g for _, g in grads])
+        assert 1 <= len(graphs) <= 4, len(graphs)
+    finally:
+        torch._dynamo.reset()
