@@ -33,7 +33,6 @@ code decides, is written in DECISIONS.md.
 # =================================================================================================
 import math
 import random
-from functools import partial
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -347,12 +346,13 @@ def dtm_loss(u: torch.Tensor, v: torch.Tensor, levels: Sequence[Tuple[int, int]]
     """
     if matching not in MATCHINGS:
         raise ValueError(f"unknown matching '{matching}': choose one of {MATCHINGS}")
-    assignment = (partial(dtm_assignment, merge=merge) if matching == "bipartite"  # Eq. 2
-                  else kmeans_assignment)                                        # Table 11
     v = v.float()                                          # once for all levels, not per level
     terms = []                                             # L_DTM^l of each level
     for num_morphed, num_iters in levels:
-        assign = assignment(v.detach(), num_morphed, num_iters)
+        if matching == "bipartite":                        # Eq. 2, on the detached target
+            assign = dtm_assignment(v.detach(), num_morphed, num_iters, merge=merge)
+        else:                                              # Table 11
+            assign = kmeans_assignment(v.detach(), num_morphed, num_iters)
         terms.append(morphed_distance(u, v, assign, num_morphed, kind))
     if not terms:
         return u.new_zeros((), dtype=torch.float32)

@@ -392,8 +392,8 @@ def test_assignment_is_computed_from_the_detached_target_only(monkeypatch):
     seen = []
     real = losses.dtm_assignment
 
-    def spy(target, num_morphed, num_iters):
-        seen.append((target, real(target, num_morphed, num_iters)))
+    def spy(target, num_morphed, num_iters, **merge):
+        seen.append((target, real(target, num_morphed, num_iters, **merge)))
         return seen[-1][1]
 
     monkeypatch.setattr(losses, "dtm_assignment", spy)
