@@ -196,6 +196,8 @@ class SafeImageFolder(datasets.ImageFolder):
         return samples
 
     def __getitem__(self, i):
+        if not -len(self) <= i < len(self):  # ends a `for` over the data set, as a list does
+            raise IndexError(i)
         for j in range(i, i + len(self)):
             try:
                 return super().__getitem__(j % len(self))
