@@ -36,6 +36,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from losses import gather_tokens, mask_ids, sincos_table  # one of each, in the methods' file
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the student's input normalisation (data.py uses these)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -97,18 +99,8 @@ def build_vit(name: str, **overrides) -> "ViT":
 # Position information
 
 def sincos_pos_embed(dim: int, grid: int) -> torch.Tensor:
-    """Fixed 2-D sin-cos table as in MAE: (1 + grid*grid, dim), the [cls] row all zeros."""
-    assert dim % 4 == 0, "sin-cos position embedding needs embed_dim divisible by 4"
-    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
-    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float64),
-                            torch.arange(grid, dtype=torch.float64), indexing="ij")
-
-    def embed(pos):  # (grid*grid,) -> (grid*grid, dim/2)
-        out = pos.reshape(-1, 1) * omega.reshape(1, -1)
-        return torch.cat([out.sin(), out.cos()], dim=1)
-
-    table = torch.cat([embed(xs), embed(ys)], dim=1)  # MAE order: w first, then h
-    return torch.cat([torch.zeros(1, dim, dtype=torch.float64), table]).float()
+    """MAE's fixed 2-D sin-cos table with a [cls] row of zeros: (1 + grid*grid, dim)."""
+    return F.pad(sincos_table(dim, grid), (0, 0, 1, 0))
 
 
 def relative_position_index(grid: int) -> torch.Tensor:
@@ -160,32 +152,7 @@ def sdpa_bias(bias: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 # -----------------------------------------------------------------------------
-# Masked and visible patches, pixel patches
-
-def mask_ids(mask: torch.Tensor, num_masked: Optional[int] = None):
-    """(B, N) bool, the same count per image -> ids of masked (B, |M|) and visible (B, |V|) patches.
-
-    Each set is in patch order. num_masked: |M|, when the caller knows it (the data set masks
-    data.num_masked_patches per image); otherwise the per-image counts are read on the host once.
-    """
-    if num_masked is None:  # reading the counts waits for the GPU (a device -> host sync)
-        counts = mask.sum(1).tolist()
-        if len(set(counts)) > 1:
-            raise ValueError("every image needs the same number of masked patches, "
-                             f"got {sorted(set(counts))}")
-        num_masked = counts[0]
-    else:  # the same check, without the sync: a device-side assert (RuntimeError on the CPU)
-        torch._assert_async((mask.sum(1) == num_masked).all(),
-                            f"every image needs exactly num_masked={num_masked} masked patches")
-    num_visible = mask.shape[1] - num_masked
-    order = mask.to(torch.uint8).argsort(dim=1, stable=True)  # visible (0) first, then masked (1)
-    return order[:, num_visible:], order[:, :num_visible]
-
-
-def gather_tokens(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """x (B, N, D), ids (B, K) -> (B, K, D): the tokens at those positions."""
-    return x.gather(1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-
+# Pixel patches (the masked / visible ids: losses.mask_ids)
 
 def patchify(imgs: torch.Tensor, p: int) -> torch.Tensor:
     """MAE's patchify: (B, C, H, W) -> (B, N, p*p*C), a patch's pixels in (row, column, channel)
