@@ -44,8 +44,7 @@ class Config:
     subset: int = 0                  # use `subset` training images, evenly spaced (0 = all)
     img_size: int = 28
     num_workers: int = 2
-    max_corrupt_frac: float = 0.01   # imagefolder: skip corrupt images, stop when more than this
-                                     # fraction
+    max_corrupt_frac: float = 0.01   # imagefolder: skip corrupt images; stop above this share
     # model: `init` is an encoder.pth of pretrain.py, a timm/MAE-format weights file, or ""
     # (scratch)
     init: str = ""
@@ -77,8 +76,7 @@ class Config:
     model_ema_decay: float = 0.9999
     # run
     out_dir: str = "runs/finetune"
-    log_every: int = 20              # steps between log lines (loss reduced, SIGTERM/SIGINT
-                                     # checked)
+    log_every: int = 20              # steps between log lines (loss reduced, signals checked)
     dist_timeout_s: int = 600        # after start-up: a collective waiting longer fails the run
     seed: int = 0
     device: str = "auto"

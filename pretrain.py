@@ -55,22 +55,18 @@ MTO_TERMS = ("spa", "e", "r")  # L_spa (Eq. 3), L_e (Eq. 4), L_r (Eq. 5)
 
 @dataclass
 class Config:
-    framework: str = "distill"         # distill (teacher; DTM / token-wise) | simmim | mae (MTO
-                                       # paper)
+    framework: str = "distill"         # distill (DTM, a teacher) | simmim | mae (MTO paper)
     # data
     dataset: str = "fashion_mnist"     # fashion_mnist | imagefolder | cifar10 | cifar100
-    data_path: str = "data"            # imagefolder: root with train/ (and val/); others: download
-                                       # dir
+    data_path: str = "data"            # imagefolder: root of train/ and val/; else download dir
     subset: int = 0                    # use `subset` training images, evenly spaced (0 = all)
     img_size: int = 28                 # input side in pixels
     crop_scale_min: float = 0.2        # RandomResizedCrop scale lower bound (BEiT v2: 0.08 at 224)
     color_jitter: float = 0.4          # DTM Table 12
     num_workers: int = 2               # loader processes per GPU/process
-    max_corrupt_frac: float = 0.01     # imagefolder: skip corrupt images, stop when more than this
-                                       # fraction
+    max_corrupt_frac: float = 0.01     # imagefolder: skip corrupt images; stop above this share
     # student
-    model: str = "vit_tiny"            # vit_micro | vit_mini | vit_tiny | vit_small | vit_base |
-                                       # vit_large
+    model: str = "vit_tiny"            # vit_micro | _mini | _tiny | _small | _base | _large
     patch_size: int = 4
     pos_embed: str = "learned"         # learned | sincos | none
     rel_pos_bias: bool = False         # BEiT relative position bias in every block
@@ -80,24 +76,20 @@ class Config:
     drop_path: float = 0.0
     # masking
     mask: str = "block"                # block (BEiT) | random (MAE) | simmim (random coarse cells)
-    mask_ratio: float = 0.4            # |M| = floor(r N); DTM: 75 of 196; simmim: ceil(r cells)
-                                       # cells
+    mask_ratio: float = 0.4            # |M| = floor(r N) (simmim: ceil(r cells) cells)
     mask_min_patches: int = 16         # smallest block of the block-wise mask
-    mask_patch_size: int = 32          # mask=simmim: side of a mask cell in pixels (SimMIM: 32 at
-                                       # 224)
+    mask_patch_size: int = 32          # mask=simmim: a mask cell's side in pixels (SimMIM: 32)
     # teacher
-    teacher: str = "ema"               # clip | checkpoint | ema | cnn (supervised stand-in for
-                                       # CLIP)
+    teacher: str = "ema"               # clip | checkpoint | ema | cnn (CLIP's offline stand-in)
     teacher_model: str = "ViT-B-16-quickgelu"  # open_clip model name (teacher=clip)
-    teacher_pretrained: str = "openai" # open_clip tag or local weights file; encoder.pth for
-                                       # checkpoint;
-                                       # cnn: the cached CNN's .pth (else out_dir/teacher_cnn.pth)
+    # clip: open_clip tag or weights file; checkpoint: an encoder.pth; cnn: the cached CNN's
+    # .pth ("" = out_dir/teacher_cnn.pth, trained on the first run)
+    teacher_pretrained: str = "openai"
     teacher_epochs: int = 1            # teacher=cnn: supervised epochs over the training images
     ema_momentum: float = 0.996        # teacher=ema: momentum at the start, cosine-increased to ...
     ema_momentum_end: float = 1.0      # ... this at the end
     # loss
-    loss: str = "dtm"                  # dtm | dtm_kmeans (Table 11) | tokenwise | fixed (morph to
-                                       # N/2) | downsample (2x2)
+    loss: str = "dtm"                  # dtm | dtm_kmeans | tokenwise | fixed (N/2) | downsample
     distance: str = "cosine"           # cosine | smooth_l1 | l1 | l2 (DTM Table 10)
     dtm_levels: int = 2                # L
     dtm_max_iters: int = 14            # k ~ U{1..max}
@@ -109,23 +101,21 @@ class Config:
     decoder_heads: int = 16            # mae decoder heads (MAE ViT-B: 16)
     # Masked Token Optimization: loss = L_pixel + w_spa L_spa + w_e L_e + w_r L_r
     # (the weights: DECISIONS.md, all 1)
-    mto: bool = False                  # on: simmim over the encoder blocks, mae over the decoder
-                                       # blocks
+    mto: bool = False                  # simmim: over the encoder blocks; mae: the decoder's
     mto_spa: float = 1.0               # weight of L_spa, Eq. 3 (0 = off: Table 3's ablation)
     mto_e: float = 1.0                 # weight of L_e, Eq. 4
     mto_r: float = 1.0                 # weight of L_r, Eq. 5
     mto_eps: float = 1e-6              # epsilon of L_e = 1 / (H^0 + eps)
-    mto_printed_sign: bool = False     # L_r as printed (H rising with depth); default falling
-                                       # (DECISIONS.md)
+    mto_printed_sign: bool = False     # L_r as printed: H rising with depth (DECISIONS.md)
     mto_spa_exclude_self: bool = False # L_spa without a token's similarity to itself (DECISIONS.md)
     # k-NN accuracy per epoch on frozen features (an accuracy-vs-epoch curve for RAUC, Eq. 6)
     eval_knn_every: int = 0            # epochs between evaluations (0 = never)
-    knn_bank: int = 5000               # training images in the memory bank (every process holds
-                                       # all)
+    knn_bank: int = 5000               # training images in the bank (each process holds all)
     knn_val: int = 1000                # validation images scored (sharded over processes)
     knn_k: int = 20                    # neighbours voting, weighted by exp(cosine / 0.07) (DINO)
-    final_knn: bool = False            # at the end: k-NN on the whole test split for this encoder,
-                                       # a random-init one and raw pixels (small images only)
+    # at the end: k-NN on the whole test split for this encoder, a random-init one and raw
+    # pixels (small images only)
+    final_knn: bool = False
     # optimisation
     epochs: int = 10
     warmup_epochs: float = 1           # linear warm-up length (may be a fraction of an epoch)
@@ -134,10 +124,8 @@ class Config:
     blr: float = 1.5e-4                # MAE convention: peak lr = blr * batch_size / 256
     lr: float = 0.0                    # BEiT v2 convention: peak lr as given (> 0: blr is ignored)
     min_lr: float = 1e-6
-    lr_schedule: str = "cosine"        # cosine (to min_lr) | multistep (x lr_gamma at each
-                                       # lr_milestones epoch)
-    lr_milestones: List[int] = field(default_factory=list)  # multistep epochs (SimMIM ViT-B 800 ep:
-                                                            # [700])
+    lr_schedule: str = "cosine"        # cosine (to min_lr) | multistep (x lr_gamma at milestones)
+    lr_milestones: List[int] = field(default_factory=list)  # multistep epochs (SimMIM: [700])
     lr_gamma: float = 0.1
     weight_decay: float = 0.05
     beta2: float = 0.98                # AdamW betas (0.9, beta2)
@@ -145,20 +133,16 @@ class Config:
     # run
     out_dir: str = "runs/pretrain"
     save_every: int = 1                # epochs between checkpoints (and at the end)
-    keep_every: int = 0                # also keep checkpoint-EPOCH.pth every this many epochs (0 =
-                                       # never)
-    log_every: int = 20                # optimizer steps between log lines (metrics reduced, SIGTERM
-                                       # checked)
-    skip_nonfinite: int = 0            # skip up to this many steps with a NaN/inf loss, then stop
-                                       # (0: stop at
-                                       # the first; > 0 checks every step: one host sync per step)
+    keep_every: int = 0                # keep checkpoint-EPOCH.pth every this many epochs (0: no)
+    log_every: int = 20                # steps between log lines (metrics reduced, signals checked)
+    # skip up to this many steps with a NaN/inf loss, then stop (0: stop at the first; > 0 checks
+    # every step: one host sync per step)
+    skip_nonfinite: int = 0
     dist_timeout_s: int = 600          # after start-up: a collective waiting longer fails the run
     seed: int = 0
     device: str = "auto"               # auto | cpu | cuda
-    precision: str = "auto"            # auto | bf16 | fp32: autocast dtype; auto = bf16 where
-                                       # the hardware has it (CUDA, AVX512-BF16/AMX CPUs)
-    compile: bool = False              # torch.compile the student and the teacher (the in1k
-                                       # GPU recipes: true; compile=false turns it off)
+    precision: str = "auto"            # auto (bf16 where the hardware has it) | bf16 | fp32
+    compile: bool = False              # torch.compile student and teacher (in1k recipes: true)
 
     def validate(self):
         check_choice("framework", self.framework, FRAMEWORKS)

@@ -43,3 +43,27 @@ def test_stage_main_reads_top_to_bottom(script):
     assert loops, f"{script}: main has no `for step in run.steps(epoch)` loop"
     body = loops[0].end_lineno - loops[0].lineno + 1
     assert body <= 40, f"{script}: the step loop has {body} lines"
+
+
+@pytest.mark.parametrize("script", ["pretrain.py", "finetune.py", "probe.py"])
+def test_config_comments_are_whole(script):
+    """A Config field's comment is one whole line, beside the field or above it; none continues
+    on a line of its own at the comment column (the 100-character rule met by wrapping)."""
+    with open(os.path.join(ROOT, script), encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    config = next(n for n in ast.parse("\n".join(lines)).body
+                  if isinstance(n, ast.ClassDef) and n.name == "Config")
+    end = max(n.end_lineno for n in config.body if isinstance(n, (ast.AnnAssign, ast.Assign)))
+    wrapped = [f"{script}:{i + 1}" for i in range(config.lineno, end)
+               if lines[i].lstrip().startswith("#") and len(lines[i]) - len(lines[i].lstrip()) > 4]
+    assert not wrapped, f"comments continued on a line of their own: {wrapped}"
+
+
+def test_readme_is_a_learners_page():
+    """README.md: at most 250 lines, and its 'How each method works' part ends by line 150."""
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    assert len(lines) <= 250, f"README.md has {len(lines)} lines"
+    start = lines.index("## How each method works")
+    end = next(i for i in range(start + 1, len(lines)) if lines[i].startswith("## "))
+    assert end <= 150, f"'How each method works' ends at line {end}"
