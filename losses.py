@@ -43,27 +43,6 @@ MATCHINGS = ("bipartite", "kmeans")   # how the morphing is found (Table 11)
 
 
 # -------------------------------------------------------------------------------------------------
-# Distances d_i between morphed tokens (Eq. 4; Table 10 compares them)
-
-def distance(u_hat: torch.Tensor, v_hat: torch.Tensor, kind: str = "cosine") -> torch.Tensor:
-    """d_i(u_hat_i, v_hat_i) per morphed token: (B, M, C) x (B, M, C) -> (B, M)."""
-    if kind == "cosine":
-        return 1.0 - F.cosine_similarity(u_hat, v_hat, dim=-1, eps=1e-6)
-    if kind == "smooth_l1":  # beta 2, as the authors' public code
-        return F.smooth_l1_loss(u_hat, v_hat, beta=2.0, reduction="none").mean(-1)
-    if kind == "l1":
-        return (u_hat - v_hat).abs().mean(-1)
-    if kind == "l2":
-        return (u_hat - v_hat).pow(2).mean(-1)
-    raise ValueError(f"unknown distance '{kind}': choose one of {DISTANCES}")
-
-
-def tokenwise_loss(u: torch.Tensor, v: torch.Tensor, kind: str = "cosine") -> torch.Tensor:
-    """The baseline: (1/N) sum_i d(u_i, v_i), mean over the batch. u, v: (B, N, C)."""
-    return distance(u.float(), v.float(), kind).mean()
-
-
-# -------------------------------------------------------------------------------------------------
 # Dynamic token morphing schedule (Eq. 1) and level sampling
 
 def morph_schedule(num_tokens: int, num_morphed: int, num_iters: int) -> List[int]:
@@ -107,21 +86,10 @@ def sample_levels(num_tokens: int, num_levels: int = 2, max_iters: int = 14,
     return levels
 
 
-def fixed_levels(num_tokens: int, num_iters: int = 1) -> List[Tuple[int, int]]:
-    """Baseline: fixed (non-dynamic) morphing to N/2 tokens."""
-    return [(max(num_tokens // 2, 1), num_iters)]
-
-
 def _check_level(num_tokens: int, num_morphed: int, num_iters: int):
     if not 1 <= num_morphed <= num_tokens or num_iters < 1:
         raise ValueError(f"need 1 <= N_m <= N (= {num_tokens}) and k >= 1, "
                          f"got N_m={num_morphed}, k={num_iters}")
-
-
-def _take(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """x (B, T, C), ids (B, K) -> (B, K, C): the rows of x at those positions."""
-    return x.gather(1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-
 
 # -------------------------------------------------------------------------------------------------
 # Token morphing by iterative bipartite matching (Eq. 2): the readable loop, then the batched one
@@ -211,7 +179,101 @@ def dtm_assignment(target: torch.Tensor, num_morphed: int, num_iters: int,
 
 
 # -------------------------------------------------------------------------------------------------
-# Token morphing by K-Means (DTM Table 11, the paper's ablation of the matching method)
+# Morphed tokens (Eq. 3), the distance between them (Eq. 4) and the DTM loss (Eq. 5)
+
+def morph(tokens: torch.Tensor, assign: torch.Tensor, num_morphed: int):
+    """Eq. 3: u_hat_i = sum_j m_ij u_j. (B, N, C), (B, N) -> sums (B, N_m, C), w (B, N_m)."""
+    return morph_sums(tokens, assign, num_morphed), cluster_sizes(tokens, assign, num_morphed)
+
+
+def morph_sums(tokens: torch.Tensor, assign: torch.Tensor, num_morphed: int) -> torch.Tensor:
+    """The sums of Eq. 3 alone: (B, N, C), (B, N) -> u_hat (B, N_m, C)."""
+    B, N, C = tokens.shape
+    index = assign.unsqueeze(-1).expand(-1, -1, C)
+    return tokens.new_zeros(B, num_morphed, C).scatter_add(1, index, tokens)
+
+
+def cluster_sizes(tokens: torch.Tensor, assign: torch.Tensor, num_morphed: int) -> torch.Tensor:
+    """w_i = sum_j m_ij, the number of tokens in morphed token i: (B, N) -> (B, N_m), the dtype
+    of tokens (B, N, C)."""
+    B, N = assign.shape
+    return tokens.new_zeros(B, num_morphed).scatter_add(1, assign, tokens.new_ones(B, N))
+
+
+def distance(u_hat: torch.Tensor, v_hat: torch.Tensor, kind: str = "cosine") -> torch.Tensor:
+    """d_i(u_hat_i, v_hat_i) per morphed token: (B, M, C) x (B, M, C) -> (B, M)."""
+    if kind == "cosine":
+        return 1.0 - F.cosine_similarity(u_hat, v_hat, dim=-1, eps=1e-6)
+    if kind == "smooth_l1":  # beta 2, as the authors' public code
+        return F.smooth_l1_loss(u_hat, v_hat, beta=2.0, reduction="none").mean(-1)
+    if kind == "l1":
+        return (u_hat - v_hat).abs().mean(-1)
+    if kind == "l2":
+        return (u_hat - v_hat).pow(2).mean(-1)
+    raise ValueError(f"unknown distance '{kind}': choose one of {DISTANCES}")
+
+
+def morphed_distance(u, v, assign, num_morphed, kind="cosine"):
+    """Eq. 4 normalised by N: (1/N) sum_i w_i d(u_hat_i, v_hat_i), mean over the batch.
+
+    Cosine distance does not care whether u_hat is the sum of Eq. 3 or the mean; the regression
+    distances compare means (as the authors' code), so their scale does not grow with w_i.
+    """
+    u, v = u.float(), v.float()
+    u_sum = morph_sums(u, assign, num_morphed)             # (B, N_m, C)
+    v_sum = morph_sums(v, assign, num_morphed)
+    w = cluster_sizes(u, assign, num_morphed)              # (B, N_m)
+    w_ = w.clamp(min=1).unsqueeze(-1)
+    d = distance(u_sum / w_, v_sum / w_, kind)              # (B, N_m)
+    return (w * d).sum(-1).div(u.shape[1]).mean()
+
+
+def dtm_loss(u: torch.Tensor, v: torch.Tensor, levels: Sequence[Tuple[int, int]],
+             kind: str = "cosine", matching: str = "bipartite",
+             merge=bipartite_merge) -> torch.Tensor:
+    """Eq. 5: sum over levels l of L_DTM^l. u online (B, N, C), v target (B, N, C).
+
+    The morphing of each level is computed from the detached target v and applied to both.
+    matching: 'bipartite' (the paper's method, Eq. 2; merge: its round) or 'kmeans' (Table 11;
+    k = K-Means steps).
+    """
+    if matching not in MATCHINGS:
+        raise ValueError(f"unknown matching '{matching}': choose one of {MATCHINGS}")
+    v = v.float()
+    terms = []                                             # L_DTM^l of each level
+    for num_morphed, num_iters in levels:
+        if matching == "bipartite":                        # Eq. 2, on the detached target
+            assign = dtm_assignment(v.detach(), num_morphed, num_iters, merge=merge)
+        else:                                              # Table 11
+            assign = kmeans_assignment(v.detach(), num_morphed, num_iters)
+        terms.append(morphed_distance(u, v, assign, num_morphed, kind))
+    if not terms:
+        return u.new_zeros((), dtype=torch.float32)
+    return sum(terms[1:], terms[0])                        # L^1 + L^2 + ...
+
+
+# =================================================================================================
+# DTM's ablations and baselines (the paper's Tables 9-11): token-wise distillation, fixed
+# morphing to N/2, 2x2 down-sampling, and K-Means instead of bipartite matching (Table 11)
+# =================================================================================================
+
+def tokenwise_loss(u: torch.Tensor, v: torch.Tensor, kind: str = "cosine") -> torch.Tensor:
+    """The baseline: (1/N) sum_i d(u_i, v_i), mean over the batch. u, v: (B, N, C)."""
+    return distance(u.float(), v.float(), kind).mean()
+
+
+def fixed_levels(num_tokens: int, num_iters: int = 1) -> List[Tuple[int, int]]:
+    """Baseline: fixed (non-dynamic) morphing to N/2 tokens."""
+    return [(max(num_tokens // 2, 1), num_iters)]
+
+
+def downsample_assignment(grid: int, batch: int = 1, device=None) -> torch.Tensor:
+    """Baseline: fixed 2x2 average pooling of the token grid, as an assignment (B, N)."""
+    ys, xs = torch.meshgrid(torch.arange(grid, device=device), torch.arange(grid, device=device),
+                            indexing="ij")
+    ids = (ys // 2) * ((grid + 1) // 2) + xs // 2
+    return ids.flatten().expand(batch, -1)
+
 
 @torch.no_grad()
 def kmeans_assignment(target: torch.Tensor, num_morphed: int, num_iters: int) -> torch.Tensor:
@@ -290,73 +352,9 @@ def _fill_empty_clusters(assign: torch.Tensor, score: torch.Tensor, num_clusters
     return assign.scatter(1, movers, new_ids)
 
 
-def downsample_assignment(grid: int, batch: int = 1, device=None) -> torch.Tensor:
-    """Baseline: fixed 2x2 average pooling of the token grid, as an assignment (B, N)."""
-    ys, xs = torch.meshgrid(torch.arange(grid, device=device), torch.arange(grid, device=device),
-                            indexing="ij")
-    ids = (ys // 2) * ((grid + 1) // 2) + xs // 2
-    return ids.flatten().expand(batch, -1)
-
-
-# -------------------------------------------------------------------------------------------------
-# Morphed tokens (Eq. 3) and the DTM loss (Eqs. 4-5)
-
-def morph(tokens: torch.Tensor, assign: torch.Tensor, num_morphed: int):
-    """Eq. 3: u_hat_i = sum_j m_ij u_j. (B, N, C), (B, N) -> sums (B, N_m, C), w (B, N_m)."""
-    return morph_sums(tokens, assign, num_morphed), cluster_sizes(tokens, assign, num_morphed)
-
-
-def morph_sums(tokens: torch.Tensor, assign: torch.Tensor, num_morphed: int) -> torch.Tensor:
-    """The sums of Eq. 3 alone: (B, N, C), (B, N) -> u_hat (B, N_m, C)."""
-    B, N, C = tokens.shape
-    index = assign.unsqueeze(-1).expand(-1, -1, C)
-    return tokens.new_zeros(B, num_morphed, C).scatter_add(1, index, tokens)
-
-
-def cluster_sizes(tokens: torch.Tensor, assign: torch.Tensor, num_morphed: int) -> torch.Tensor:
-    """w_i = sum_j m_ij, the number of tokens in morphed token i: (B, N) -> (B, N_m), the dtype
-    of tokens (B, N, C)."""
-    B, N = assign.shape
-    return tokens.new_zeros(B, num_morphed).scatter_add(1, assign, tokens.new_ones(B, N))
-
-
-def morphed_distance(u, v, assign, num_morphed, kind="cosine"):
-    """Eq. 4 normalised by N: (1/N) sum_i w_i d(u_hat_i, v_hat_i), mean over the batch.
-
-    Cosine distance does not care whether u_hat is the sum of Eq. 3 or the mean; the regression
-    distances compare means (as the authors' code), so their scale does not grow with w_i.
-    """
-    u, v = u.float(), v.float()
-    u_sum = morph_sums(u, assign, num_morphed)             # (B, N_m, C)
-    v_sum = morph_sums(v, assign, num_morphed)
-    w = cluster_sizes(u, assign, num_morphed)              # (B, N_m): once, shared by u and v
-    w_ = w.clamp(min=1).unsqueeze(-1)
-    d = distance(u_sum / w_, v_sum / w_, kind)              # (B, N_m)
-    return (w * d).sum(-1).div(u.shape[1]).mean()
-
-
-def dtm_loss(u: torch.Tensor, v: torch.Tensor, levels: Sequence[Tuple[int, int]],
-             kind: str = "cosine", matching: str = "bipartite",
-             merge=bipartite_merge) -> torch.Tensor:
-    """Eq. 5: sum over levels l of L_DTM^l. u online (B, N, C), v target (B, N, C).
-
-    The morphing of each level is computed from the detached target v and applied to both.
-    matching: 'bipartite' (the paper's method, Eq. 2; merge: its round) or 'kmeans' (Table 11;
-    k = K-Means steps).
-    """
-    if matching not in MATCHINGS:
-        raise ValueError(f"unknown matching '{matching}': choose one of {MATCHINGS}")
-    v = v.float()                                          # once for all levels, not per level
-    terms = []                                             # L_DTM^l of each level
-    for num_morphed, num_iters in levels:
-        if matching == "bipartite":                        # Eq. 2, on the detached target
-            assign = dtm_assignment(v.detach(), num_morphed, num_iters, merge=merge)
-        else:                                              # Table 11
-            assign = kmeans_assignment(v.detach(), num_morphed, num_iters)
-        terms.append(morphed_distance(u, v, assign, num_morphed, kind))
-    if not terms:
-        return u.new_zeros((), dtype=torch.float32)
-    return sum(terms[1:], terms[0])                        # L^1 + L^2 + ...: no 0 + L^1 add
+def _take(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """x (B, T, C), ids (B, K) -> (B, K, C): the rows of x at those positions."""
+    return x.gather(1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
 # =================================================================================================

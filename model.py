@@ -191,9 +191,8 @@ class Attention(nn.Module):
         if bias is not None:
             bias = sdpa_bias(bias, q.dtype)  # (1, H, T, T)
         attn = None
-        # The explicit formula where the maps are asked for, and for bf16 on a CPU: there
-        # PyTorch's fused kernel is about 6x slower than it for 50 tokens (its backward;
-        # `python bench.py --device cpu --sections precision`). Elsewhere the fused kernel.
+        # softmax(q k^T / sqrt(d) + bias) v: written out where the maps are asked for (and for
+        # bf16 on a CPU, docs/speed.md); elsewhere PyTorch's fused kernel computes the same
         if return_attn or (q.dtype == torch.bfloat16 and q.device.type == "cpu"):
             logits = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
             if bias is not None:

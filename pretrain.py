@@ -512,10 +512,11 @@ class PretrainLoss:
     def __call__(self, model, img, mask, v, step: int, micro: int):
         if self.cfg.framework == "distill":
             u = model(img, mask)                                  # (B, N, C) online tokens
-            return self.dtm(u, v, step, micro), {}
+            return self.distill_loss(u, v, step, micro), {}
         return self.pixels(model, img, mask)
 
-    def dtm(self, u: torch.Tensor, v: torch.Tensor, step: int, micro: int) -> torch.Tensor:
+    def distill_loss(self, u: torch.Tensor, v: torch.Tensor, step: int, micro: int):
+        """DTM (cfg.loss dtm | dtm_kmeans) or a baseline (tokenwise | fixed | downsample)."""
         cfg, N = self.cfg, self.num_patches
         if cfg.loss == "tokenwise":
             return losses.tokenwise_loss(u, v, cfg.distance)
@@ -534,8 +535,8 @@ class PretrainLoss:
 
     def pixels(self, model, img, mask):
         cfg = self.cfg
-        known = {"num_masked": self.num_masked} if cfg.framework == "mae" else {}  # MAE's ids
-        pred, hiddens = model(img, mask, return_hiddens=cfg.mto, **known)  # (B, N, p*p*C); X^l
+        mae_args = {"num_masked": self.num_masked} if cfg.framework == "mae" else {}  # |M|
+        pred, hiddens = model(img, mask, return_hiddens=cfg.mto, **mae_args)  # (B, N, p*p*C); X^l
         loss = reconstruction_loss(cfg, pred, img, mask)
         terms = {"pixel": loss.detach()}
         if cfg.mto:
@@ -619,8 +620,8 @@ def main(argv):
     encoder_file = lambda: {run.path("encoder.pth"): M.encoder_state(student.encoder)}  # noqa
     lr_at, momentum_at = schedules(cfg, lr, steps_per_epoch)
     model = ddp(student, dist, compile=cfg.compile)  # DDP, then compile around it
-    # the targets: the teacher's forward, a third of a ViT-B step, compiled with the student
-    targets = torch.compile(teacher) if cfg.compile and teacher is not None else teacher
+    # the teacher's forward (a third of a ViT-B step), compiled like the student
+    teacher_forward = torch.compile(teacher) if cfg.compile and teacher is not None else teacher
     autocast = common.autocast(cfg.precision, dist.device)  # bf16 where native (precision)
     print0(f"{steps_per_epoch} steps per epoch, "
            f"{common.resolve_precision(cfg.precision, dist.device)} autocast")
@@ -634,7 +635,7 @@ def main(argv):
             for micro in range(cfg.accum_steps):
                 img, mask, _ = next(batches)        # on the device: uint8 (B, C, H, W), (B, N)
                 img = data.normalize(img)                             # float32 model input
-                v = targets(img) if teacher is not None else None  # (B, N, C) targets
+                v = teacher_forward(img) if teacher is not None else None  # (B, N, C) targets
                 with autocast, no_sync(model, micro, cfg.accum_steps):
                     loss, terms = loss_fn(model, img, mask, v, step, micro)
                     (loss / cfg.accum_steps).backward()
