@@ -2,11 +2,11 @@
 
 Nothing about the methods lives here; read the stage scripts for that.
 """
-import atexit
 import contextlib
 import dataclasses
 import difflib
 import errno
+import fcntl
 import inspect
 import itertools
 import json
@@ -482,7 +482,7 @@ def load_optimizer(optimizer: torch.optim.Optimizer, state: dict, source: str):
 # Run directories: one run per folder, config.yaml after the resume check, outputs before "done"
 
 LOCK_FILE = ".lock"
-_held_locks = []
+_held_locks = []  # the open .lock files of this process
 
 
 def open_run_dir(out_dir: str):
@@ -542,92 +542,29 @@ def make_run_dir(out_dir: str):
 
 
 def lock_run_dir(out_dir: str):
-    """Take out_dir/.lock ({pid, host, start}) for this process; released at exit (atexit), taken
-    over with a notice when its holder on this host is gone; otherwise ConfigError naming it."""
+    """Hold an exclusive lock on out_dir/.lock (fcntl.flock) while this process lives: the kernel
+    drops it when the process ends, however it ends (exit, crash, SIGKILL), so a dead run never
+    blocks the next one. The file names its holder for the message of a run that finds it busy;
+    the lock itself is the flock, not the file (which stays)."""
     path = os.path.join(out_dir, LOCK_FILE)
-    me = {"pid": os.getpid(), "host": socket.gethostname(), "start": _start_time(os.getpid())}
-    for _ in range(3):
-        if _create_exclusive(path, json.dumps(me)):
-            _held_locks.append((path, me["pid"]))
-            if len(_held_locks) == 1:
-                atexit.register(release_run_dirs)
-            return
-        holder = _read_lock(path)
-        if _holder_alive(holder, me):
-            raise ConfigError(_busy_message(out_dir, path, holder, me))
-        print0(f"note: taking over {path}: its run (PID {holder['pid']} on {holder['host']}) "
-               "is gone")
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(path)
-    raise ConfigError(f"cannot lock out_dir '{out_dir}': another run keeps taking {path}")
-
-
-def _create_exclusive(path: str, text: str) -> bool:
-    """Write `text` to a new file `path` in one step (a link to a complete temp file); False if
-    it exists already."""
-    tmp = f"{path}.tmp.{os.getpid()}"
     try:
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.link(tmp, path)
-        return True
-    except FileExistsError:
-        return False
+        f = open(path, "a+")
     except OSError as e:
-        raise ConfigError(f"cannot write in out_dir '{os.path.dirname(path)}' ({e.strerror}): "
+        raise ConfigError(f"cannot write in out_dir '{out_dir}' ({e.strerror}): choose another "
+                          "out_dir") from None
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another run"
+        f.close()
+        raise ConfigError(f"out_dir '{out_dir}' is in use by {holder}: wait for it, stop it, or "
                           "choose another out_dir") from None
-    finally:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-
-
-def _read_lock(path: str) -> dict:
-    try:
-        with open(path) as f:
-            holder = json.load(f)
-        return {"pid": int(holder["pid"]), "host": str(holder["host"]),
-                "start": holder.get("start")}
-    except FileNotFoundError:
-        return {"pid": -1, "host": socket.gethostname(), "start": None}  # just released
-    except (OSError, ValueError, KeyError, TypeError):
-        raise ConfigError(f"the lock file '{path}' is unreadable: delete it if no run uses this "
-                          "folder") from None
-
-
-def _holder_alive(holder: dict, me: dict) -> bool:
-    if holder["host"] != me["host"]:
-        return True  # cannot check another machine's processes
-    if holder["pid"] < 0 or holder["pid"] == me["pid"]:
-        return False  # released, or a dead run whose PID this process reuses (containers)
-    if not pid_alive(holder["pid"]):
-        return False
-    start = _start_time(holder["pid"])
-    return holder["start"] is None or start is None or start == holder["start"]  # else a reused PID
-
-
-def _busy_message(out_dir: str, path: str, holder: dict, me: dict) -> str:
-    where = "" if holder["host"] == me["host"] else \
-        " (another machine: this one cannot tell if it still runs)"
-    return (f"out_dir '{out_dir}' is in use by PID {holder['pid']} on {holder['host']}{where}: "
-            f"wait for it, stop it, or choose another out_dir (if that run is gone, delete {path})")
-
-
-def _start_time(pid: int):
-    """The process start time in clock ticks since boot (/proc), None where there is no /proc."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[19])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def release_run_dirs():
-    """Remove the locks this process holds (atexit; also before a hard exit)."""
-    while _held_locks:
-        path, pid = _held_locks.pop()
-        with contextlib.suppress(FileNotFoundError, ConfigError):
-            if _read_lock(path)["pid"] == pid:
-                os.remove(path)
+    f.seek(0)
+    f.truncate()
+    f.write(f"PID {os.getpid()} on {socket.gethostname()}\n")
+    f.flush()
+    _held_locks.append(f)  # open for the life of the process: closing it would release the lock
 
 
 def is_main() -> bool:
@@ -827,7 +764,6 @@ def _fail(message: str, code: int):
         for writer in threading.enumerate():  # os._exit would cut a checkpoint write off
             if writer.name == BackgroundWrite.NAME:
                 writer.join()
-        release_run_dirs()  # os._exit skips atexit
         os._exit(code)
     cleanup_distributed()
     sys.exit(code)

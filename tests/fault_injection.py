@@ -180,7 +180,19 @@ def concurrent_run(script: str, data_dir: str, out_dir: str, backbone: str = "")
         first.kill()
     return {"second_rc": second.returncode, "second_err": second.stderr, "second_s": seconds,
             "first_pid": first.pid, "first_alive": first_alive, "first_rc": first.returncode,
-            "lock_left": os.path.exists(os.path.join(out_dir, ".lock"))}
+            "lock_left": lock_held(out_dir)}
+
+
+def lock_held(out_dir: str) -> bool:
+    """Does some process still hold out_dir's lock (an fcntl.flock on out_dir/.lock)?"""
+    import fcntl
+    with open(os.path.join(out_dir, ".lock"), "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+        return False
 
 
 def full_disk_run(script: str, data_dir: str, out_dir: str, backbone: str = "",
