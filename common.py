@@ -115,26 +115,29 @@ def _check_type(key, value, kind):
     return value
 
 
-# lower bounds of keys the stage configs share (a config without the key skips it); each
-# Config.validate() checks its own keys
-POSITIVE = ("blr",)
-AT_LEAST_ONE = ("patch_size", "epochs", "batch_size", "accum_steps", "log_every", "dist_timeout_s")
-AT_LEAST_ZERO = ("min_lr", "weight_decay", "warmup_epochs", "num_workers", "subset", "val_subset",
-                 "drop_path", "layer_scale", "label_smoothing", "mixup", "cutmix", "reprob",
-                 "randaug_ops", "img_size")
+GT0, GE0, GE1 = (lambda v: v > 0, "> 0"), (lambda v: v >= 0, ">= 0"), (lambda v: v >= 1, ">= 1")
+# bounds of keys the stage configs share (a config without the key skips it)
+SHARED_LIMITS = {
+    "blr": GT0, "lr": GE0, "max_corrupt_frac": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    **dict.fromkeys(("patch_size", "epochs", "batch_size", "accum_steps", "log_every",
+                     "dist_timeout_s", "save_every", "eval_every", "knn_k"), GE1),
+    **dict.fromkeys(("min_lr", "weight_decay", "warmup_epochs", "num_workers", "subset",
+                     "val_subset", "drop_path", "layer_scale", "label_smoothing", "mixup", "cutmix",
+                     "reprob", "randaug_ops", "img_size", "skip_nonfinite"), GE0)}
 
 
 def check_ranges(cfg):
-    """Reject values no run can use (blr <= 0, patch_size=0, num_workers=-1) before any work."""
-    for key in POSITIVE + AT_LEAST_ONE + AT_LEAST_ZERO:
-        value = getattr(cfg, key, None)
-        if value is None:
-            continue
-        if key in POSITIVE and value <= 0:
-            raise ConfigError(f"config key '{key}' must be > 0, got {value}")
-        low = 1 if key in AT_LEAST_ONE else 0
-        if value < low:
-            raise ConfigError(f"config key '{key}' must be >= {low}, got {value}")
+    """Reject values no run can use, before any work, in one loop over a table: the config's
+    CHOICES {key: allowed values}, then SHARED_LIMITS and its LIMITS {key: (test, "what")}."""
+    for key, allowed in getattr(cfg, "CHOICES", {}).items():
+        value = getattr(cfg, key)
+        for v in value if isinstance(value, (list, tuple)) else [value]:  # a list: each item
+            check_choice(key, v, allowed)
+    shared = {k: v for k, v in SHARED_LIMITS.items() if hasattr(cfg, k)}
+    for key, (ok, what) in {**shared, **getattr(cfg, "LIMITS", {})}.items():
+        value = getattr(cfg, key)
+        if not ok(value):
+            raise ConfigError(f"config key '{key}' must be {what}, got {value}")
 
 
 def check_choice(key, value, allowed):

@@ -32,8 +32,11 @@ import common
 import data
 import model as M
 from common import (ConfigError, Run, cosine_schedule, ddp, ShardSampler, all_reduce_sum,
-                    check_choice, config_dict, load_optimizer, load_state, log_json, no_sync,
+                    config_dict, load_optimizer, load_state, log_json, no_sync,
                     parse_config, print0, read_weights, run_main, save_atomic, setup_distributed)
+
+
+RANDAUG_LEVELS = 10  # timm's magnitude scale 0..10 ("m9" = 90% of each operation's range)
 
 
 @dataclass
@@ -80,22 +83,13 @@ class Config:
     dist_timeout_s: int = 600        # after start-up: a collective waiting longer fails the run
     seed: int = 0
     device: str = "auto"
-    precision: str = "auto"  # auto | bf16 | fp32: autocast dtype; auto = bf16 where the hardware
-                             # has it (CUDA, AVX512-BF16/AMX CPUs)
+    precision: str = "auto"          # auto (bf16 where the hardware has it) | bf16 | fp32
 
-    def validate(self):
-        check_choice("dataset", self.dataset, data.DATASETS)
-        check_choice("model", self.model, M.VIT_SIZES)
-        check_choice("device", self.device, ("auto", "cpu", "cuda"))
-        check_choice("precision", self.precision, common.PRECISIONS)
-        check_choice("global_pool", self.global_pool, ("token", "avg"))
-        if not 0 < self.layer_decay <= 1:
-            raise ConfigError(f"config key 'layer_decay' must be in (0, 1], got {self.layer_decay}")
-        if not 0 <= self.randaug_magnitude <= RANDAUG_LEVELS:
-            raise ConfigError(f"config key 'randaug_magnitude' must be in [0, {RANDAUG_LEVELS}] "
-                              f"(timm's scale), got {self.randaug_magnitude}")
-        if self.lr < 0:
-            raise ConfigError(f"config key 'lr' must be >= 0 (0 = use blr), got {self.lr}")
+    CHOICES = {"dataset": data.DATASETS, "model": M.VIT_SIZES, "device": ("auto", "cpu", "cuda"),
+               "precision": common.PRECISIONS, "global_pool": ("token", "avg")}
+    LIMITS = {"layer_decay": (lambda v: 0 < v <= 1, "in (0, 1]"),
+              "randaug_magnitude": (lambda v: 0 <= v <= RANDAUG_LEVELS,
+                                    f"in [0, {RANDAUG_LEVELS}] (timm's scale)")}
 
 
 def peak_lr(cfg: Config):
@@ -200,7 +194,6 @@ def layer_decay_groups(model: M.ViT, weight_decay: float, layer_decay: float):
 # -----------------------------------------------------------------------------
 # Data: RandAugment + random erasing per image; Mixup/CutMix per batch
 
-RANDAUG_LEVELS = 10  # timm's magnitude scale 0..10 ("m9" = 90% of each operation's range)
 
 
 def rand_augment_op(cfg: Config) -> T.RandAugment:

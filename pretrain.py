@@ -45,7 +45,7 @@ import common
 import data
 import losses
 import model as M
-from common import (ConfigError, Run, ddp, ShardSampler, all_reduce_sum, check_choice, config_dict,
+from common import (GE0, GE1, ConfigError, Run, ddp, ShardSampler, all_reduce_sum, config_dict,
                     cosine_lr, load_optimizer, load_state, log_json, no_sync, param_groups,
                     parse_config, print0, read_weights, run_main, save_atomic, setup_distributed)
 
@@ -144,74 +144,48 @@ class Config:
     precision: str = "auto"            # auto (bf16 where the hardware has it) | bf16 | fp32
     compile: bool = False              # torch.compile student and teacher (in1k recipes: true)
 
-    def validate(self):
-        check_choice("framework", self.framework, FRAMEWORKS)
-        check_choice("dataset", self.dataset, data.DATASETS)
-        check_choice("model", self.model, M.VIT_SIZES)
-        check_choice("pos_embed", self.pos_embed, ("learned", "sincos", "none"))
-        check_choice("mask", self.mask, data.MASKS)
-        check_choice("teacher", self.teacher, ("clip", "checkpoint", "ema", "cnn"))
-        check_choice("loss", self.loss, ("dtm", "dtm_kmeans", "tokenwise", "fixed", "downsample"))
-        check_choice("distance", self.distance, losses.DISTANCES)
-        check_choice("device", self.device, ("auto", "cpu", "cuda"))
-        check_choice("precision", self.precision, common.PRECISIONS)
-        check_choice("lr_schedule", self.lr_schedule, ("cosine", "multistep"))
-        if not 0 < self.mask_ratio < 1:
-            raise ConfigError(f"config key 'mask_ratio' must be in (0, 1), got {self.mask_ratio}")
-        if self.img_size % self.patch_size:
-            raise ConfigError(f"img_size {self.img_size} must be a multiple of patch_size "
-                              f"{self.patch_size}")
-        num_patches = (self.img_size // self.patch_size) ** 2
-        if not 1 <= self.dtm_min_morphed <= num_patches:
-            raise ConfigError(f"config key 'dtm_min_morphed' must be in [1, N = {num_patches}], "
-                              f"got {self.dtm_min_morphed}")
-        if not 0 <= self.max_corrupt_frac <= 1:
-            raise ConfigError(f"config key 'max_corrupt_frac' must be in [0, 1], got "
-                              f"{self.max_corrupt_frac}")
-        if self.skip_nonfinite < 0:
-            raise ConfigError(f"config key 'skip_nonfinite' must be >= 0, got "
-                              f"{self.skip_nonfinite}")
-        if self.teacher == "cnn" and self.framework == "distill" and self.patch_size != 4:
-            raise ConfigError(f"teacher=cnn gives one token per 4 x 4 px patch: set patch_size=4 "
-                              f"(got {self.patch_size})")
-        if self.lr < 0 or self.blr < 0:
-            raise ConfigError(f"config keys 'lr' and 'blr' must be >= 0, got {self.lr}, {self.blr}")
-        for key in ("epochs", "batch_size", "accum_steps", "dtm_levels", "dtm_max_iters",
-                    "log_every", "save_every", "dist_timeout_s", "teacher_epochs"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"config key '{key}' must be >= 1, got {getattr(self, key)}")
-        self.validate_mim()
+    CHOICES = {"framework": FRAMEWORKS, "dataset": data.DATASETS, "model": M.VIT_SIZES,
+               "pos_embed": ("learned", "sincos", "none"), "mask": data.MASKS,
+               "teacher": ("clip", "checkpoint", "ema", "cnn"),
+               "loss": ("dtm", "dtm_kmeans", "tokenwise", "fixed", "downsample"),
+               "distance": losses.DISTANCES, "device": ("auto", "cpu", "cuda"),
+               "precision": common.PRECISIONS, "lr_schedule": ("cosine", "multistep")}
+    LIMITS = {"mask_ratio": (lambda r: 0 < r < 1, "in (0, 1)"),
+              **{f"mto_{t}": GE0 for t in MTO_TERMS},
+              **dict.fromkeys(("dtm_levels", "dtm_max_iters", "teacher_epochs", "knn_bank",
+                               "knn_val", "mask_patch_size", "decoder_dim", "decoder_depth",
+                               "decoder_heads"), GE1), "eval_knn_every": GE0}
 
-    def validate_mim(self):
-        """The SimMIM / MAE / MTO / k-NN keys."""
+    def validate(self):
+        """What the tables (common.check_ranges) cannot say: keys that must agree."""
+        num_patches = (self.img_size // self.patch_size) ** 2
         cell = self.mask_patch_size
-        if self.mask == "simmim" and (cell % self.patch_size or self.img_size % cell):
-            raise ConfigError(f"mask=simmim needs mask_patch_size ({cell}) to be a multiple of "
-                              f"patch_size ({self.patch_size}) and to divide img_size "
-                              f"({self.img_size})")
-        relative = self.rel_pos_bias or self.shared_rel_pos_bias
-        if self.framework == "mae" and (relative or self.pos_embed == "none"):
-            raise ConfigError("framework=mae runs the encoder on the visible patches only: it "
-                              "needs pos_embed learned or sincos and no relative position bias")
-        if self.framework == "mae" and (self.decoder_dim % self.decoder_heads
-                                        or self.decoder_dim % 4):
-            raise ConfigError(f"decoder_dim ({self.decoder_dim}) must be divisible by "
-                              f"decoder_heads ({self.decoder_heads}) and by 4 (sin-cos positions)")
-        if self.mto and self.framework == "distill":
-            raise ConfigError("mto=true needs framework=simmim or framework=mae (MTO acts on the "
-                              "mask tokens of a pixel-reconstruction model)")
-        weights = [getattr(self, f"mto_{t}") for t in MTO_TERMS]
-        if min(weights) < 0:
-            raise ConfigError(f"the MTO weights mto_spa, mto_e, mto_r must be >= 0, got {weights}")
-        if self.mto and max(weights) == 0:
-            raise ConfigError("mto=true but mto_spa, mto_e and mto_r are all 0: switch mto off "
-                              "instead")
-        if self.eval_knn_every < 0:
-            raise ConfigError(f"config key 'eval_knn_every' must be >= 0, got "
-                              f"{self.eval_knn_every}")
-        for key in ("knn_bank", "knn_val", "knn_k"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"config key '{key}' must be >= 1, got {getattr(self, key)}")
+        problems = [
+            (self.img_size % self.patch_size, f"img_size {self.img_size} must be a multiple of "
+             f"patch_size {self.patch_size}"),
+            (not 1 <= self.dtm_min_morphed <= num_patches, "config key 'dtm_min_morphed' must "
+             f"be in [1, N = {num_patches}], got {self.dtm_min_morphed}"),
+            (self.teacher == "cnn" and self.framework == "distill" and self.patch_size != 4,
+             f"teacher=cnn gives one token per 4 x 4 px patch: set patch_size=4 (got "
+             f"{self.patch_size})"),
+            (self.mask == "simmim" and (cell % self.patch_size or self.img_size % cell),
+             f"mask=simmim needs mask_patch_size ({cell}) to be a multiple of patch_size "
+             f"({self.patch_size}) and to divide img_size ({self.img_size})"),
+            (self.framework == "mae" and (self.rel_pos_bias or self.shared_rel_pos_bias
+                                          or self.pos_embed == "none"),
+             "framework=mae runs the encoder on the visible patches only: it needs pos_embed "
+             "learned or sincos and no relative position bias"),
+            (self.framework == "mae" and (self.decoder_dim % self.decoder_heads
+                                          or self.decoder_dim % 4),
+             f"decoder_dim ({self.decoder_dim}) must be divisible by decoder_heads "
+             f"({self.decoder_heads}) and by 4 (sin-cos positions)"),
+            (self.mto and self.framework == "distill", "mto=true needs framework=simmim or "
+             "framework=mae (MTO acts on the mask tokens of a pixel-reconstruction model)"),
+            (self.mto and not any(getattr(self, f"mto_{t}") for t in MTO_TERMS),
+             "mto=true but mto_spa, mto_e and mto_r are all 0: switch mto off instead")]
+        for failed, message in problems:
+            if failed:
+                raise ConfigError(message)
 
 
 TEACHER_KEYS = ("teacher", "teacher_model", "teacher_pretrained", "teacher_epochs",

@@ -49,10 +49,13 @@ from torchvision.transforms import v2 as T
 import data
 import losses
 import model as M
-from common import (ConfigError, Run, cosine_schedule, ddp, all_reduce_mean, all_reduce_sum,
-                    check_choice, check_corrupt, config_dict, first_line, load_optimizer,
+from common import (GE1, GT0, ConfigError, Run, cosine_schedule, ddp, all_reduce_mean,
+                    all_reduce_sum, check_corrupt, config_dict, first_line, load_optimizer,
                     load_state, log_json, no_sync, parse_config, print0, read_weights, run_main,
                     setup_distributed, train_loader)
+
+
+HEADS = (*losses.POOLS, "cls_norm")
 
 
 @dataclass
@@ -113,34 +116,22 @@ class Config:
     seed: int = 0
     device: str = "auto"               # auto | cpu | cuda
 
+    CHOICES = {"backbone_format": ("project", "timm"), "model": M.VIT_SIZES,
+               "dataset": data.DATASETS, "heads": HEADS,
+               "knn": ("cls", "mean"),  # k-NN needs no training, so no AbMILP
+               "abmilp_activation": sorted(losses.ACTIVATIONS),
+               "abmilp_self_attn": losses.SELF_ATTN, "optimizer": ("lars", "sgd"),
+               "cache": ("auto", "always", "never"), "device": ("auto", "cpu", "cuda")}
+    LIMITS = {"abmilp_depth": GE1, "knn_temperature": GT0}
+
     def validate(self):
-        check_choice("backbone_format", self.backbone_format, ("project", "timm"))
-        check_choice("model", self.model, M.VIT_SIZES)
-        check_choice("dataset", self.dataset, data.DATASETS)
-        for name in self.heads:
-            check_choice("heads", name, HEADS)
-        for name in self.knn:
-            check_choice("knn", name, ("cls", "mean"))  # k-NN needs no training, so no AbMILP
         if len(set(self.heads)) < len(self.heads) or len(set(self.knn)) < len(self.knn):
             raise ConfigError(f"config keys 'heads' and 'knn' must not repeat a name, got "
                               f"{self.heads}, {self.knn}")
         if not self.heads and not self.knn:
             raise ConfigError("nothing to evaluate: give at least one of 'heads' or 'knn'")
-        check_choice("abmilp_activation", self.abmilp_activation, sorted(losses.ACTIVATIONS))
-        check_choice("abmilp_self_attn", self.abmilp_self_attn, losses.SELF_ATTN)
-        check_choice("optimizer", self.optimizer, ("lars", "sgd"))
-        check_choice("cache", self.cache, ("auto", "always", "never"))
-        check_choice("device", self.device, ("auto", "cpu", "cuda"))
-        for key in ("epochs", "batch_size", "accum_steps", "abmilp_depth", "knn_k", "eval_every",
-                    "log_every"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"config key '{key}' must be >= 1, got {getattr(self, key)}")
-        if self.knn_temperature <= 0:
-            raise ConfigError(f"config key 'knn_temperature' must be > 0, got "
-                              f"{self.knn_temperature}")
 
 
-HEADS = (*losses.POOLS, "cls_norm")
 
 
 # -----------------------------------------------------------------------------

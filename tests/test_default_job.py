@@ -93,7 +93,7 @@ def test_lr_convention_printed(lr_runs, args, printed):
 
 CONFIG_ERRORS = [
     (["teacher=cnn", "patch_size=8"], "teacher=cnn gives one token per 4 x 4 px patch"),
-    (["lr=-1"], "'lr' and 'blr' must be >= 0"),
+    (["lr=-1"], "config key 'lr' must be >= 0, got -1"),
 ]
 
 
