@@ -265,18 +265,10 @@ def split_batch(global_batch: int, world: int, accum_steps: int) -> int:
     return global_batch // (world * accum_steps)
 
 
-class ShardSampler(torch.utils.data.Sampler):
-    """Evaluation shards without padding: rank r takes indices r, r + world, ... so the counts
-    summed over ranks cover every sample exactly once (DistributedSampler would repeat some)."""
-
-    def __init__(self, size: int, rank: int, world: int):
-        self.indices = list(range(rank, size, world))
-
-    def __iter__(self):
-        return iter(self.indices)
-
-    def __len__(self):
-        return len(self.indices)
+def shard(size: int, rank: int, world: int) -> list:
+    """An evaluation shard without padding (a DataLoader sampler): rank r takes r, r + world, ...
+    so the counts summed over ranks cover every sample once (DistributedSampler repeats some)."""
+    return list(range(rank, size, world))
 
 
 # -----------------------------------------------------------------------------
@@ -372,34 +364,17 @@ def save_atomic(obj, path: str):
                        "previous file is intact)") from e
 
 
-TEMP_FILE = re.compile(r"^(?P<name>.+)\.tmp\.(?P<pid>\d+)$")  # save_atomic's `<name>.tmp.<pid>`
+TEMP_FILE = re.compile(r"^.+\.tmp\.\d+$")  # save_atomic's `<name>.tmp.<pid>`
 
 
 def remove_stale_temp_files(out_dir: str):
-    """Delete the half-written `<name>.tmp.<pid>` files of save_atomic whose writer is gone (the
-    real files are intact). Other files, e.g. a user's notes.tmp.txt, are never touched."""
+    """Delete the half-written `<name>.tmp.<pid>` files of a killed save_atomic (the real files
+    are intact). Called by the run that holds out_dir's lock, so no other run writes there; other
+    files, e.g. a user's notes.tmp.txt, are never touched."""
     for name in sorted(os.listdir(out_dir)):
-        match = TEMP_FILE.match(name)
-        if match and not pid_alive(int(match["pid"])):
+        if TEMP_FILE.match(name):
             os.remove(os.path.join(out_dir, name))
             print0(f"removed {name}, left by a run killed while saving")
-
-
-def pid_alive(pid: int) -> bool:
-    """Is process `pid` running on this host (a zombie counts as gone)?"""
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
 
 
 def read_torch_file(path: str, safe_globals=()) -> dict:

@@ -31,7 +31,7 @@ from torchvision.transforms import v2 as T
 import common
 import data
 import model as M
-from common import (ConfigError, Run, cosine_schedule, ddp, ShardSampler, all_reduce_sum,
+from common import (ConfigError, Run, cosine_schedule, ddp, shard, all_reduce_sum,
                     config_dict, load_optimizer, load_state, log_json, no_sync,
                     parse_config, print0, read_weights, run_main, save_atomic, setup_distributed)
 
@@ -305,7 +305,7 @@ def build_data(cfg: Config, dist, micro_batch: int):
     num_classes = len(_classes(train_set))
     loader = common.train_loader(train_set, micro_batch, dist, cfg.seed, cfg.num_workers)
     val_loader = DataLoader(val_set, batch_size=micro_batch, num_workers=cfg.num_workers,
-                            sampler=ShardSampler(len(val_set), dist.rank, dist.world))
+                            sampler=shard(len(val_set), dist.rank, dist.world))
     if len(loader) < cfg.accum_steps:
         raise ConfigError(f"{len(train_set)} training images are fewer than one global batch "
                           f"({cfg.batch_size})")

@@ -45,7 +45,7 @@ import common
 import data
 import losses
 import model as M
-from common import (GE0, GE1, ConfigError, Run, ddp, ShardSampler, all_reduce_sum, config_dict,
+from common import (GE0, GE1, ConfigError, Run, ddp, shard, all_reduce_sum, config_dict,
                     cosine_lr, load_optimizer, load_state, log_json, no_sync, param_groups,
                     parse_config, print0, read_weights, run_main, save_atomic, setup_distributed)
 
@@ -313,10 +313,10 @@ def knn_eval(cfg: "Config", encoders: dict, dist, val_size: int) -> dict:
                                   subset=cfg.knn_bank)
     val_set = data.build_dataset(cfg.dataset, cfg.data_path, train=False, transform=tf,
                                  subset=val_size)
-    shard = ShardSampler(len(val_set), dist.rank, dist.world)
+    val_shard = shard(len(val_set), dist.rank, dist.world)
     loaders = [DataLoader(ds, batch_size=256, sampler=smp, num_workers=cfg.num_workers,
                           generator=torch.Generator())  # own: training randomness untouched
-               for ds, smp in ((bank_set, None), (val_set, shard))]
+               for ds, smp in ((bank_set, None), (val_set, val_shard))]
     bank, bank_labels = knn_features(loaders[0], encoders, dist.device, cfg.precision)
     val, val_labels = knn_features(loaders[1], encoders, dist.device, cfg.precision)
     num_classes = int(bank_labels.max()) + 1

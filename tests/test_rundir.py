@@ -134,17 +134,16 @@ def test_out_dir_that_is_a_file_is_one_line(tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# Temp files: only save_atomic's own, only when their writer is gone
+# Temp files: only save_atomic's own, removed by the run that holds the lock
 
-def test_only_temp_files_of_dead_writers_are_removed(tmp_path):
-    gone, alive = dead_pid(), os.getpid()
-    stale = f"checkpoint.pth.tmp.{gone}"
-    names = ["notes.tmp.txt", stale, f"checkpoint.pth.tmp.{alive}", "encoder.pth.tmp.x1",
-             f"my.tmp.{gone}.bak"]
-    for name in names:
+def test_only_save_atomic_temp_files_are_removed(tmp_path):
+    # called by the run that holds the folder's lock: every save_atomic temp file is stale
+    stale = [f"checkpoint.pth.tmp.{dead_pid()}", f"encoder.pth.tmp.{os.getpid()}"]
+    kept = ["notes.tmp.txt", "encoder.pth.tmp.x1", "my.tmp.12.bak", "checkpoint.pth"]
+    for name in stale + kept:
         (tmp_path / name).write_text("x")
     common.remove_stale_temp_files(str(tmp_path))
-    assert sorted(os.listdir(tmp_path)) == sorted(n for n in names if n != stale)
+    assert sorted(os.listdir(tmp_path)) == sorted(kept)
 
 
 def test_a_failed_save_is_one_line_and_keeps_the_old_file(tmp_path, monkeypatch):
