@@ -44,7 +44,8 @@ from tqdm import tqdm
 import common
 import data
 import losses
-import model as M
+import model
+from model import VIT_SIZES  # (inside Config, `model` is the field)
 from common import (GE0, GE1, ConfigError, Run, ddp, shard, all_reduce_sum, config_dict,
                     cosine_lr, load_optimizer, load_state, log_json, no_sync, param_groups,
                     parse_config, print0, read_weights, run_main, save_atomic, setup_distributed)
@@ -144,7 +145,7 @@ class Config:
     precision: str = "auto"            # auto (bf16 where the hardware has it) | bf16 | fp32
     compile: bool = False              # torch.compile student and teacher (in1k recipes: true)
 
-    CHOICES = {"framework": FRAMEWORKS, "dataset": data.DATASETS, "model": M.VIT_SIZES,
+    CHOICES = {"framework": FRAMEWORKS, "dataset": data.DATASETS, "model": VIT_SIZES,
                "pos_embed": ("learned", "sincos", "none"), "mask": data.MASKS,
                "teacher": ("clip", "checkpoint", "ema", "cnn"),
                "loss": ("dtm", "dtm_kmeans", "tokenwise", "fixed", "downsample"),
@@ -236,21 +237,21 @@ def multistep_lr(step: int, warmup: int, base_lr: float, milestones: List[int],
     return base_lr * gamma ** sum(step >= m for m in milestones)
 
 
-def build_encoder(cfg: Config) -> M.ViT:
-    return M.build_vit(cfg.model, img_size=cfg.img_size, patch_size=cfg.patch_size,
+def build_encoder(cfg: Config) -> model.ViT:
+    return model.build_vit(cfg.model, img_size=cfg.img_size, patch_size=cfg.patch_size,
                        pos_embed=cfg.pos_embed,
                        rel_pos_bias=cfg.rel_pos_bias, shared_rel_pos_bias=cfg.shared_rel_pos_bias,
                        layer_scale=cfg.layer_scale, drop_path=cfg.drop_path, fix_init=cfg.fix_init)
 
 
-def build_mim(cfg: Config, encoder: M.ViT) -> torch.nn.Module:
+def build_mim(cfg: Config, encoder: model.ViT) -> torch.nn.Module:
     """framework simmim -> model.SimMIM; mae -> model.MAE with its decoder."""
     if cfg.framework == "simmim":
-        return M.SimMIM(encoder)
-    decoder = M.MAEDecoder(embed_dim=encoder.cfg.embed_dim, grid=encoder.cfg.grid,
+        return model.SimMIM(encoder)
+    decoder = model.MAEDecoder(embed_dim=encoder.cfg.embed_dim, grid=encoder.cfg.grid,
                            patch_size=cfg.patch_size, decoder_dim=cfg.decoder_dim,
                            depth=cfg.decoder_depth, num_heads=cfg.decoder_heads)
-    return M.MAE(encoder, decoder)
+    return model.MAE(encoder, decoder)
 
 
 def reconstruction_loss(cfg: Config, pred: torch.Tensor, img: torch.Tensor,
@@ -258,7 +259,7 @@ def reconstruction_loss(cfg: Config, pred: torch.Tensor, img: torch.Tensor,
     """L_pixel (MTO Eq. 1) on the masked patches only. Targets are the pixels of the (ImageNet-
     normalised) input: SimMIM's L1 on them, MAE's MSE on them normalised per patch
     (norm_pix_loss)."""
-    target = M.patchify(img, cfg.patch_size)                      # (B, N, p*p*C)
+    target = model.patchify(img, cfg.patch_size)                      # (B, N, p*p*C)
     if cfg.framework == "simmim":
         return losses.pixel_loss(pred, target, mask, "l1")
     target = losses.normalize_patches(target) if cfg.norm_pix_loss else target
@@ -324,7 +325,7 @@ def knn_eval(cfg: "Config", encoders: dict, dist, val_size: int) -> dict:
             for name in bank}
 
 
-def final_knn_report(cfg: "Config", encoder: M.ViT, dist, log_path: str):
+def final_knn_report(cfg: "Config", encoder: model.ViT, dist, log_path: str):
     """Print and log k-NN top-1 on the whole test split: this encoder against the two baselines
     any encoder must beat, raw pixels and a random-init encoder of the same config."""
     torch.manual_seed(cfg.seed)                                   # the student's initial weights
@@ -365,7 +366,7 @@ def train_cnn_teacher(cfg: "Config", dist, path: str):
         test_set = data.build_dataset(cfg.dataset, cfg.data_path, train=False,
                                       transform=data.eval_transform(cfg.img_size))
         num_classes = len(test_set.classes)
-        cnn = M.SmallCNN(num_classes).to(dist.device)
+        cnn = model.SmallCNN(num_classes).to(dist.device)
         opt = torch.optim.AdamW(cnn.parameters(), lr=2e-3, weight_decay=0.05)
         loader = DataLoader(train_set, batch_size=128, shuffle=True, drop_last=True,
                             num_workers=cfg.num_workers,
@@ -424,7 +425,7 @@ def build_data(cfg: Config, dist, micro_batch: int):
     return dataset, loader
 
 
-def build_teacher(cfg: Config, dist, encoder: M.ViT) -> M.Teacher:
+def build_teacher(cfg: Config, dist, encoder: model.ViT) -> model.Teacher:
     """The teacher of framework=distill; teacher=cnn is trained first (or read from its cache)."""
     path = cfg.teacher_pretrained
     if cfg.teacher == "cnn":
@@ -436,7 +437,7 @@ def build_teacher(cfg: Config, dist, encoder: M.ViT) -> M.Teacher:
         print0("warning: teacher=ema (self-distillation) collapses in short runs: the encoder "
                "ends no better than random init; teacher=cnn or clip gives a teacher worth "
                "distilling")
-    teacher = M.build_teacher(cfg.teacher, encoder, cfg.teacher_model, path)
+    teacher = model.build_teacher(cfg.teacher, encoder, cfg.teacher_model, path)
     if teacher.num_patches != encoder.num_patches:
         raise ConfigError(f"the teacher gives {teacher.num_patches} tokens but the student has "
                           f"{encoder.num_patches} patches: match img_size/patch_size to the "
@@ -458,7 +459,7 @@ def build_models(cfg: Config, dist):
                f"({millions(encoder)} encoder); {mto}")
         return student, None
     teacher = build_teacher(cfg, dist, encoder)
-    student = M.DistillStudent(encoder, teacher.out_dim).to(dist.device)
+    student = model.DistillStudent(encoder, teacher.out_dim).to(dist.device)
     print0(f"student {cfg.model}: {millions(student)} parameters; teacher {cfg.teacher} -> "
            f"{teacher.out_dim}-d targets")
     return student, teacher.to(dist.device)
@@ -483,11 +484,11 @@ class PretrainLoss:
         self.merge = (torch.compile(losses.bipartite_merge, dynamic=True) if cfg.compile
                       else losses.bipartite_merge)
 
-    def __call__(self, model, img, mask, v, step: int, micro: int):
+    def __call__(self, net, img, mask, v, step: int, micro: int):
         if self.cfg.framework == "distill":
-            u = model(img, mask)                                  # (B, N, C) online tokens
+            u = net(img, mask)                                    # (B, N, C) online tokens
             return self.distill_loss(u, v, step, micro), {}
-        return self.pixels(model, img, mask)
+        return self.pixels(net, img, mask)
 
     def distill_loss(self, u: torch.Tensor, v: torch.Tensor, step: int, micro: int):
         """DTM (cfg.loss dtm | dtm_kmeans) or a baseline (tokenwise | fixed | downsample)."""
@@ -507,10 +508,10 @@ class PretrainLoss:
         matching = "kmeans" if cfg.loss == "dtm_kmeans" else "bipartite"
         return losses.dtm_loss(u, v, levels, cfg.distance, matching=matching, merge=self.merge)
 
-    def pixels(self, model, img, mask):
+    def pixels(self, net, img, mask):
         cfg = self.cfg
         mae_args = {"num_masked": self.num_masked} if cfg.framework == "mae" else {}  # |M|
-        pred, hiddens = model(img, mask, return_hiddens=cfg.mto, **mae_args)  # (B, N, p*p*C); X^l
+        pred, hiddens = net(img, mask, return_hiddens=cfg.mto, **mae_args)  # (B, N, p*p*C); X^l
         loss = reconstruction_loss(cfg, pred, img, mask)
         terms = {"pixel": loss.detach()}
         if cfg.mto:
@@ -549,7 +550,7 @@ def run_state(student, optimizer, teacher) -> dict:
     """What checkpoint.pth holds besides the position in the run: the unwrapped student (+ MAE
     decoder), the optimizer, and an EMA teacher's weights (the others are fixed)."""
     state = {"model": student.state_dict(), "optimizer": optimizer.state_dict()}
-    if isinstance(teacher, M.EMATeacher):
+    if isinstance(teacher, model.EMATeacher):
         state["teacher"] = teacher.encoder.state_dict()
     return state
 
@@ -557,11 +558,11 @@ def run_state(student, optimizer, teacher) -> dict:
 def load_run_state(ckpt: dict, student, optimizer, teacher, path: str):
     load_state(student, ckpt["model"], path)
     load_optimizer(optimizer, ckpt["optimizer"], path)
-    if isinstance(teacher, M.EMATeacher):
+    if isinstance(teacher, model.EMATeacher):
         load_state(teacher.encoder, ckpt["teacher"], path)
 
 
-def knn_during_training(cfg: Config, encoder: M.ViT, dist, run: Run, epochs_done: int):
+def knn_during_training(cfg: Config, encoder: model.ViT, dist, run: Run, epochs_done: int):
     """eval_knn_every: k-NN top-1 on knn_val test images, printed and logged (for RAUC)."""
     if not cfg.eval_knn_every or (epochs_done % cfg.eval_knn_every and epochs_done < cfg.epochs):
         return
@@ -591,9 +592,9 @@ def main(argv):
     run.resume(steps_per_epoch, lambda ckpt: load_run_state(ckpt, student, optimizer, teacher,
                                                             run.ckpt_path),
                lambda: run_state(student, optimizer, teacher))
-    encoder_file = lambda: {run.path("encoder.pth"): M.encoder_state(student.encoder)}  # noqa
+    encoder_file = lambda: {run.path("encoder.pth"): model.encoder_state(student.encoder)}  # noqa
     lr_at, momentum_at = schedules(cfg, lr, steps_per_epoch)
-    model = ddp(student, dist, compile=cfg.compile)  # DDP, then compile around it
+    net = ddp(student, dist, compile=cfg.compile)  # what the loop calls: DDP, then compile
     # the teacher's forward (a third of a ViT-B step), compiled like the student
     teacher_forward = torch.compile(teacher) if cfg.compile and teacher is not None else teacher
     autocast = common.autocast(cfg.precision, dist.device)  # bf16 where native (precision)
@@ -602,7 +603,7 @@ def main(argv):
 
     for epoch in run.epochs():
         batches = common.on_device(run.epoch_batches(epoch, loader), dist.device)
-        model.train()
+        net.train()
         for step in run.steps(epoch):  # a progress bar; log, stop signal, corrupt data: `run`
             run.set_lr(optimizer, lr_at[step])
             logged = {}                                           # this step's loss terms
@@ -610,8 +611,8 @@ def main(argv):
                 img, mask, _ = next(batches)        # on the device: uint8 (B, C, H, W), (B, N)
                 img = data.normalize(img)                             # float32 model input
                 v = teacher_forward(img) if teacher is not None else None  # (B, N, C) targets
-                with autocast, no_sync(model, micro, cfg.accum_steps):
-                    loss, terms = loss_fn(model, img, mask, v, step, micro)
+                with autocast, no_sync(net, micro, cfg.accum_steps):
+                    loss, terms = loss_fn(net, img, mask, v, step, micro)
                     (loss / cfg.accum_steps).backward()
                 for name, value in {"loss": loss.detach(), **terms}.items():
                     logged[name] = logged.get(name, 0) + value
@@ -619,7 +620,7 @@ def main(argv):
                 if cfg.clip_grad > 0:
                     torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.clip_grad)
                 optimizer.step()
-                if isinstance(teacher, M.EMATeacher):
+                if isinstance(teacher, model.EMATeacher):
                     teacher.update(student.encoder, momentum_at[step])
                 run.add(logged, n=cfg.accum_steps)
             optimizer.zero_grad(set_to_none=True)
