@@ -112,12 +112,12 @@ def test_each_head_and_knn_reach_near_perfect_accuracy_on_separable_tokens(optim
     for epoch in range(epochs):
         heads.train()
         gen = torch.Generator().manual_seed(epoch)
-        for tokens, labels in probe.cached_train_batches(train, 32, gen):
+        for tokens, labels in train.shuffled(32, gen):
             loss, _ = losses.probe_loss(heads(tokens), labels)
             loss.backward()
             opt.step()
             opt.zero_grad()
-    counts = probe.evaluate(heads, probe.eval_batches(val, val.valid, 50))
+    counts = probe.evaluate(heads, val.batches(50))
     cfg = parse_config(probe.Config, ["knn_k=5", "knn=[cls, mean]"])
     bank = probe.Shard(probe.knn_keep(train.feats, cfg), train.labels, train.valid)
     feats = probe.Shard(probe.knn_keep(val.feats, cfg), val.labels, val.valid)
