@@ -200,8 +200,9 @@ def setup_distributed(device: str = "auto", timeout_s: int = 600) -> Dist:
 def set_collective_timeout(timeout_s: int):
     """After start-up: a collective that waits longer than timeout_s (a lost process) fails the
     run. NCCL's watchdog then aborts the process (exit 134, SIGABRT); gloo raises (exit 3)."""
-    if dist.is_initialized():
-        dist.distributed_c10d._set_pg_timeout(timedelta(seconds=timeout_s))
+    set_timeout = getattr(dist.distributed_c10d, "_set_pg_timeout", None)  # torch >= 2.3
+    if dist.is_initialized() and set_timeout is not None:
+        set_timeout(timedelta(seconds=timeout_s))
 
 
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -301,9 +302,8 @@ def syncs_buffers(model: torch.nn.Module) -> bool:
 
 def ddp(model: torch.nn.Module, dist_: "Dist", compile: bool = False) -> torch.nn.Module:
     """The module a training loop calls: DistributedDataParallel with several processes, then
-    torch.compile if asked. Compiled around DDP (not inside it), dynamo splits the graph at DDP's
-    bucket boundaries, so each bucket's all-reduce overlaps the rest of the backward; a compiled
-    module inside DDP would all-reduce only after the whole backward."""
+    torch.compile if asked, around DDP (PyTorch's documented order): dynamo splits the graph at
+    DDP's bucket boundaries, so each bucket's all-reduce overlaps the rest of the backward."""
     if dist_.world > 1:
         model = _wrap_ddp(model, dist_)
     return torch.compile(model) if compile else model
