@@ -57,21 +57,22 @@ def perturb(tokens, noise: float, swap: float, generator: torch.Generator) -> to
     """A controlled dose of spatial inconsistency: tokens (B, N, C) -> (B, N, C).
 
     swap: each token, with probability `swap`, becomes the token at the same position of another
-    image of the batch (one seeded cycle through the batch: never the image itself); noise: then
-    add Gaussian noise of `noise` x the std of the batch's tokens. noise = swap = 0 returns
-    `tokens` itself. Otherwise the draws (permutation, swap mask, noise) come in that order, so a
+    image of the batch, drawn for each position on its own (never the image itself), so that a
+    swapped patch points to another image's class, as Fig. 2's wrong patches do; noise: then add
+    Gaussian noise of `noise` x the std of the batch's tokens. noise = swap = 0 returns `tokens`
+    itself. Otherwise the draws (source images, swap mask, noise) come in that order, so a
     generator in the same state gives the same result, and nested swap masks across swap levels.
     """
     if noise == 0 and swap == 0:
         return tokens
-    B, dev = tokens.shape[0], tokens.device
+    (B, N), dev = tokens.shape[:2], tokens.device
     if swap > 0 and B < 2:
         raise ValueError("swap needs a batch of at least 2 images")
-    order = torch.randperm(B, generator=generator, device=dev)
-    source = torch.empty_like(order)
-    source[order] = order.roll(-1)                       # image order[i] takes from order[i + 1]
-    take = torch.rand(tokens.shape[:2], generator=generator, device=dev) < swap     # (B, N)
-    out = torch.where(take.unsqueeze(-1), tokens[source], tokens)
+    shift = torch.randint(1, max(B, 2), (B, N), generator=generator, device=dev)  # (B, N)
+    source = (torch.arange(B, device=dev).unsqueeze(1) + shift) % B      # another image, (B, N)
+    take = torch.rand((B, N), generator=generator, device=dev) < swap    # (B, N)
+    other = tokens[source, torch.arange(N, device=dev)]                  # (B, N, C)
+    out = torch.where(take.unsqueeze(-1), other, tokens)
     if noise > 0:
         z = torch.randn(tokens.shape, generator=generator, device=dev, dtype=tokens.dtype)
         out = out + noise * tokens.std() * z

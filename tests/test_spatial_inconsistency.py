@@ -76,8 +76,7 @@ def test_perturb_identity_swap_and_determinism():
     assert torch.equal(out[..., 1], t[..., 1])                    # the same position
     src = out[..., 0]
     assert (src != t[..., 0]).all()                               # always another image ...
-    assert (src == src[:, :1]).all()                              # ... the same one per image
-    assert sorted(src[:, 0].tolist()) == [0., 1., 2., 3.]         # a permutation of the batch
+    assert len(set(src[0].tolist())) > 1                          # ... drawn per position
     for noise, swap in ((0, 0.5), (1.0, 0), (2.0, 0.25)):
         a = S.perturb(t, noise, swap, torch.Generator().manual_seed(3))
         b = S.perturb(t, noise, swap, torch.Generator().manual_seed(3))
