@@ -294,11 +294,9 @@ def knn_features(loader, encoders: dict, device,
 
 def knn_top1(bank: torch.Tensor, bank_labels, val: torch.Tensor, val_labels, k: int,
              num_classes: int) -> float:
-    """DINO's weighted k-NN top-1 (votes exp(cos / 0.07)) after subtracting the bank's mean
-    feature from both sides (raw pixels gain 4 points from it on Fashion-MNIST; the same for
-    every feature, so the comparison stays fair). Each process scores its shard; summed."""
-    centre = bank.mean(0, keepdim=True)
-    votes = losses.knn_votes(bank - centre, bank_labels, val - centre, num_classes, k)
+    """losses.knn_votes' top-1, the bank's mean subtracted (the same for every feature, so the
+    comparison stays fair). Each process scores its shard; summed."""
+    votes = losses.knn_votes(bank, bank_labels, val, num_classes, k, centre=True)
     correct = (votes.argmax(1) == val_labels).sum().float()
     scored = torch.tensor(float(len(val)), device=correct.device)
     counts = all_reduce_sum(torch.stack([correct, scored]))

@@ -388,11 +388,10 @@ def evaluate(heads: Heads, batches) -> dict:
 
 def knn_counts(bank: torch.Tensor, bank_labels, val: torch.Tensor, val_labels, valid,
                num_classes: int, cfg: Config) -> tuple:
-    """DINO's weighted k-NN after subtracting the bank's mean feature from both sides (knn_centre;
-    pretrain.knn_top1's protocol) -> (correct top-1, correct top-5, images), summed over ranks."""
-    centre = bank.mean(0, keepdim=True) if cfg.knn_centre else torch.zeros_like(bank[:1])
-    votes = losses.knn_votes(bank - centre, bank_labels, val - centre, num_classes, cfg.knn_k,
-                             cfg.knn_temperature)
+    """losses.knn_votes (the bank's mean subtracted with knn_centre, as pretrain.knn_top1) ->
+    (correct top-1, correct top-5, images), summed over ranks."""
+    votes = losses.knn_votes(bank, bank_labels, val, num_classes, cfg.knn_k, cfg.knn_temperature,
+                             centre=cfg.knn_centre)
     top1, top5 = losses.topk_correct(votes.log(), val_labels)     # log: no vote = -inf = no guess
     counts = torch.stack([top1[valid].sum(), top5[valid].sum(), valid.sum()])
     return tuple(all_reduce_sum(counts).tolist())
