@@ -1,7 +1,8 @@
 """End-to-end fine-tuning with the DTM paper's recipe (Table 13), and export to timm.
 
 Paper: "Masked Image Modeling via Dynamic Token Morphing", Kim, Heo, Han, arXiv:2401.00254
-(Table 13, after BEiT v2, arXiv:2208.06366). Choices they leave open: DECISIONS.md.
+(Table 13, after BEiT v2, arXiv:2208.06366). Choices they leave open, and where this code differs
+from BEiT v2 / timm: DECISIONS.md, section 5.
 
     # Fashion-MNIST on a CPU, from the default pre-trained encoder (or init= for scratch)
     python finetune.py --config configs/fmnist_finetune.yaml init=runs/fmnist_dtm/encoder.pth
@@ -9,18 +10,13 @@ Paper: "Masked Image Modeling via Dynamic Token Morphing", Kim, Heo, Han, arXiv:
     torchrun --nproc_per_node=8 finetune.py --config configs/in1k_vit_base_finetune.yaml \
         data_path=/data/imagenet init=runs/in1k_vit_base_dtm/encoder.pth
 
-The recipe: AdamW (0.9, 0.999), weight decay 0.05, the peak lr as given (`lr`, BEiT v2's
-convention, which Table 13 follows) or `blr * batch / 256` (MAE's, when lr = 0), warmup + cosine,
-layer-wise lr decay, drop path, label smoothing, Mixup/CutMix, RandAugment on timm's 0..10
-magnitude scale, random erasing with per-pixel random values, the head on [cls] or on the
-LayerNorm'd mean of the patch tokens (global_pool=avg, BEiT v2's default), and relative position
-bias per block (a shared table from pre-training is copied into every block). The choices and
-where they differ from BEiT v2 / timm: DECISIONS.md, section 5.
-The run directory keeps checkpoint.pth (auto-resume), best.pth, log.jsonl, and model_timm.pth:
-the fine-tuned model in timm's format with the arguments to build it.
+The recipe: AdamW with layer-wise lr decay, warmup + cosine, drop path, label smoothing,
+Mixup/CutMix, RandAugment, random erasing; the head on [cls] or on the LayerNorm'd mean of the
+patch tokens (global_pool=avg, BEiT v2's default); relative position bias per block (a shared
+table from pre-training is copied into every block). out_dir keeps checkpoint.pth (auto-resume),
+best.pth, log.jsonl, and model_timm.pth: the model in timm's format with the arguments to build it.
 """
 import copy
-import os
 from dataclasses import dataclass, asdict
 
 import torch
@@ -30,10 +26,12 @@ from torchvision.transforms import v2 as T
 
 import common
 import data
-import model as M
-from common import (ConfigError, Run, cosine_schedule, ddp, shard, all_reduce_sum,
-                    config_dict, load_optimizer, load_state, log_json, no_sync,
-                    parse_config, print0, read_weights, run_main, save_atomic, setup_distributed)
+import losses
+import model
+from model import VIT_SIZES  # (inside Config, `model` is the field)
+from common import (NO_DECAY, Run, cosine_schedule, ddp, shard, all_reduce_sum, config_dict,
+                    load_optimizer, load_state, log_json, no_sync, parse_config, print0,
+                    read_weights, run_main, save_atomic, setup_distributed, ConfigError)
 
 
 RANDAUG_LEVELS = 10  # timm's magnitude scale 0..10 ("m9" = 90% of each operation's range)
@@ -48,9 +46,8 @@ class Config:
     img_size: int = 28
     num_workers: int = 2
     max_corrupt_frac: float = 0.01   # imagefolder: skip corrupt images; stop above this share
-    # model: `init` is an encoder.pth of pretrain.py, a timm/MAE-format weights file, or ""
-    # (scratch)
-    init: str = ""
+    # model
+    init: str = ""                   # encoder.pth of pretrain.py, timm/MAE weights, "" = scratch
     model: str = "vit_tiny"          # architecture when init is "" or a timm/MAE file
     patch_size: int = 4
     pos_embed: str = "learned"       # (scratch / timm file only; an encoder.pth keeps its own)
@@ -85,11 +82,16 @@ class Config:
     device: str = "auto"
     precision: str = "auto"          # auto (bf16 where the hardware has it) | bf16 | fp32
 
-    CHOICES = {"dataset": data.DATASETS, "model": M.VIT_SIZES, "device": ("auto", "cpu", "cuda"),
+    CHOICES = {"dataset": data.DATASETS, "model": VIT_SIZES, "device": ("auto", "cpu", "cuda"),
                "precision": common.PRECISIONS, "global_pool": ("token", "avg")}
     LIMITS = {"layer_decay": (lambda v: 0 < v <= 1, "in (0, 1]"),
               "randaug_magnitude": (lambda v: 0 <= v <= RANDAUG_LEVELS,
                                     f"in [0, {RANDAUG_LEVELS}] (timm's scale)")}
+
+
+# the settings that shape the classifier or its data: a resume must keep them
+RESUME_KEYS = ("dataset", "subset", "img_size", "model", "patch_size", "pos_embed", "rel_pos_bias",
+               "layer_scale", "model_ema", "global_pool")
 
 
 def peak_lr(cfg: Config):
@@ -101,27 +103,12 @@ def peak_lr(cfg: Config):
 
 
 # -----------------------------------------------------------------------------
-# Building the model from an encoder file, a timm/MAE file, or from scratch
+# The classifier: from an encoder file, a timm/MAE file, or from scratch
 
-def expand_shared_rel_pos(state: dict, depth: int) -> dict:
-    """Copy a shared relative-position table into every block (BEiT fine-tuning).
-
-    Biases add, so a block that had its own table gets own + shared: the features are unchanged.
-    """
-    key = "rel_pos_bias.relative_position_bias_table"
-    if key not in state:
-        return state
-    shared = state.pop(key)
-    for i in range(depth):
-        own = f"blocks.{i}.attn.relative_position_bias_table"
-        state[own] = state[own] + shared if own in state else shared.clone()
-    return state
-
-
-def build_model(cfg: Config, num_classes: int) -> M.ViT:
+def build_model(cfg: Config, num_classes: int) -> model.ViT:
     """The classifier: encoder weights (if any) + a new Linear head on [cls] (global_pool=token)
     or on a new LayerNorm of the patch-token mean (avg: fc_norm, the final norm dropped)."""
-    vit_cfg = dict(M.VIT_SIZES[cfg.model], img_size=cfg.img_size, patch_size=cfg.patch_size,
+    vit_cfg = dict(model.VIT_SIZES[cfg.model], img_size=cfg.img_size, patch_size=cfg.patch_size,
                    pos_embed=cfg.pos_embed, rel_pos_bias=cfg.rel_pos_bias,
                    layer_scale=cfg.layer_scale)
     state = None
@@ -130,85 +117,93 @@ def build_model(cfg: Config, num_classes: int) -> M.ViT:
         if "config" in ckpt and "model" in ckpt:        # an encoder of this project
             vit_cfg = dict(ckpt["config"])
             state = dict(ckpt["model"])
-            if vit_cfg.get("shared_rel_pos_bias"):
-                state = expand_shared_rel_pos(state, vit_cfg["depth"])
+            if vit_cfg.get("shared_rel_pos_bias"):  # BEiT: copy the shared table into each block
+                shared = state.pop("rel_pos_bias.relative_position_bias_table")
+                for i in range(vit_cfg["depth"]):  # biases add: own + shared, features unchanged
+                    own = f"blocks.{i}.attn.relative_position_bias_table"
+                    state[own] = state[own] + shared if own in state else shared.clone()
                 vit_cfg.update(shared_rel_pos_bias=False, rel_pos_bias=True)
         else:                                           # timm / MAE format
-            state = M.from_timm(ckpt)
+            state = model.from_timm(ckpt)
     vit_cfg.update(num_classes=num_classes, drop_path=cfg.drop_path, global_pool=cfg.global_pool)
     try:
-        model = M.ViT(M.ViTConfig(**vit_cfg))
+        vit = model.ViT(model.ViTConfig(**vit_cfg))
     except TypeError as e:
         raise ConfigError(f"config key 'init': '{cfg.init}' holds an unknown architecture "
                           f"({e})") from None
     if state is not None:
-        fresh = model.state_dict()
+        fresh = vit.state_dict()
         # avg: the final norm has no place (BEiT v2, MAE): fc_norm, after the pooling, starts fresh
         unused = ("head.", "norm.") if cfg.global_pool == "avg" else ("head.",)
         dropped = [k for k in state if k.startswith(unused)]
         state = {k: v for k, v in state.items() if k not in dropped}
         new = [k for k in fresh if k not in state]  # head, fc_norm (+ mask token for timm files)
         state.update({k: fresh[k] for k in new})
-        load_state(model, state, cfg.init)
+        load_state(vit, state, cfg.init)
         print0(f"loaded {cfg.init}; not used: {dropped}; newly initialised: {new}")
-    torch.nn.init.trunc_normal_(model.head.weight, std=2e-5)  # MAE: a near-zero head at the start
-    torch.nn.init.zeros_(model.head.bias)
+    torch.nn.init.trunc_normal_(vit.head.weight, std=2e-5)  # MAE: a near-zero head at the start
+    torch.nn.init.zeros_(vit.head.bias)
     # a classifier never masks: without a gradient DDP does not wait for the mask token's (it
     # would stop at step 2 with "parameters that were not used"); kept in the state dict
-    model.mask_token.requires_grad_(False)
-    return model
+    vit.mask_token.requires_grad_(False)
+    return vit
 
 
-# the settings that shape the classifier or its data: a resume must keep them
-RESUME_KEYS = ("dataset", "subset", "img_size", "model", "patch_size", "pos_embed", "rel_pos_bias",
-               "layer_scale", "model_ema", "global_pool")
-
-
-def layer_id(name: str, depth: int) -> int:
-    """Embeddings are layer 0, block i is layer i + 1, the final norm and head are depth + 1."""
-    if name.startswith(("cls_token", "mask_token", "pos_embed", "patch_embed", "rel_pos_bias")):
-        return 0
-    if name.startswith("blocks."):
-        return int(name.split(".")[1]) + 1
-    return depth + 1
-
-
-def layer_decay_groups(model: M.ViT, weight_decay: float, layer_decay: float):
-    """Parameter groups with lr_scale = layer_decay^(depth + 1 - layer_id) (BEiT/MAE)."""
-    depth = model.cfg.depth
-    groups = {}
-    for name, p in model.named_parameters():
+def layer_decay_groups(vit: model.ViT, weight_decay: float, layer_decay: float) -> list:
+    """Parameter groups with lr_scale = layer_decay^(depth + 1 - layer) (BEiT/MAE): the embeddings
+    are layer 0, block i is layer i + 1, the final norm and head depth + 1. No weight decay on
+    norms, biases, tokens and position tables."""
+    depth, groups = vit.cfg.depth, {}
+    for name, p in vit.named_parameters():
         if not p.requires_grad:
             continue
-        no_decay = p.ndim <= 1 or any(k in name for k in ("cls_token", "mask_token", "pos_embed",
-                                                          "relative_position_bias_table"))
-        lid = layer_id(name, depth)
-        key = (lid, no_decay)
-        if key not in groups:
-            groups[key] = {"params": [], "weight_decay": 0.0 if no_decay else weight_decay,
-                           "lr_scale": layer_decay ** (depth + 1 - lid)}
-        groups[key]["params"].append(p)
+        layer = depth + 1
+        if name.startswith(("cls_token", "mask_token", "pos_embed", "patch_embed", "rel_pos_bias")):
+            layer = 0
+        elif name.startswith("blocks."):
+            layer = int(name.split(".")[1]) + 1
+        no_decay = p.ndim <= 1 or any(k in name for k in NO_DECAY)
+        group = groups.setdefault((layer, no_decay), {
+            "params": [], "weight_decay": 0.0 if no_decay else weight_decay,
+            "lr_scale": layer_decay ** (depth + 1 - layer)})
+        group["params"].append(p)
     return list(groups.values())
+
+
+@torch.no_grad()
+def update_ema(ema: model.ViT, vit: model.ViT, decay: float):
+    for pe, pm in zip(ema.parameters(), vit.parameters()):
+        pe.lerp_(pm, 1 - decay)
+
+
+def export_timm(vit: model.ViT) -> dict:
+    """The fine-tuned model in timm's format, with the arguments that build the timm model."""
+    c = vit.cfg
+    args = dict(img_size=c.img_size, patch_size=c.patch_size, embed_dim=c.embed_dim, depth=c.depth,
+                num_heads=c.num_heads, num_classes=c.num_classes, global_pool=c.global_pool,
+                init_values=c.layer_scale or None)
+    beit = c.rel_pos_bias or c.shared_rel_pos_bias
+    if beit:
+        args.update(use_abs_pos_emb=c.pos_embed != "none", use_rel_pos_bias=c.rel_pos_bias,
+                    use_shared_rel_pos_bias=c.shared_rel_pos_bias)
+    elif c.pos_embed == "none":
+        args.update(pos_embed="none")
+    return {"arch": "Beit" if beit else "VisionTransformer", "args": args,
+            "model": model.to_timm(vit.state_dict())}
 
 
 # -----------------------------------------------------------------------------
 # Data: RandAugment + random erasing per image; Mixup/CutMix per batch
 
-
-
-def rand_augment_op(cfg: Config) -> T.RandAugment:
-    """One torchvision RandAugment operation on timm's magnitude scale: 11 bins, so magnitude m is
-    m / 10 of each operation's range, as timm's rand-m9 (torchvision's default 31 bins would make
-    m9 30%). Fill: the ImageNet mean grey, as timm (0 after normalisation)."""
-    mean_grey = [round(255 * m) for m in data.IMAGENET_MEAN]
-    return T.RandAugment(1, cfg.randaug_magnitude, RANDAUG_LEVELS + 1,
-                         interpolation=T.InterpolationMode.BILINEAR, fill=mean_grey)
-
-
 def rand_augment(cfg: Config):
-    """timm's RandAugment structure: randaug_ops operations drawn with replacement, each applied
-    with probability 0.5. What still differs from rand-m9-mstd0.5-inc1: DECISIONS.md, section 5."""
-    ops = [T.RandomApply([rand_augment_op(cfg)], p=0.5) for _ in range(cfg.randaug_ops)]
+    """timm's RandAugment: randaug_ops operations drawn with replacement, each applied with
+    probability 0.5, on timm's magnitude scale (11 bins: magnitude m is m / 10 of each operation's
+    range, as rand-m9), filled with the ImageNet mean grey as timm (0 after normalisation). What
+    still differs from rand-m9-mstd0.5-inc1: DECISIONS.md, section 5."""
+    grey = [round(255 * m) for m in data.IMAGENET_MEAN]
+    ops = [T.RandomApply([T.RandAugment(1, cfg.randaug_magnitude, RANDAUG_LEVELS + 1, fill=grey,
+                                        interpolation=T.InterpolationMode.BILINEAR)], p=0.5)
+           for _ in range(cfg.randaug_ops)]
     return T.Compose(ops) if ops else T.Identity()
 
 
@@ -225,19 +220,13 @@ def train_transform(cfg: Config):
 
 def mix_batch(cfg: Config, num_classes: int):
     """Mixup or CutMix (one drawn per batch), then label smoothing: soft targets (B, classes)."""
-    mixes = []
-    if cfg.mixup > 0:
-        mixes.append(T.MixUp(alpha=cfg.mixup, num_classes=num_classes))
-    if cfg.cutmix > 0:
-        mixes.append(T.CutMix(alpha=cfg.cutmix, num_classes=num_classes))
+    mixes = [T.MixUp(alpha=cfg.mixup, num_classes=num_classes)] if cfg.mixup > 0 else []
+    mixes += [T.CutMix(alpha=cfg.cutmix, num_classes=num_classes)] if cfg.cutmix > 0 else []
     mix = T.RandomChoice(mixes) if mixes else None
+    eps = cfg.label_smoothing
 
     def apply(img, labels):
-        if mix is not None:
-            img, target = mix(img, labels)
-        else:
-            target = F.one_hot(labels, num_classes).float()
-        eps = cfg.label_smoothing
+        img, target = mix(img, labels) if mix else (img, F.one_hot(labels, num_classes).float())
         return img, target * (1 - eps) + eps / num_classes
     return apply
 
@@ -247,139 +236,66 @@ def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tens
     return torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
 
 
-@torch.no_grad()
-def evaluate(model, loader, device, num_classes):
-    """Top-1 / top-5 on every rank's shard, counts summed across ranks."""
-    model.eval()
-    counts = torch.zeros(3, device=device)  # correct@1, correct@5, total
-    k = min(5, num_classes)
-    for img, labels in loader:
-        img, labels = img.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            logits = model(img)
-        top = logits.float().topk(k, dim=-1).indices                  # (B, k)
-        hit = top == labels.unsqueeze(-1)
-        counts += torch.stack([hit[:, 0].sum(), hit.any(-1).sum(),
-                               torch.tensor(len(labels), device=device)])
-    correct1, correct5, total = all_reduce_sum(counts).tolist()
-    return {"top1": 100.0 * correct1 / total, "top5": 100.0 * correct5 / total,
-            "count": int(total)}
-
-
-def export_timm(model: M.ViT) -> dict:
-    """The fine-tuned model in timm's format, with the arguments that build the timm model."""
-    c = model.cfg
-    args = dict(img_size=c.img_size, patch_size=c.patch_size, embed_dim=c.embed_dim, depth=c.depth,
-                num_heads=c.num_heads, num_classes=c.num_classes, global_pool=c.global_pool,
-                init_values=c.layer_scale or None)
-    if c.rel_pos_bias or c.shared_rel_pos_bias:
-        arch = "Beit"
-        args.update(use_abs_pos_emb=c.pos_embed != "none", use_rel_pos_bias=c.rel_pos_bias,
-                    use_shared_rel_pos_bias=c.shared_rel_pos_bias)
-    else:
-        arch = "VisionTransformer"
-        if c.pos_embed == "none":
-            args.update(pos_embed="none")
-    return {"arch": arch, "args": args, "model": M.to_timm(model.state_dict())}
-
-
-# -----------------------------------------------------------------------------
-# Setup: data, model (+ EMA), optimizer, what a checkpoint holds
-
-def check_init(cfg: Config):
-    """init names a file that exists (checked here, not in validate(): configs parse anywhere)."""
-    if cfg.init and not os.path.isfile(cfg.init):
-        raise FileNotFoundError(f"config key 'init': file '{cfg.init}' does not exist (an "
-                                "encoder.pth of pretrain.py, a timm/MAE weights file, or "
-                                "init=\"\" to train from scratch)")
-
-
 def build_data(cfg: Config, dist, micro_batch: int):
     """-> (training loader: augmentation seeded by (seed, epoch, index); validation loader: a
     shard per rank; number of classes)."""
     train = data.build_dataset(cfg.dataset, cfg.data_path, train=True, subset=cfg.subset,
                                transform=train_transform(cfg))
-    train_set = data.SeededImages(train, cfg.seed)
-    val_set = data.build_dataset(cfg.dataset, cfg.data_path, train=False,
-                                 transform=data.eval_transform(cfg.img_size))
-    num_classes = len(_classes(train_set))
-    loader = common.train_loader(train_set, micro_batch, dist, cfg.seed, cfg.num_workers)
-    val_loader = DataLoader(val_set, batch_size=micro_batch, num_workers=cfg.num_workers,
-                            sampler=shard(len(val_set), dist.rank, dist.world))
-    if len(loader) < cfg.accum_steps:
-        raise ConfigError(f"{len(train_set)} training images are fewer than one global batch "
-                          f"({cfg.batch_size})")
-    print0(f"{len(train_set)} training / {len(val_set)} validation images, {num_classes} "
+    val = data.build_dataset(cfg.dataset, cfg.data_path, train=False,
+                             transform=data.eval_transform(cfg.img_size))
+    loader = common.train_loader(data.SeededImages(train, cfg.seed), micro_batch, dist, cfg.seed,
+                                 cfg.num_workers)
+    val_loader = DataLoader(val, batch_size=micro_batch, num_workers=cfg.num_workers,
+                            sampler=shard(len(val), dist.rank, dist.world))
+    print0(f"{len(train)} training / {len(val)} validation images, {len(val.classes)} "
            f"classes, {len(loader) // cfg.accum_steps} steps per epoch")
-    return loader, val_loader, num_classes
+    return loader, val_loader, len(val.classes)
 
 
-def _classes(ds):
-    while not hasattr(ds, "classes"):  # Subset, SeededImages
-        ds = ds.dataset
-    return ds.classes
-
-
-def build_models(cfg: Config, dist, num_classes: int):
-    """-> (classifier, its EMA copy or None: model_ema=false)."""
-    model = build_model(cfg, num_classes).to(dist.device)
-    ema = copy.deepcopy(model).eval().requires_grad_(False) if cfg.model_ema else None
-    return model, ema
-
+# -----------------------------------------------------------------------------
+# Evaluation, what a checkpoint holds
 
 @torch.no_grad()
-def update_ema(ema: M.ViT, model: M.ViT, decay: float):
-    for pe, pm in zip(ema.parameters(), model.parameters()):
-        pe.lerp_(pm, 1 - decay)
+def evaluate(net, loader, device) -> dict:
+    """Top-1 / top-5 on every rank's shard, counts summed across ranks."""
+    net.eval()
+    counts = torch.zeros(3, device=device)  # correct@1, correct@5, images
+    for img, labels in loader:
+        img, labels = img.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            top1, top5 = losses.topk_correct(net(img), labels)
+        counts += torch.stack([top1.sum(), top5.sum(), torch.tensor(len(labels), device=device)])
+    correct1, correct5, total = all_reduce_sum(counts).tolist()
+    return {"top1": 100.0 * correct1 / total, "top5": 100.0 * correct5 / total,
+            "count": int(total)}
 
 
-def build_optimizer(cfg: Config, model: M.ViT, dist):
-    """-> (AdamW over the layer-decay groups (each with its lr_scale), the peak lr)."""
-    lr, note = peak_lr(cfg)
-    print0(note)
-    groups = layer_decay_groups(model, cfg.weight_decay, cfg.layer_decay)
-    optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999),
-                                  fused=dist.device.type == "cuda")
-    return optimizer, lr
+def evaluate_epoch(vit, ema, val_loader, run: Run, epochs_done: int) -> float:
+    """Top-1 / top-5 of the classifier (and of its EMA), printed and logged. -> its top-1."""
+    record = {"epoch": epochs_done, "step": run.step}
+    for prefix, net in (("val", vit), ("ema", ema)):
+        if net is not None:
+            stats = evaluate(net, val_loader, run.dist.device)
+            record.update({f"{prefix}_{k}": v for k, v in stats.items()})
+    print0(f"epoch {epochs_done}: top-1 {record['val_top1']:.2f}  top-5 {record['val_top5']:.2f}"
+           + (f"  (EMA top-1 {record['ema_top1']:.2f})" if ema is not None else ""))
+    if run.dist.main:
+        log_json(run.log_path, record)
+    return record["val_top1"]
 
 
-def run_state(model: M.ViT, optimizer, ema, best: float) -> dict:
+def run_state(vit: model.ViT, optimizer, ema, best: float) -> dict:
     """What checkpoint.pth holds besides the position in the run."""
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "best": best,
-             "vit_config": asdict(model.cfg)}
-    if ema is not None:
-        state["ema"] = ema.state_dict()
-    return state
+    ema_state = {"ema": ema.state_dict()} if ema is not None else {}
+    return {"model": vit.state_dict(), "optimizer": optimizer.state_dict(), "best": best,
+            "vit_config": asdict(vit.cfg), **ema_state}
 
 
-def load_run_state(ckpt: dict, model: M.ViT, optimizer, ema, path: str):
-    load_state(model, ckpt["model"], path)
+def load_run_state(ckpt: dict, vit: model.ViT, optimizer, ema, path: str):
+    load_state(vit, ckpt["model"], path)
     load_optimizer(optimizer, ckpt["optimizer"], path)
     if ema is not None and "ema" in ckpt:
         load_state(ema, ckpt["ema"], path)
-
-
-def evaluate_epoch(model, ema, val_loader, dist, num_classes: int, run: Run,
-                   epochs_done: int) -> float:
-    """Top-1 / top-5 of the model (and of its EMA) on the validation set, printed and logged.
-    -> the model's top-1."""
-    stats = evaluate(model, val_loader, dist.device, num_classes)
-    record = {"epoch": epochs_done, "step": run.step,
-              **{f"val_{k}": v for k, v in stats.items()}}
-    if ema is not None:
-        ema_stats = evaluate(ema, val_loader, dist.device, num_classes)
-        record.update({f"ema_{k}": v for k, v in ema_stats.items()})
-    print0(f"epoch {epochs_done}: top-1 {stats['top1']:.2f}  top-5 {stats['top5']:.2f}"
-           + (f"  (EMA top-1 {record['ema_top1']:.2f})" if ema is not None else ""))
-    if dist.main:
-        log_json(run.log_path, record)
-    return stats["top1"]
-
-
-def save_best(model: M.ViT, top1: float, run: Run):
-    if run.dist.main:
-        save_atomic({"config": asdict(model.cfg), "model": model.state_dict(), "top1": top1},
-                    run.path("best.pth"))
 
 
 # -----------------------------------------------------------------------------
@@ -389,22 +305,25 @@ def main(argv):
     cfg = parse_config(Config, argv)
     dist = setup_distributed(cfg.device, cfg.dist_timeout_s)
     run = Run(cfg, dist, config_dict(cfg), RESUME_KEYS)  # out_dir locked, config checked
-    check_init(cfg)
     loader, val_loader, num_classes = build_data(cfg, dist, run.micro_batch)
     mix = mix_batch(cfg, num_classes)  # Mixup / CutMix, then label smoothing: soft targets
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    model, ema = build_models(cfg, dist, num_classes)  # ema: None unless model_ema
-    optimizer, lr = build_optimizer(cfg, model, dist)
+    vit = build_model(cfg, num_classes).to(dist.device)
+    ema = copy.deepcopy(vit).eval().requires_grad_(False) if cfg.model_ema else None
+    lr, note = peak_lr(cfg)
+    print0(note)
+    optimizer = torch.optim.AdamW(layer_decay_groups(vit, cfg.weight_decay, cfg.layer_decay),
+                                  lr=lr, betas=(0.9, 0.999), fused=dist.device.type == "cuda")
     steps_per_epoch = len(loader) // cfg.accum_steps
     best = 0.0  # the best top-1 so far (best.pth)
     ckpt = run.resume(steps_per_epoch,
-                      lambda c: load_run_state(c, model, optimizer, ema, run.ckpt_path),
-                      lambda: run_state(model, optimizer, ema, best))
+                      lambda c: load_run_state(c, vit, optimizer, ema, run.ckpt_path),
+                      lambda: run_state(vit, optimizer, ema, best))
     best = ckpt["best"] if ckpt is not None else best
-    exported = ema if ema is not None else model  # model_timm.pth: the EMA model if any
+    exported = ema if ema is not None else vit  # model_timm.pth: the EMA model if any
     timm_file = lambda: {run.path("model_timm.pth"): export_timm(exported)}  # noqa: E731
     lr_at = cosine_schedule(cfg, lr, steps_per_epoch)  # warm-up, then cosine to min_lr
-    net = ddp(model, dist)
+    net = ddp(vit, dist)
     autocast = common.autocast(cfg.precision, dist.device)  # bf16 where native (precision)
 
     for epoch in run.epochs():
@@ -424,13 +343,15 @@ def main(argv):
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if ema is not None:
-                update_ema(ema, model, cfg.model_ema_decay)
+                update_ema(ema, vit, cfg.model_ema_decay)
         run.end_epoch(epoch)  # stopped by a signal mid-epoch: save and exit
         done = epoch + 1
-        top1 = evaluate_epoch(model, ema, val_loader, dist, num_classes, run, done)
+        top1 = evaluate_epoch(vit, ema, val_loader, run, done)
         if top1 > best:
             best = top1
-            save_best(model, best, run)
+            if dist.main:
+                save_atomic({"config": asdict(vit.cfg), "model": vit.state_dict(), "top1": best},
+                            run.path("best.pth"))
         run.save(done, timm_file() if done == cfg.epochs else {})
         run.exit_if_stopped(done)
     run.finish(timm_file())  # a rerun of a finished run: rewrite a lost model_timm.pth
