@@ -2,7 +2,7 @@
 
 Paper: "Beyond [cls]: Exploring the true potential of Masked Image Modeling representations",
 Przewięźlikowski, Balestriero, Jasiński, Śmieja, Zieliński, arXiv:2412.03215.
-Choices: DECISIONS.md.
+Choices: DECISIONS.md, section 8.
 
     python probe.py --config configs/fmnist_probe.yaml   # configs/fmnist_dtm.yaml's encoder, CPU
     python probe.py --config configs/fmnist_probe.yaml eval_only=true   # saved heads; k-NN again
@@ -14,14 +14,11 @@ MIM models keep their knowledge in the patch tokens: a probe that pools them sel
 beats a linear probe on [cls]. Every head is pool -> BatchNorm1d(D, affine=False) -> Linear(D, C)
 (losses.ProbeHead) on block `block`'s output, before the final LayerNorm (the authors) or after
 it (final_norm=true); all heads train together in one pass. Head `cls_norm` is MAE's linear
-probe, [cls] after the final LayerNorm. k-NN is DINO's (k = 20, cosine, votes exp(cos / 0.07))
-after subtracting the bank's mean feature. baselines=true adds a random-init encoder of the same
-architecture and the raw pixels, through the same heads and k-NN: the numbers to beat.
-
-Features that fit in cache_max_gb are extracted once (eval transform) and the heads train on that
-cache, without augmentation ("path: cached"); else the backbone runs at every step, on
-RandomResizedCrop + flip views as in MAE ("path: streaming"). out_dir gets log.jsonl,
-checkpoint.pth (resumed automatically), heads.pth and results.json (accuracies and protocol).
+probe, [cls] after the final LayerNorm. k-NN is DINO's, after subtracting the bank's mean
+feature. baselines=true adds a random-init encoder and the raw pixels: the numbers to beat.
+Features that fit in cache_max_gb are extracted once ("path: cached"), else the backbone runs at
+every step on MAE's crops ("path: streaming"). out_dir: log.jsonl, checkpoint.pth, heads.pth and
+results.json (accuracies and protocol).
 """
 import argparse
 import copy
@@ -38,7 +35,8 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 import data
 import losses
-import model as M
+import model
+from model import VIT_SIZES  # (inside Config, `model` is the field)
 from common import (GE1, GT0, ConfigError, Run, cosine_schedule, ddp, all_reduce_mean,
                     all_reduce_sum, check_corrupt, config_dict, load_optimizer, load_state,
                     log_json, no_sync, parse_config, print0, read_weights, run_main,
@@ -63,8 +61,7 @@ class Config:
     val_subset: int = 0                # use `val_subset` validation images, evenly spaced (0 = all)
     crop_scale_min: float = 0.08       # streaming: RandomResizedCrop's lowest scale (MAE linprobe)
     num_workers: int = 2               # loader processes per process
-    # heads, each pool -> BatchNorm1d(affine=False) -> Linear:
-    # cls | cls_norm ([cls] after the final norm: MAE's linear probe) | mean | abmilp
+    # heads, each pool -> BN -> Linear: cls | cls_norm ([cls] after the final norm) | mean | abmilp
     heads: List[str] = field(default_factory=lambda: ["cls", "cls_norm", "mean", "abmilp"])
     abmilp_depth: int = 1              # scorer layers: 1 = w^T x + b (the headline setting)
     abmilp_activation: str = "tanh"    # tanh | relu | gelu between scorer layers (depth > 1)
@@ -97,7 +94,7 @@ class Config:
     seed: int = 0
     device: str = "auto"               # auto | cpu | cuda
 
-    CHOICES = {"backbone_format": ("project", "timm"), "model": M.VIT_SIZES,
+    CHOICES = {"backbone_format": ("project", "timm"), "model": VIT_SIZES,
                "dataset": data.DATASETS, "heads": (*losses.POOLS, "cls_norm"),
                "knn": ("cls", "mean"),  # k-NN needs no training, so no AbMILP
                "abmilp_activation": sorted(losses.ACTIVATIONS),
@@ -106,9 +103,6 @@ class Config:
     LIMITS = {"abmilp_depth": GE1, "knn_temperature": GT0}
 
     def validate(self):
-        if len(set(self.heads)) < len(self.heads) or len(set(self.knn)) < len(self.knn):
-            raise ConfigError(f"config keys 'heads' and 'knn' must not repeat a name, got "
-                              f"{self.heads}, {self.knn}")
         if not self.heads and not self.knn:
             raise ConfigError("nothing to evaluate: give at least one of 'heads' or 'knn'")
 
@@ -116,27 +110,35 @@ class Config:
 # -----------------------------------------------------------------------------
 # The frozen backbone, and the baselines' feature sources
 
-def load_backbone(cfg: Config) -> M.ViT:
+def load_backbone(cfg: Config) -> model.ViT:
     """The ViT of cfg.backbone, strictly loaded and checked against cfg, frozen (eval, no grad)."""
     if not os.path.isfile(cfg.backbone):
         raise FileNotFoundError(f"backbone file '{cfg.backbone}' does not exist: give the "
                                 "encoder.pth of pretrain.py, or timm / MAE weights with "
                                 "backbone_format=timm")
     if cfg.backbone_format == "timm":
-        vit = M.build_vit(cfg.model, img_size=cfg.img_size or 224, patch_size=cfg.patch_size,
-                          layer_scale=cfg.layer_scale)
-        load_timm_weights(vit, cfg)
+        vit = model.build_vit(cfg.model, img_size=cfg.img_size or 224, patch_size=cfg.patch_size,
+                              layer_scale=cfg.layer_scale)
+        if cfg.backbone.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            raw = load_file(cfg.backbone)
+        else:  # MAE's training checkpoints also hold their argparse.Namespace
+            raw = read_weights(cfg.backbone, "backbone", safe_globals=[argparse.Namespace])
+        # dropped: a classifier head, fc_norm (from_timm), MAE's decoder and its mask token
+        weights = {k: v for k, v in model.from_timm(raw).items() if not k.startswith("head.")}
+        weights["mask_token"] = vit.state_dict()["mask_token"]  # a probe never masks
+        load_state(vit, weights, cfg.backbone)
     else:
         read_weights(cfg.backbone, "backbone")  # unreadable, unsafe or a checkpoint.pth: one line
         try:
-            vit = M.load_encoder(cfg.backbone)
+            vit = model.load_encoder(cfg.backbone)
         except (ValueError, TypeError, RuntimeError) as e:
             raise ConfigError(f"backbone '{cfg.backbone}': {first_line(e)}; for timm or MAE "
                               "weights set backbone_format=timm") from None
-    if cfg.img_size not in (0, vit.cfg.img_size):
-        raise ConfigError(f"img_size={cfg.img_size} but the encoder was trained at "
-                          f"{vit.cfg.img_size} and position embeddings are not resized here: "
-                          "set img_size=0")
+        if cfg.img_size not in (0, vit.cfg.img_size):
+            raise ConfigError(f"img_size={cfg.img_size} but the encoder was trained at "
+                              f"{vit.cfg.img_size} and position embeddings are not resized "
+                              "here: set img_size=0")
     depth = len(vit.blocks)
     if not -depth <= cfg.block < depth:
         raise ConfigError(f"config key 'block' must be in [-{depth}, {depth - 1}] for this "
@@ -144,27 +146,8 @@ def load_backbone(cfg: Config) -> M.ViT:
     return vit.eval().requires_grad_(False)
 
 
-def load_timm_weights(vit: M.ViT, cfg: Config):
-    """A timm ViT or MAE checkpoint -> vit, strictly. Dropped are only what a probe never uses:
-    MAE's decoder and its mask token, fc_norm (model.from_timm), a classifier head."""
-    if cfg.backbone.endswith(".safetensors"):
-        from safetensors.torch import load_file
-        raw = load_file(cfg.backbone)
-    else:  # MAE's training checkpoints also hold their argparse.Namespace
-        raw = read_weights(cfg.backbone, "backbone", safe_globals=[argparse.Namespace])
-    sd = {k: v for k, v in M.from_timm(raw).items() if not k.startswith("head.")}
-    own = vit.state_dict()["mask_token"]
-    if "mask_token" not in sd or sd["mask_token"].shape != own.shape:
-        sd["mask_token"] = own  # MAE's is its decoder's; a probe never masks
-    try:
-        load_state(vit, sd, cfg.backbone)
-    except ConfigError as e:  # name the architecture the weights were tried on
-        raise ConfigError(f"{e} (model={cfg.model}, img_size={vit.cfg.img_size}, "
-                          f"patch_size={cfg.patch_size}, layer_scale={cfg.layer_scale})") from None
-
-
 @torch.no_grad()
-def frozen_tokens(vit: M.ViT, images: torch.Tensor, block: int = -1,
+def frozen_tokens(vit: model.ViT, images: torch.Tensor, block: int = -1,
                   final_norm: bool = False) -> torch.Tensor:
     """Images (B, C, H, W) -> fp32 tokens (B, 1+N, D), [cls] first: block `block`'s output (no
     block after it runs), before the final LayerNorm unless final_norm. bf16 on CUDA."""
@@ -175,16 +158,16 @@ def frozen_tokens(vit: M.ViT, images: torch.Tensor, block: int = -1,
         return (tokens if final_norm else layers.pre_norm).float()
 
 
-def backbone_tokens(vit: M.ViT, images: torch.Tensor, cfg: Config) -> torch.Tensor:
+def backbone_tokens(vit: model.ViT, images: torch.Tensor, cfg: Config) -> torch.Tensor:
     return frozen_tokens(vit, images, cfg.block, cfg.final_norm)  # (B, 1+N, D)
 
 
-def feature_sources(cfg: Config, vit: M.ViT) -> dict:
+def feature_sources(cfg: Config, vit: model.ViT) -> dict:
     """{source: encoder}: the backbone; baselines: + a random-init one (seed), the pixels (None)."""
     if not cfg.baselines:
         return {"encoder": vit}
     torch.manual_seed(cfg.seed)
-    random_vit = M.ViT(vit.cfg).to(vit.cls_token.device)
+    random_vit = model.ViT(vit.cfg).to(vit.cls_token.device)
     return {"encoder": vit, "random": random_vit.eval().requires_grad_(False), "pixels": None}
 
 
@@ -215,22 +198,19 @@ def num_classes_of(ds) -> int:
 
 
 def shard_valid(num_items: int, world: int, rank: int) -> torch.Tensor:
-    """DistributedSampler(shuffle=False) gives rank r the items r, r + W, r + 2W, ... and pads every
-    shard to ceil(n / W) by repeating the first items. (ceil(n / W),) bool: True = a real item."""
+    """(ceil(n / W),) bool, False at DistributedSampler(shuffle=False)'s pads of rank r's shard."""
     return rank + torch.arange(math.ceil(num_items / world)) * world < num_items
 
 
 class Shard(NamedTuple):
-    """One rank's share of a data set as frozen features: {name: (M, ...)}, (M,) labels and
-    (M,) valid (False: a DistributedSampler pad)."""
-    feats: dict
-    labels: torch.Tensor
-    valid: torch.Tensor
+    """One rank's share of a data set as frozen features; valid is False at a sampler's pad."""
+    feats: dict                        # {name: (M, ...)}
+    labels: torch.Tensor               # (M,)
+    valid: torch.Tensor                # (M,) bool
 
     @classmethod
-    def cat(cls, batches, keep=lambda feats: feats) -> "Shard":
-        """(feats, labels, valid) batches -> one Shard; keep(feats) picks what to store."""
-        feats, labels, valid = zip(*[(keep(f), y, v) for f, y, v in batches])
+    def cat(cls, batches) -> "Shard":
+        feats, labels, valid = zip(*batches)
         return cls({s: torch.cat([f[s] for f in feats]) for s in feats[0]}, torch.cat(labels),
                    torch.cat(valid))
 
@@ -241,16 +221,15 @@ class Shard(NamedTuple):
 
     def shuffled(self, size: int, generator: torch.Generator, skip: int = 0):
         """(feats, labels) batches in a random order, after the first `skip`; whole batches only,
-        so every rank takes the same number of steps (the shards have equal, padded lengths)."""
+        so every rank takes the same number of steps."""
         order = torch.randperm(len(self.labels), generator=generator).to(self.labels.device)
         whole = order[: len(order) // size * size].split(size)[skip:]
         return (({s: f[i] for s, f in self.feats.items()}, self.labels[i]) for i in whole)
 
 
 class Frozen:
-    """A data set with the eval transform, this rank's shard in order, as frozen features:
-    batches() gives ({source: (B, T, D')}, (B,) labels, (B,) valid) from the cache extracted
-    once (cached=True), or from the sources run on the images again at every pass."""
+    """This rank's shard of a data set (eval transform), in order: batches() gives ({source:
+    (B, T, D')}, (B,) labels, (B,) valid) from the cache or from the sources at every pass."""
 
     def __init__(self, ds, sources: dict, cfg: Config, dist, batch: int, cached: bool):
         sampler = DistributedSampler(ds, dist.world, dist.rank, shuffle=False)
@@ -270,14 +249,13 @@ class Frozen:
 
 
 def knn_keep(feats: dict, cfg: Config) -> dict:
-    """{source: (B, 1+N, D)} -> {row: (B, D)}: the features each k-NN row compares, cfg.knn's
-    pools of each encoder and the pixels (one token)."""
+    """{source: (B, 1+N, D)} -> {row: (B, D)}: what each k-NN row compares."""
     return {"pixels_knn" if s == "pixels" else row_name(s, f"knn_{p}"): losses.pool_tokens(t, p)
             for s, t in feats.items() for p in (["cls"] if s == "pixels" else cfg.knn)}
 
 
 def gather(t: torch.Tensor) -> torch.Tensor:
-    """Every rank's t (equal lengths, thanks to the padding) concatenated, on every rank."""
+    """Every rank's t (equal lengths: the shards are padded) concatenated, on every rank."""
     if not tdist.is_initialized():
         return t
     parts = [torch.empty_like(t) for _ in range(tdist.get_world_size())]
@@ -295,7 +273,7 @@ class Heads(torch.nn.ModuleDict):
         return {row: head(feats[source_of(row)]) for row, head in self.items()}
 
 
-def build_heads(cfg: Config, vit: M.ViT, num_classes: int, sources: dict = None) -> Heads:
+def build_heads(cfg: Config, vit: model.ViT, num_classes: int, sources: dict = None) -> Heads:
     """cfg.heads on every encoder of `sources`; on the pixels one linear probe ('pixels_linear')."""
     heads, D = Heads(), vit.cfg.embed_dim
     abmilp = dict(depth=cfg.abmilp_depth, activation=cfg.abmilp_activation,
@@ -319,7 +297,8 @@ HEAD_KEYS = ("heads", "block", "final_norm", "abmilp_depth", "abmilp_activation"
              "abmilp_self_attn", "abmilp_pos_embed", "baselines")
 
 
-def load_heads(path: str, cfg: Config, vit: M.ViT, num_classes: int, sources: dict = None) -> Heads:
+def load_heads(path: str, cfg: Config, vit: model.ViT, num_classes: int,
+               sources: dict = None) -> Heads:
     """Heads saved by probe.py, checked to belong to the same features and head settings."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"trained heads '{path}' do not exist: run probe.py without "
@@ -366,8 +345,7 @@ class LARS(torch.optim.Optimizer):
 
 
 def sync_bn_stats(heads: torch.nn.Module):
-    """Average the BN running statistics over ranks before evaluating or saving: each rank updated
-    them from its own micro-batches, and every rank must evaluate the same heads."""
+    """Average the BN running statistics (each rank's own) over ranks: one set of heads."""
     for name, buf in heads.named_buffers():
         if "running_" in name:
             buf.copy_(all_reduce_mean(buf))
@@ -388,8 +366,7 @@ def evaluate(heads: Heads, batches) -> dict:
 
 def knn_counts(bank: torch.Tensor, bank_labels, val: torch.Tensor, val_labels, valid,
                num_classes: int, cfg: Config) -> tuple:
-    """losses.knn_votes (the bank's mean subtracted with knn_centre, as pretrain.knn_top1) ->
-    (correct top-1, correct top-5, images), summed over ranks."""
+    """-> (correct top-1, correct top-5, images) of centred k-NN votes, summed over ranks."""
     votes = losses.knn_votes(bank, bank_labels, val, num_classes, cfg.knn_k, cfg.knn_temperature,
                              centre=cfg.knn_centre)
     top1, top5 = losses.topk_correct(votes.log(), val_labels)     # log: no vote = -inf = no guess
@@ -398,8 +375,7 @@ def knn_counts(bank: torch.Tensor, bank_labels, val: torch.Tensor, val_labels, v
 
 
 def knn_evaluate(bank: Shard, val: Shard, num_classes: int, cfg: Config) -> dict:
-    """{row: counts}: k-NN of every real val image of this rank against the whole (gathered,
-    de-padded) training bank, for each row of knn_keep's features."""
+    """{row: counts}: this rank's val images against the whole (gathered, de-padded) bank."""
     real = gather(bank.valid.to(torch.uint8)).bool()  # (world * M,)
     labels = gather(bank.labels)[real]
     return {row: knn_counts(gather(f)[real], labels, val.feats[row], val.labels, val.valid,
@@ -421,49 +397,18 @@ READS.update({f"random_{row}": f"BASELINE random-init encoder: {text}"
               for row, text in READS.items() if source_of(row) == "encoder"})
 
 
-def protocol_of(cfg: Config, vit: M.ViT, lr: float, sets: tuple, heads_path: str,
-                world: int) -> dict:
-    """What results.json holds beside the config to read the numbers by (DECISIONS.md, section
-    8): what this run resolved and measured. sets: the (train, val) Frozen."""
-    depth, block = len(vit.blocks), cfg.block % len(vit.blocks)
-    cached = sets[1].cache is not None
-    train, val = (s.loader.dataset for s in sets)
-    baselines = {"random": f"random init (seed {cfg.seed}) of the backbone's architecture",
-                 "pixels": "the eval-transformed image, flattened (C*H*W), as one token"}
-    return {"architecture": asdict(vit.cfg), "block": block, "num_blocks": depth,
-            "final_norm": cfg.final_norm, "features": f"output of block {block} (0-based) of "
-            f"{depth}, {'after' if cfg.final_norm else 'before'} the final LayerNorm",
-            "backbone_mode": "eval() (no dropout, no drop path), requires_grad=False, "
-                             "torch.no_grad; bf16 on CUDA",
-            "baselines": baselines if cfg.baselines else "off",
-            "path": "cached" if cached else "streaming",
-            "train_augmentation": "none (tokens extracted once)" if cached
-            else f"RandomResizedCrop(scale=({cfg.crop_scale_min}, 1)) + horizontal flip",
-            "lr": lr, "reported": "after the last epoch (no selection on the validation set)",
-            "train_images": len(train), "val_images": len(val),
-            "num_classes": num_classes_of(val), "heads_path": heads_path, "world_size": world}
-
-
 # -----------------------------------------------------------------------------
-# The probe: the frozen features (cached or streamed), every head on them with one backward for
-# all, then the evaluation
+# The probe: the frozen features, every head on them with one backward for all, the evaluation
 
-def build_features(cfg: Config, dist, vit: M.ViT, batch: int, train: bool) -> tuple:
+def build_features(cfg: Config, dist, vit: model.ViT, batch: int, train: bool) -> tuple:
     """-> ({source: encoder}, (train, val) as Frozen, the loader of MAE's linear-probe views or
-    None). Cached when cache=always, or cache=auto and both sets' features fit in cache_max_gb
-    (the train set's are kept only to train heads)."""
+    None: the cached path, or not training)."""
     sources = feature_sources(cfg, vit)  # {encoder (+ random init, pixels)}
-    print0(f"backbone {cfg.backbone} ({cfg.backbone_format}): {len(vit.blocks)} blocks x "
-           f"{vit.cfg.embed_dim}d, {vit.num_patches} patches; features = block "
-           f"{cfg.block % len(vit.blocks)} output, {'with' if cfg.final_norm else 'without'} "
-           "the final norm")
     tf = data.eval_transform(vit.cfg.img_size)
     train_ds, val_ds = (data.build_dataset(cfg.dataset, cfg.data_path, train=t, transform=tf,
                                            subset=cfg.subset if t else cfg.val_subset)
                         for t in (True, False))
     images = len(train_ds) + len(val_ds)
-    print0(f"{len(train_ds)} training and {len(val_ds)} validation images, "
-           f"{num_classes_of(val_ds)} classes")
     per_image = sum((1 + vit.num_patches) * vit.cfg.embed_dim if enc is not None
                     else vit.cfg.in_chans * vit.cfg.img_size ** 2 for enc in sources.values())
     cache_gb = images * per_image * 4 / 1e9  # fp32
@@ -472,10 +417,12 @@ def build_features(cfg: Config, dist, vit: M.ViT, batch: int, train: bool) -> tu
         raise ConfigError(f"baselines=true needs the cached path, but the features would take "
                           f"{cache_gb:.1f} GB (cache={cfg.cache}, cache_max_gb={cfg.cache_max_gb})"
                           ": raise cache_max_gb, lower subset, or set baselines=false")
-    crops = f"RandomResizedCrop(scale=({cfg.crop_scale_min}, 1)) + flip views"
-    how = "tokens extracted once, no augmentation" if cached else f"the backbone on {crops}"
-    print0(f"path: {'cached' if cached else 'streaming'} - {how} (the tokens: {cache_gb:.2f} GB, "
-           f"cache_max_gb={cfg.cache_max_gb})")
+    where = "after" if cfg.final_norm else "before"
+    print0(f"backbone {cfg.backbone}: {len(vit.blocks)} blocks x {vit.cfg.embed_dim}d; features: "
+           f"block {cfg.block % len(vit.blocks)}'s output, {where} the final norm")
+    print0(f"{len(train_ds)} training and {len(val_ds)} validation images, "
+           f"{num_classes_of(val_ds)} classes; path: {'cached' if cached else 'streaming'} "
+           f"(the tokens: {cache_gb:.2f} GB, cache_max_gb={cfg.cache_max_gb})")
     sets = (Frozen(train_ds, sources, cfg, dist, batch, cached and train),  # else: k-NN streams
             Frozen(val_ds, sources, cfg, dist, batch, cached))
     if cached:
@@ -493,20 +440,19 @@ def build_features(cfg: Config, dist, vit: M.ViT, batch: int, train: bool) -> tu
 
 
 def train_batches(cfg: Config, run: Run, epoch: int, sources: dict, cache: Shard, loader):
-    """This epoch's ({source: (B, T, D')}, (B,) labels) from where a resumed epoch left off: the
-    sources on the loader's views, or the cache in an order set by (seed, epoch, rank)."""
+    """This epoch's ({source: (B, T, D')}, (B,) labels) from where a resumed epoch left off."""
     dev = run.dist.device
     if loader is not None:
         return ((features(sources, data.normalize(x.to(dev, non_blocking=True)), cfg),
                  y.to(dev, non_blocking=True)) for x, y in run.epoch_batches(epoch, loader))
+    # the cache in an order set by (seed, epoch, rank)
     gen = torch.Generator().manual_seed((cfg.seed * 1_000_003 + epoch) * 1009 + run.dist.rank)
     return cache.shuffled(run.micro_batch, gen, skip=run.seen(epoch))
 
 
-def build_probe(cfg: Config, dist, vit: M.ViT, sources: dict, num_classes: int, lr: float,
+def build_probe(cfg: Config, dist, vit: model.ViT, sources: dict, num_classes: int, lr: float,
                 heads_path: str, train: bool) -> tuple:
-    """-> (heads, optimizer, the module the loop calls): new heads, MAE's linear-probe optimizer
-    and DDP with several processes; eval_only: the heads of heads_path; no heads: None."""
+    """-> (heads, optimizer, the module the loop calls); eval_only: the saved heads."""
     if not cfg.heads:
         return None, None, None
     if not train:
@@ -515,33 +461,48 @@ def build_probe(cfg: Config, dist, vit: M.ViT, sources: dict, num_classes: int, 
         return heads, None, heads
     heads = build_heads(cfg, vit, num_classes, sources).to(dist.device)
     params = [p for p in heads.parameters() if p.requires_grad]
-    if cfg.optimizer == "lars":
-        optimizer = LARS(params, lr=lr, weight_decay=cfg.weight_decay)
-    else:
-        optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=cfg.weight_decay)
+    optimizer = (LARS(params, lr=lr, weight_decay=cfg.weight_decay) if cfg.optimizer == "lars"
+                 else torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=cfg.weight_decay))
     print0(f"heads {list(heads)}: {sum(p.numel() for p in params) / 1e3:.1f}k parameters; "
            f"{cfg.optimizer}, lr {lr:.4g}")
     return heads, optimizer, ddp(heads, dist)
 
 
-def write_results(cfg: Config, heads, sets: tuple, num_classes: int, protocol: dict, dist):
-    """The heads on the val set and k-NN against the gathered training bank -> the table on
-    stdout (the encoder's rows, then each baseline's), and results.json (rank 0)."""
+def write_results(cfg: Config, vit: model.ViT, heads, sets: tuple, lr: float, heads_path: str,
+                  dist):
+    """Heads and k-NN on the val set -> the table on stdout, and results.json with the protocol
+    to read the numbers by (DECISIONS.md, section 8)."""
+    train, val = (s.loader.dataset for s in sets)
     counts = evaluate(heads, sets[1].batches()) if cfg.heads else {}
     if cfg.knn:
-        bank, val = (Shard.cat(s.batches(), lambda f: knn_keep(f, cfg)) for s in sets)
-        counts.update(knn_evaluate(bank, val, num_classes, cfg))
+        bank, queries = (Shard.cat((knn_keep(f, cfg), y, v) for f, y, v in s.batches())
+                         for s in sets)
+        counts.update(knn_evaluate(bank, queries, num_classes_of(val), cfg))
     order = ("encoder", "random", "pixels")  # the encoder's rows, then each baseline's
     table = results_table(dict(sorted(counts.items(), key=lambda c: order.index(source_of(c[0])))))
     print0(f"\n{'head':<16} {'top-1':>7} {'top-5':>7} {'images':>7}  reads")
     for name, r in table.items():
         print0(f"{name:<16} {r['top1']:>7.2f} {r['top5']:>7.2f} {r['images']:>7d}  {READS[name]}")
+    depth, block, cached = len(vit.blocks), cfg.block % len(vit.blocks), sets[1].cache is not None
+    baselines = {"random": f"random init (seed {cfg.seed}) of the backbone's architecture",
+                 "pixels": "the eval-transformed image, flattened (C*H*W), as one token"}
+    protocol = {
+        "architecture": asdict(vit.cfg), "block": block, "num_blocks": depth,
+        "final_norm": cfg.final_norm, "features": f"output of block {block} (0-based) of "
+        f"{depth}, {'after' if cfg.final_norm else 'before'} the final LayerNorm",
+        "backbone_mode": "eval() (no dropout, no drop path), requires_grad=False, torch.no_grad; "
+                         "bf16 on CUDA",
+        "baselines": baselines if cfg.baselines else "off", "path": "cached" if cached
+        else "streaming", "train_augmentation": "none (tokens extracted once)" if cached
+        else f"RandomResizedCrop(scale=({cfg.crop_scale_min}, 1)) + horizontal flip",
+        "lr": lr, "reported": "after the last epoch (no selection on the validation set)",
+        "train_images": len(train), "val_images": len(val), "num_classes": num_classes_of(val),
+        "heads_path": heads_path, "world_size": dist.world,
+        "tokens": {row: READS[row] for row in table}}
     if dist.main:
-        out = {"accuracy": {n: r["top1"] for n, r in table.items()}, "results": table,
-               "protocol": {**protocol, "tokens": {row: READS[row] for row in table}},
-               "config": config_dict(cfg)}
         with open(os.path.join(cfg.out_dir, "results.json"), "w") as f:
-            json.dump(out, f, indent=2)
+            json.dump({"accuracy": {n: r["top1"] for n, r in table.items()}, "results": table,
+                       "protocol": protocol, "config": config_dict(cfg)}, f, indent=2)
     print0(f"done: {cfg.out_dir}/results.json")
 
 
@@ -555,8 +516,8 @@ def main(argv):
     num_classes = num_classes_of(sets[1].loader.dataset)
     lr = cfg.blr * cfg.batch_size / 256  # MAE: lr = blr * batch / 256
     heads_path = cfg.heads_path or run.path("heads.pth")
-    heads, optimizer, model = build_probe(cfg, dist, vit, sources, num_classes, lr, heads_path,
-                                          train)
+    heads, optimizer, net = build_probe(cfg, dist, vit, sources, num_classes, lr, heads_path,
+                                        train)
     heads_file = lambda: {heads_path: {"heads": heads.state_dict(),  # noqa: E731
                                        "config": config_dict(cfg)}}
     if train:
@@ -564,8 +525,7 @@ def main(argv):
         steps_per_epoch = micro_batches // cfg.accum_steps
         run.resume(steps_per_epoch,
                    lambda ckpt: load_probe_state(ckpt, heads, optimizer, run.ckpt_path),
-                   lambda: {"heads": heads.state_dict(), "optimizer": optimizer.state_dict()},
-                   data_keys="batch_size and cache")
+                   lambda: {"heads": heads.state_dict(), "optimizer": optimizer.state_dict()})
         lr_at = cosine_schedule(cfg, lr, steps_per_epoch)  # MAE's linear probe schedule
 
     for epoch in run.epochs() if train else ():
@@ -575,8 +535,8 @@ def main(argv):
             run.set_lr(optimizer, lr_at[step])
             for micro in range(cfg.accum_steps):
                 feats, labels = next(batches)                 # {source: (B, T, D')}, (B,)
-                with no_sync(model, micro, cfg.accum_steps):
-                    loss, each = losses.probe_loss(model(feats), labels)  # sum over the heads
+                with no_sync(net, micro, cfg.accum_steps):
+                    loss, each = losses.probe_loss(net(feats), labels)  # sum over the heads
                     (loss / cfg.accum_steps).backward()
                 run.add({f"loss_{name}": value for name, value in each.items()})
             optimizer.step()
@@ -595,8 +555,7 @@ def main(argv):
     if train:
         run.finish(heads_file())  # a rerun of a finished run: rewrite a lost heads.pth
 
-    protocol = protocol_of(cfg, vit, lr, sets, heads_path, dist.world)
-    write_results(cfg, heads, sets, num_classes, protocol, dist)
+    write_results(cfg, vit, heads, sets, lr, heads_path, dist)
 
 
 if __name__ == "__main__":
