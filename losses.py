@@ -1,8 +1,7 @@
 """The three methods' losses and heads, one function per equation of the papers.
 
-Each numbered section is a self-contained block that needs only torch (and Python's math and
-random): copy the one you want into your own project. What each paper leaves open, and what this
-code decides, is written in DECISIONS.md.
+Each numbered section needs only torch (and Python's math and random): copy the one you want.
+What each paper leaves open, and what this code decides, is written in DECISIONS.md.
 
   1. Dynamic Token Morphing (DTM)       dtm_loss, dtm_assignment, kmeans_assignment, ...
   2. Masked Token Optimization (MTO)    pixel_loss, heterogeneity, mto_losses, rauc, ...
@@ -15,21 +14,16 @@ code decides, is written in DECISIONS.md.
 # Masked Image Models"), Taekyung Kim, Byeongho Heo, Dongyoon Han, arXiv:2401.00254.
 #
 # What: distil a teacher's patch tokens v (B, N, C) into the student's u, comparing them after
-# merging contextually similar tokens. The teacher's tokens are grouped into N_m clusters by k
-# rounds of bipartite matching (ToMe); each cluster's tokens are summed on both sides (Eq. 3) and
-# the morphed tokens are compared with a size-weighted distance (Eq. 4). N_m and k are drawn anew
-# for every batch and level (Eqs. 1, 5), so the target ranges from token-wise (N_m = N) to one
-# image-level token (N_m = 1).
+# merging contextually similar tokens: k rounds of bipartite matching (ToMe) group v into N_m
+# clusters, each cluster is summed on both sides (Eq. 3) and the sums are compared with a
+# size-weighted distance (Eq. 4). N_m and k are drawn anew for every batch and level (Eqs. 1, 5):
+# the target ranges from token-wise (N_m = N) to one token per image (N_m = 1).
 # Why: neighbouring patch tokens of a teacher often disagree ("spatial inconsistency"); morphed
 # tokens are a smoother, contextual target that trains a better student.
 #
 #     levels = sample_levels(N)                            # [(N_m, k), ...], L = 2 by default
 #     loss = dtm_loss(u, v, levels)                        # Eqs. 1-5; u online, v target (B, N, C)
-#     loss = dtm_loss(u, v, levels, matching="kmeans")     # Table 11's K-Means variant
 #     assign = dtm_assignment(v, num_morphed, num_iters)   # (B, N) cluster id of every token
-#
-# Baselines of the paper: tokenwise_loss(u, v) (= dtm_loss with N_m = N), fixed_levels(N) (fixed
-# morphing to N/2) and downsample_assignment(grid) (2x2 pooling) with morphed_distance.
 # =================================================================================================
 import math
 import random
@@ -39,28 +33,22 @@ import torch
 import torch.nn.functional as F
 
 DISTANCES = ("cosine", "smooth_l1", "l1", "l2")
-MATCHINGS = ("bipartite", "kmeans")   # how the morphing is found (Table 11)
 
 
 # -------------------------------------------------------------------------------------------------
 # Dynamic token morphing schedule (Eq. 1) and level sampling
 
 def morph_schedule(num_tokens: int, num_morphed: int, num_iters: int) -> List[int]:
-    """R = {r_j}: how many tokens to merge at iteration j = 1..k (Eq. 1).
-
-    r_j = floor((N - N_m) / k) for j < k and the remainder at j = k, so sum_j r_j = N - N_m.
-    (The printed Eq. 1 writes N instead of N - N_m in the last term, which would not sum to
-    N - N_m; we implement the stated constraint.)
-    """
+    """R = {r_j}, the merges of iteration j = 1..k (Eq. 1): r_j = floor((N - N_m) / k), the rest at
+    j = k, so sum_j r_j = N - N_m (the printed Eq. 1 has N where N - N_m is meant)."""
     total = num_tokens - num_morphed
     step = total // num_iters
     return [step] * (num_iters - 1) + [total - (num_iters - 1) * step]
 
 
 def merge_rounds(num_tokens: int, num_morphed: int, num_iters: int) -> List[int]:
-    """The merges each round really makes: R (Eq. 1), capped at |A| = ceil(T / 2) per round (a
-    round of T tokens can merge at most its A set); what does not fit carries over, and extra
-    rounds run until exactly N_m tokens remain. Depends only on (N, N_m, k): no data, no sync."""
+    """The merges each round really makes: R (Eq. 1), capped at |A| = ceil(T / 2) for a round of
+    T tokens; what does not fit carries over, and extra rounds run until N_m tokens remain."""
     rounds, tokens, carry = [], num_tokens, 0
     schedule = morph_schedule(num_tokens, num_morphed, num_iters)
     while schedule or carry:
@@ -71,25 +59,20 @@ def merge_rounds(num_tokens: int, num_morphed: int, num_iters: int) -> List[int]
     return rounds
 
 
-def sample_levels(num_tokens: int, num_levels: int = 2, max_iters: int = 14,
-                  min_morphed: int = 1,
+def sample_levels(num_tokens: int, num_levels: int = 2, max_iters: int = 14, min_morphed: int = 1,
                   rng: Optional[random.Random] = None) -> List[Tuple[int, int]]:
-    """Per batch and level: N_m = N - U{0..N - min_morphed}, k ~ U{1..max_iters}.
-
-    Drawn on the host (no device sync); pass an rng seeded identically on every rank.
-    """
+    """Per batch and level: N_m = N - U{0..N - min_morphed}, k ~ U{1..max_iters}. Pass an rng
+    seeded alike on every rank, so that every rank morphs the same way."""
     rng = rng or random
-    levels = []
-    for _ in range(num_levels):
-        num_morphed = num_tokens - rng.randint(0, num_tokens - min_morphed)
-        levels.append((num_morphed, rng.randint(1, max_iters)))
-    return levels
+    return [(num_tokens - rng.randint(0, num_tokens - min_morphed), rng.randint(1, max_iters))
+            for _ in range(num_levels)]
 
 
 def _check_level(num_tokens: int, num_morphed: int, num_iters: int):
     if not 1 <= num_morphed <= num_tokens or num_iters < 1:
         raise ValueError(f"need 1 <= N_m <= N (= {num_tokens}) and k >= 1, "
                          f"got N_m={num_morphed}, k={num_iters}")
+
 
 # -------------------------------------------------------------------------------------------------
 # Token morphing by iterative bipartite matching (Eq. 2): the readable loop, then the batched one
@@ -101,47 +84,40 @@ def dtm_assignment_loop(tokens: torch.Tensor, num_morphed: int, num_iters: int) 
     Each round: set A = current tokens at even positions, set B = odd positions; every A token
     picks the B token it is most cosine-similar to; the r A tokens with the best scores merge
     into their partners. The new list is [the A tokens that stay, best score first, then all B
-    tokens in order] (ToMe's order), so a cluster's id is its place in the final list. A round
-    can merge at most |A| tokens; what does not fit carries over to the next round, and extra
-    rounds run until exactly N_m clusters remain.
+    tokens in order] (ToMe's order), so a cluster's id is its place in the final list. The
+    rounds' merges: merge_rounds.
 
     Worked by hand: v = [(1,0), (1,0), (0,1), (0,-1)], N_m = 3, k = 1. A = {0, 2}, B = {1, 3}.
     Token 0's best partner is 1 (cosine 1); token 2's is 1 (cosine 0 > -1). r = 1: only 0 -> 1
-    merges. New list [2, 1+0, 3] -> ids [1, 1, 0, 2].
-    dtm_assignment (below) does the same for a whole batch at once; a test holds them equal.
+    merges. New list [2, 1+0, 3] -> ids [1, 1, 0, 2]. dtm_assignment does the same batched.
     """
-    _check_level(tokens.shape[0], num_morphed, num_iters)
-    clusters = [[j] for j in range(tokens.shape[0])]              # members of each current token
-    sums = [tokens[j].double() for j in range(tokens.shape[0])]   # sum of the members' tokens
-    for r in merge_rounds(tokens.shape[0], num_morphed, num_iters):
-        set_a, set_b = range(0, len(clusters), 2), list(range(1, len(clusters), 2))
+    N = tokens.shape[0]
+    _check_level(N, num_morphed, num_iters)
+    clusters = [([j], tokens[j].double()) for j in range(N)]     # (members, sum of their tokens)
+    for r in merge_rounds(N, num_morphed, num_iters):
+        set_a, set_b = clusters[0::2], clusters[1::2]
         pairs = []                                                # (score, A token, its partner)
         for a in set_a:
-            scores = [F.cosine_similarity(sums[a], sums[b], dim=0).item() for b in set_b]
+            scores = [F.cosine_similarity(a[1], b[1], dim=0).item() for b in set_b]
             best = max(range(len(set_b)), key=lambda t: scores[t])
-            pairs.append((scores[best], a, set_b[best]))
+            pairs.append((scores[best], a, best))
         pairs.sort(key=lambda p: -p[0])                           # most similar first
-        new_b = {b: (list(clusters[b]), sums[b]) for b in set_b}
-        for _, a, b in pairs[:r]:                                 # the r best pairs merge
-            new_b[b] = (new_b[b][0] + clusters[a], new_b[b][1] + sums[a])
-        staying = [(clusters[a], sums[a]) for _, a, _ in pairs[r:]]
-        merged = staying + [new_b[b] for b in set_b]
-        clusters, sums = [c for c, _ in merged], [s for _, s in merged]
-    ids = torch.empty(tokens.shape[0], dtype=torch.long)
-    for cluster_id, members in enumerate(clusters):
+        for _, (members, total), b in pairs[:r]:                  # the r best pairs merge
+            set_b[b] = (set_b[b][0] + members, set_b[b][1] + total)
+        clusters = [a for _, a, _ in pairs[r:]] + set_b
+    ids = torch.empty(N, dtype=torch.long)
+    for cluster_id, (members, _) in enumerate(clusters):
         ids[members] = cluster_id
     return ids
 
 
 def bipartite_merge(x: torch.Tensor, num_merges: int, dim: int) -> torch.Tensor:
-    """One round of ToMe's bipartite matching for a batch of T current tokens, batched.
+    """One round of ToMe's bipartite matching on a batch of T current tokens -> (B, T - r, W).
 
-    x (B, T, W): one row per current token. Its first `dim` channels are the sum of the target
-    tokens it stands for (the cosine of a sum equals the cosine of the mean, so no sizes are
-    needed); the other channels ride along and are summed the same way (dtm_assignment: the
-    token's row of M). Set A = even positions, set B = odd positions; the r A tokens with the
-    most similar partner in B add their rows to it. -> (B, T - r, W), the rows in the order
-    [A tokens that stay, best score first; then all B tokens] (dtm_assignment_loop's order).
+    x (B, T, W): a row per current token, its first `dim` channels the sum of the target tokens
+    it stands for (a sum has the cosine of the mean); the other channels are summed alike. A =
+    even, B = odd positions; the r A tokens with the most similar partner in B add their rows to
+    it. Rows come out as [A tokens that stay, best score first; all B] (dtm_assignment_loop's).
     """
     B, T, W = x.shape
     r = num_merges
@@ -160,17 +136,14 @@ def dtm_assignment(target: torch.Tensor, num_morphed: int, num_iters: int,
                    merge=bipartite_merge) -> torch.Tensor:
     """Cluster id in [0, N_m) of every token: the morphing matrix M of Eq. 2 as (B, N) ids.
 
-    m_ij = 1 iff assign[j] == i. The batched form of dtm_assignment_loop (read that one first):
-    k rounds of bipartite matching on the (detached) target tokens with the Eq. 1 schedule
-    (merge_rounds), until exactly N_m morphed tokens remain. Each row carries [the sum of its
-    members' target tokens | its row of M]: M starts as the identity and merging two tokens
-    adds their rows, so after the last round M is read off the rows. The rounds depend only on
-    (N, N_m, k): no host sync and no loop over images. Always computed in fp32 (a bf16 autocast
-    would pair other tokens). merge: the round, e.g. torch.compile(bipartite_merge, dynamic=True).
+    m_ij = 1 iff assign[j] == i. The batched dtm_assignment_loop (read that one first): rounds of
+    bipartite matching on the target tokens with the Eq. 1 schedule until N_m tokens remain. Each
+    row carries [the sum of its members' target tokens | its row of M]: M starts as the identity
+    and a merge adds two rows, so M is read off the rows at the end. merge: the round.
     """
     B, N, C = target.shape
     _check_level(N, num_morphed, num_iters)
-    with torch.autocast(target.device.type, enabled=False):
+    with torch.autocast(target.device.type, enabled=False):  # in fp32: bf16 pairs other tokens
         eye = torch.eye(N, device=target.device).expand(B, N, N)
         x = torch.cat([target.float(), eye], dim=-1)           # (B, N, C + N): [V | M = I]
         for r in merge_rounds(N, num_morphed, num_iters):
@@ -187,15 +160,14 @@ def morph(tokens: torch.Tensor, assign: torch.Tensor, num_morphed: int):
 
 
 def morph_sums(tokens: torch.Tensor, assign: torch.Tensor, num_morphed: int) -> torch.Tensor:
-    """The sums of Eq. 3 alone: (B, N, C), (B, N) -> u_hat (B, N_m, C)."""
+    """u_hat of Eq. 3: (B, N, C), (B, N) -> (B, N_m, C)."""
     B, N, C = tokens.shape
     index = assign.unsqueeze(-1).expand(-1, -1, C)
     return tokens.new_zeros(B, num_morphed, C).scatter_add(1, index, tokens)
 
 
 def cluster_sizes(tokens: torch.Tensor, assign: torch.Tensor, num_morphed: int) -> torch.Tensor:
-    """w_i = sum_j m_ij, the number of tokens in morphed token i: (B, N) -> (B, N_m), the dtype
-    of tokens (B, N, C)."""
+    """w_i = sum_j m_ij, the number of tokens in morphed token i: (B, N) -> (B, N_m)."""
     B, N = assign.shape
     return tokens.new_zeros(B, num_morphed).scatter_add(1, assign, tokens.new_ones(B, N))
 
@@ -216,13 +188,12 @@ def distance(u_hat: torch.Tensor, v_hat: torch.Tensor, kind: str = "cosine") -> 
 def morphed_distance(u, v, assign, num_morphed, kind="cosine"):
     """Eq. 4 normalised by N: (1/N) sum_i w_i d(u_hat_i, v_hat_i), mean over the batch.
 
-    Cosine distance does not care whether u_hat is the sum of Eq. 3 or the mean; the regression
-    distances compare means (as the authors' code), so their scale does not grow with w_i.
+    d compares the means u_hat_i / w_i: the same cosine as the sums, and regression distances
+    (as the authors' code) whose scale does not grow with w_i.
     """
     u, v = u.float(), v.float()
-    u_sum = morph_sums(u, assign, num_morphed)             # (B, N_m, C)
+    u_sum, w = morph(u, assign, num_morphed)               # (B, N_m, C), (B, N_m)
     v_sum = morph_sums(v, assign, num_morphed)
-    w = cluster_sizes(u, assign, num_morphed)              # (B, N_m)
     w_ = w.clamp(min=1).unsqueeze(-1)
     d = distance(u_sum / w_, v_sum / w_, kind)              # (B, N_m)
     return (w * d).sum(-1).div(u.shape[1]).mean()
@@ -233,29 +204,27 @@ def dtm_loss(u: torch.Tensor, v: torch.Tensor, levels: Sequence[Tuple[int, int]]
              merge=bipartite_merge) -> torch.Tensor:
     """Eq. 5: sum over levels l of L_DTM^l. u online (B, N, C), v target (B, N, C).
 
-    The morphing of each level is computed from the detached target v and applied to both.
-    matching: 'bipartite' (the paper's method, Eq. 2; merge: its round) or 'kmeans' (Table 11;
-    k = K-Means steps).
+    Each level's morphing comes from the detached target v and is applied to both. matching:
+    'bipartite' (Eq. 2; merge: its round) or 'kmeans' (Table 11; k = K-Means steps).
     """
-    if matching not in MATCHINGS:
-        raise ValueError(f"unknown matching '{matching}': choose one of {MATCHINGS}")
     v = v.float()
     terms = []                                             # L_DTM^l of each level
     for num_morphed, num_iters in levels:
         if matching == "bipartite":                        # Eq. 2, on the detached target
             assign = dtm_assignment(v.detach(), num_morphed, num_iters, merge=merge)
-        else:                                              # Table 11
+        elif matching == "kmeans":                         # Table 11
             assign = kmeans_assignment(v.detach(), num_morphed, num_iters)
+        else:
+            raise ValueError(f"unknown matching '{matching}': choose 'bipartite' or 'kmeans'")
         terms.append(morphed_distance(u, v, assign, num_morphed, kind))
     if not terms:
         return u.new_zeros((), dtype=torch.float32)
     return sum(terms[1:], terms[0])                        # L^1 + L^2 + ...
 
 
-# =================================================================================================
-# DTM's ablations and baselines (the paper's Tables 9-11): token-wise distillation, fixed
-# morphing to N/2, 2x2 down-sampling, and K-Means instead of bipartite matching (Table 11)
-# =================================================================================================
+# -------------------------------------------------------------------------------------------------
+# DTM's ablations (Tables 9-11): token-wise distillation, fixed morphing to N/2, 2x2 pooling, and
+# K-Means instead of bipartite matching (Table 11)
 
 def tokenwise_loss(u: torch.Tensor, v: torch.Tensor, kind: str = "cosine") -> torch.Tensor:
     """The baseline: (1/N) sum_i d(u_i, v_i), mean over the batch. u, v: (B, N, C)."""
@@ -279,13 +248,10 @@ def downsample_assignment(grid: int, batch: int = 1, device=None) -> torch.Tenso
 def kmeans_assignment(target: torch.Tensor, num_morphed: int, num_iters: int) -> torch.Tensor:
     """Spherical K-Means with K = N_m clusters and k assignment steps: (B, N, C) -> ids (B, N).
 
-    The same format as dtm_assignment: ids in [0, N_m), every id used, so morphed_distance and
-    dtm_loss take it unchanged. Tokens are compared by cosine similarity (as bipartite matching
-    does): the unit-normalised tokens are assigned to the most similar centre, a centre is the
-    normalised mean of its members. Start: farthest-point seeds (_seed_centres; no randomness,
-    so every rank agrees). A cluster left empty takes the token that fits its own cluster worst
-    (_fill_empty_clusters), so there are always exactly N_m clusters. Batched over images; the
-    loops run over the N_m seeds and the k steps, never over images.
+    dtm_assignment's format (ids in [0, N_m), every id used), so dtm_loss takes it unchanged.
+    Cosine similarity, as the matching: each unit token joins the most similar centre (ties: the
+    lowest id), a centre is the normalised mean of its members. Farthest-point seeds (no dice, so
+    every rank agrees); a cluster left empty takes a token (_fill_empty_clusters).
     """
     B, N, C = target.shape
     _check_level(N, num_morphed, num_iters)
@@ -293,9 +259,10 @@ def kmeans_assignment(target: torch.Tensor, num_morphed: int, num_iters: int) ->
         feats = F.normalize(target.float(), dim=-1)                   # (B, N, C)
         centres = _seed_centres(feats, num_morphed)                   # (B, K, C)
         for step in range(num_iters):
-            assign = _nearest_centre(feats, centres)                  # (B, N)
+            score, assign = (feats @ centres.transpose(1, 2)).max(dim=-1)  # (B, N) each
+            assign = _fill_empty_clusters(assign, score, num_morphed)
             if step < num_iters - 1:
-                centres = _centres(feats, assign, num_morphed)
+                centres = F.normalize(morph_sums(feats, assign, num_morphed), dim=-1)
     return assign
 
 
@@ -311,41 +278,24 @@ def _seed_centres(feats: torch.Tensor, num_clusters: int) -> torch.Tensor:
     return _take(feats, seeds)
 
 
-def _nearest_centre(feats: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
-    """(B, N, C) unit tokens, (B, K, C) centres -> (B, N) id of the most similar centre, with
-    every cluster non-empty. Ties go to the lowest id."""
-    score, assign = (feats @ centres.transpose(1, 2)).max(dim=-1)     # (B, N) each
-    return _fill_empty_clusters(assign, score, centres.shape[1])
-
-
-def _centres(feats: torch.Tensor, assign: torch.Tensor, num_clusters: int) -> torch.Tensor:
-    """The normalised mean of each cluster's unit tokens: (B, N, C), (B, N) -> (B, K, C)."""
-    B, N, C = feats.shape
-    sums = feats.new_zeros(B, num_clusters, C)
-    return F.normalize(sums.scatter_add(1, assign.unsqueeze(-1).expand(-1, -1, C), feats), dim=-1)
-
-
 def _fill_empty_clusters(assign: torch.Tensor, score: torch.Tensor, num_clusters: int):
     """Give each empty cluster one token, never emptying another cluster. (B, N) -> (B, N).
 
     Every non-empty cluster keeps its keeper: the member most similar to its centre (the lowest
-    index among ties). Of the other tokens, the e with the lowest similarity to their own centre
-    move, the worst one to the empty cluster with the lowest id, and so on. There are always
-    N - (K - e) >= e tokens that may move, because N >= K.
+    index among ties). Of the other tokens, the e least similar to their own centre move, the
+    worst one to the empty cluster with the lowest id, and so on (N >= K, so enough can move).
     """
     B, N = assign.shape
     K = num_clusters
     pos = torch.arange(N, device=assign.device).expand(B, N)
-    counts = torch.zeros(B, K, dtype=torch.long, device=assign.device)
-    num_empty = (counts.scatter_add(1, assign, torch.ones_like(assign)) == 0).sum(1)  # (B,)
+    present = torch.zeros(B, K, dtype=torch.bool, device=assign.device).scatter_(1, assign, True)
+    num_empty = (~present).sum(1)                                     # (B,)
     best = score.new_full((B, K), -math.inf).scatter_reduce(1, assign, score, "amax")
     is_best = score == best.gather(1, assign)
     first = torch.full((B, K), N, device=assign.device)
     first = first.scatter_reduce(1, assign, torch.where(is_best, pos, N), "amin")
     keeper = pos == first.gather(1, assign)                           # one per cluster
     movers = torch.where(keeper, math.inf, score).argsort(dim=1, stable=True)[:, :K]  # (B, K)
-    present = torch.zeros(B, K, dtype=torch.bool, device=assign.device)
-    present.scatter_(1, assign, True)
     empty_ids = present.to(torch.uint8).argsort(dim=1, stable=True)  # empty clusters first
     moves = torch.arange(K, device=assign.device) < num_empty.unsqueeze(1)  # (B, K)
     new_ids = torch.where(moves, empty_ids, assign.gather(1, movers))
@@ -366,17 +316,14 @@ def _take(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 # What: three extra losses for any MIM method whose blocks see mask tokens (SimMIM: the encoder;
 # MAE: the decoder), built on the heterogeneity H^l (Eq. 2), the entropy of the masked tokens'
 # attention-like affinity to the visible tokens at layer l. L_spa (Eq. 3) makes each visible
-# token attend to few tokens of the initial embedding; L_e (Eq. 4) raises H^0 (mask tokens
-# distinct from image tokens); L_r (Eq. 5) makes H fall with depth. RAUC (Eq. 6) compares two
-# accuracy-vs-epoch curves.
+# token attend to few tokens of the initial embedding; L_e (Eq. 4) raises H^0; L_r (Eq. 5) makes
+# H fall with depth. RAUC (Eq. 6) compares two accuracy-vs-epoch curves.
 # Why: converged MIM models show high H^0 falling with depth; enforcing it from the start is
 # reported to halve the pre-training epochs.
 #
-# X^0..X^L below are the per-layer patch tokens (B, N, D) of the blocks that hold the mask
-# tokens, layer 0 = the initial embedding, each normed as its attention sees it:
-#     loss = pixel_loss(pred, target, mask, "l1")            # Eq. 1, SimMIM; MAE: "l2" on
-#                                                            #   normalize_patches(target)
-#     H = heterogeneity(x, mask)                             # Eq. 2, (B,) in [0, log |V|]
+# hiddens = X^0..X^L, the per-layer tokens (B, 1+N, D) of the blocks that hold the mask tokens,
+# each normed as its attention sees it (X^0: the initial embedding):
+#     loss = pixel_loss(pred, target, mask, "l1")            # Eq. 1 (SimMIM; MAE: "l2")
 #     terms = mto_losses([h[:, 1:] for h in hiddens], mask)  # {"spa", "e", "r"}: Eqs. 3-5
 #     score = rauc(baseline, method, e1, e2)                 # Eq. 6, [(epoch, acc), ...]
 # =================================================================================================
@@ -389,12 +336,8 @@ import torch.nn.functional as F  # noqa: E402,F811
 
 def pixel_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
                kind: str = "l2") -> torch.Tensor:
-    """Eq. 1: the per-patch error averaged over the masked patches only.
-
-    pred, target (B, N, P) pixels per patch; mask (B, N) bool. kind 'l2' (MAE: mean squared
-    error) or 'l1' (SimMIM: mean absolute error, over the masked pixels and channels). A visible
-    patch never counts.
-    """
+    """Eq. 1: the per-patch error averaged over the masked patches only. pred, target (B, N, P)
+    pixels per patch; mask (B, N) bool; kind 'l2' (MAE: squared error) or 'l1' (SimMIM)."""
     if kind not in ("l1", "l2"):
         raise ValueError(f"unknown pixel loss '{kind}': choose 'l1' or 'l2'")
     err = pred.float() - target.float()
@@ -411,18 +354,15 @@ def normalize_patches(target: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 
 
 def mask_ids(mask: torch.Tensor, num_masked: Optional[int] = None):
-    """(B, N) bool, the same count per image -> ids of masked (B, |M|), visible (B, |V|) patches.
-
-    Each set is in patch order. num_masked: |M|, when the caller knows it (the data set masks
-    data.num_masked_patches per image); otherwise the per-image counts are read on the host once.
-    """
-    if num_masked is None:  # reading the counts waits for the GPU (a device -> host sync)
+    """(B, N) bool, the same count per image -> ids of masked (B, |M|), visible (B, |V|) patches,
+    each in patch order. num_masked: |M| when the caller knows it (then checked on the device)."""
+    if num_masked is None:
         counts = set(mask.sum(1).tolist())
         if len(counts) > 1:
             raise ValueError("every image needs the same number of masked patches, "
                              f"got {sorted(counts)}")
         num_masked = counts.pop()
-    else:  # the same check, without the sync: a device-side assert (RuntimeError on the CPU)
+    else:
         torch._assert_async((mask.sum(1) == num_masked).all(),
                             f"every image needs exactly num_masked={num_masked} masked patches")
     order = mask.to(torch.uint8).argsort(dim=1, stable=True)  # visible (0) first, then masked
@@ -438,9 +378,7 @@ def gather_tokens(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 def row_entropy(queries: torch.Tensor, keys: torch.Tensor,
                 exclude: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Entropy (nats) of each row of row-softmax(Q K^T / sqrt(D)): (B, R, D), (B, C, D) -> (B, R).
-
-    exclude (B, R, C) bool: entries left out of their row's softmax (weight exactly 0).
-    """
+    exclude (B, R, C) bool: entries left out of their row's softmax (weight exactly 0)."""
     q, k = queries.float(), keys.float()
     logits = q @ k.transpose(1, 2) / math.sqrt(q.shape[-1])         # (B, R, C)
     if exclude is None:
@@ -460,10 +398,8 @@ def heterogeneity(x: torch.Tensor, mask: torch.Tensor, ids=None) -> torch.Tensor
     """Eq. 2: H = -(1/|M|) sum_{i in M} sum_{j in V} A_ij log A_ij, A = softmax(X_M X_V^T / sqrt D).
 
     x (B, N, D): one layer's patch tokens, normed as the attention sees them; mask (B, N) bool,
-    the same |M| per image. -> H per image (B,), in [0, log |V|]: log |V| when every masked token
-    is equally similar to all visible ones. The 1/sqrt(D) makes A an attention-like affinity;
-    raw dot products of wide tokens give one-hot rows (DECISIONS.md).
-    ids: mask_ids(mask), when the caller already has them (one host read for all layers).
+    the same |M| per image; ids: mask_ids(mask), if known. -> H per image (B,), in [0, log |V|].
+    The 1/sqrt(D) makes A attention-like; raw dot products give one-hot rows (DECISIONS.md).
     """
     _check_tokens(x, mask)
     ids_masked, ids_visible = ids if ids is not None else mask_ids(mask)
@@ -477,11 +413,9 @@ def sparsity_loss(x: torch.Tensor, mask: torch.Tensor, ids=None,
     """Eq. 3, L_spa: entropy of the visible tokens' rows of row-softmax(X X^T / sqrt(D)).
 
     x (B, N, D) = X^0, the initial embedding (Algorithm 1); the columns run over all N patch
-    tokens. Mean over the visible rows and the batch (the paper sums; a mean keeps the scale
-    independent of N). Low entropy = each visible row puts its weight on few tokens.
-    exclude_self=True leaves each row's own column (a token's similarity to itself) out of its
-    softmax. The printed formula keeps it (the default); with normed tokens the self logit
-    dominates the row of a token that resembles no other (DECISIONS.md).
+    tokens. Mean over the visible rows and the batch (the paper sums; a mean does not grow with
+    N). exclude_self=True leaves each row's own column out of its softmax; the printed formula
+    keeps it (the default), though the self logit dominates a token like no other (DECISIONS.md).
     """
     _check_tokens(x, mask)
     _, ids_visible = ids if ids is not None else mask_ids(mask)
@@ -493,20 +427,16 @@ def sparsity_loss(x: torch.Tensor, mask: torch.Tensor, ids=None,
 
 
 def entropy_loss(h0: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Eq. 4, L_e = 1 / (H^0 + eps): raise the heterogeneity of the initial embedding.
-
-    h0 (B,) -> the batch mean."""
+    """Eq. 4, L_e = 1 / (H^0 + eps), mean over the batch h0 (B,): raise H of the embedding."""
     return (1.0 / (h0 + eps)).mean()
 
 
 def ranking_loss(H: torch.Tensor, printed_sign: bool = False) -> torch.Tensor:
     """Eq. 5, L_r = sum_{l=1..L} log(1 + exp(H^l - H^{l-1})): H should decrease with depth.
 
-    H (L+1, B) or (L+1,): H^0..H^L. The printed Eq. 5 has log(1 + exp(H^{l-1} - H^l)), which
-    pushes H to *increase* with depth, against the paper's own text and Fig. 1 ("heterogeneity
-    ... gradually decreases in subsequent layers") and Sec. 4 ("progressively lower
-    heterogeneity"). We follow the text (DECISIONS.md); printed_sign=True gives the formula as
-    printed. Sum over layers, mean over the batch.
+    H (L+1, B) or (L+1,): H^0..H^L; sum over layers, mean over the batch. The printed Eq. 5 has
+    H^{l-1} - H^l, which pushes H to *rise* with depth, against the paper's text and Fig. 1; the
+    code follows the text (DECISIONS.md); printed_sign=True gives the printed formula.
     """
     step = H[1:] - H[:-1]                                           # H^l - H^{l-1}, (L, B)
     if printed_sign:
@@ -519,12 +449,10 @@ def mto_losses(hiddens: Sequence[torch.Tensor], mask: torch.Tensor, printed_sign
                num_masked: Optional[int] = None) -> dict:
     """The MTO terms over X^0..X^L (each (B, N, D), patch tokens only; X^0 = initial embedding).
 
-    -> {"spa": L_spa (Eq. 3), "e": L_e (Eq. 4), "r": L_r (Eq. 5)}, scalars; the caller weights
-    them (total = L_pixel + lambda * (L_spa + L_e + L_r), lambda = 1; Table 3 switches terms
-    off). exclude_self: L_spa without the diagonal (sparsity_loss). num_masked: the number of
-    True per row of `mask`, when known (mask_ids then reads nothing on the host).
+    -> {"spa": L_spa (Eq. 3), "e": L_e (Eq. 4), "r": L_r (Eq. 5)}, scalars the caller weights
+    (L_pixel + L_spa + L_e + L_r in the paper; Table 3 switches terms off). num_masked: mask_ids'.
     """
-    ids = mask_ids(mask, num_masked)                     # at most one host read, all layers
+    ids = mask_ids(mask, num_masked)                     # once for all layers
     H = torch.stack([heterogeneity(x, mask, ids) for x in hiddens])  # (L+1, B): H^0..H^L
     return {"spa": sparsity_loss(hiddens[0], mask, ids, exclude_self),
             "e": entropy_loss(H[0], eps), "r": ranking_loss(H, printed_sign)}
@@ -534,12 +462,10 @@ def rauc(s1: Sequence[Tuple[float, float]], s2: Sequence[Tuple[float, float]],
          e1: float, e2: float) -> float:
     """Eq. 6: RAUC = int_E1^E2 (S2(E) - S1(E1)) dE / int_E1^E2 (S1(E) - S1(E1)) dE.
 
-    s1 (the baseline) and s2 (the method): [(epoch, accuracy), ...]. Each curve is linear
-    between its points; both integrals use the trapezoid rule on every epoch either curve has
-    in [E1, E2] (exact for such curves). 1 = no gain; > 1 = more area above S1(E1) than the
-    baseline. Not comparable with the paper's tables: on the paper's own Table 2 points this
-    formula gives about twice the RAUC the paper prints, and no reading of Eq. 6 we tried
-    reproduces the printed values (DECISIONS.md).
+    s1 (the baseline) and s2 (the method): [(epoch, accuracy), ...], each linear between its
+    points, so the trapezoid rule on every epoch either curve has in [E1, E2] is exact. 1 = no
+    gain. Not comparable with the paper's tables: on its Table 2 points this gives about twice
+    the printed RAUC, and no reading of Eq. 6 we tried gives the printed values (DECISIONS.md).
     """
     if not e1 < e2:
         raise ValueError(f"RAUC needs E1 < E2, got E1={e1}, E2={e2}")
@@ -586,10 +512,9 @@ def _linear_at(pts, e: float) -> float:
 # uniformly over the patches), but the patch tokens hold the information. A probe that pools the
 # patch tokens with learnt attention weights (AbMILP) and then classifies linearly recovers it:
 # MAE ViT-B/16 on ImageNet-1k, 67.8% ([cls] linear probe) -> 71.6% (AbMILP).
-# Why here: to read what pre-training put into the patch tokens, not only into [cls].
 #
-# A frozen backbone gives tokens (B, 1+N, D), [cls] first. A probe head pools them to one vector
-# and classifies it with BatchNorm1d(D, affine=False) + Linear, MAE's linear probe:
+# A probe head pools a frozen backbone's tokens (B, 1+N, D), [cls] first, to one vector and
+# classifies it with BatchNorm1d(D, affine=False) + Linear, MAE's linear probe:
 #     heads = ProbeHeads(["cls", "mean", "abmilp"], dim=D, num_classes=C)
 #     logits = heads(tokens)                    # {"cls": (B, C), "mean": (B, C), "abmilp": ...}
 #     z, a = AbMILP(D)(tokens[:, 1:])           # pooled (B, D), attention over patches (B, N)
@@ -643,7 +568,8 @@ class AbMILP(nn.Module):
     the authors' code:
       self_attn='map'   a 1-head self-attention runs first; its output is scored, x is pooled
       self_attn='both'  its output is both scored and pooled
-      pos_embed=True    the fixed 2-D sin-cos table is added to the scorer's input (needs `grid`)
+      pos_embed=True    the fixed 2-D sin-cos table of the grid x grid patches is added to the
+                        scorer's input
     """
 
     def __init__(self, dim: int, *, depth: int = 1, activation: str = "tanh",
@@ -651,19 +577,10 @@ class AbMILP(nn.Module):
         super().__init__()
         if self_attn not in SELF_ATTN:
             raise ValueError(f"AbMILP self_attn must be one of {SELF_ATTN}, got '{self_attn}'")
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"AbMILP activation must be one of {sorted(ACTIVATIONS)}, "
-                             f"got '{activation}'")
-        if depth < 1:
-            raise ValueError(f"AbMILP depth must be >= 1, got {depth}")
-        if pos_embed and grid is None:
-            raise ValueError("AbMILP(pos_embed=True) needs the patch grid side `grid`")
         self.self_attn_mode = self_attn
         self.self_attn = SelfAttention(dim) if self_attn != "none" else None
-        if pos_embed:  # a fixed table, so a buffer: it travels with the state_dict
-            self.register_buffer("pos_embed", sincos_table(dim, grid))  # (N, D)
-        else:
-            self.pos_embed = None
+        # a fixed table, so a buffer: it travels with the state_dict
+        self.register_buffer("pos_embed", sincos_table(dim, grid) if pos_embed else None)  # (N, D)
         layers = []
         for _ in range(depth - 1):
             layers += [nn.Linear(dim, dim), ACTIVATIONS[activation]()]
@@ -672,9 +589,7 @@ class AbMILP(nn.Module):
     def forward(self, x: torch.Tensor):
         """x: patch tokens (B, N, D) -> pooled z (B, D), attention a (B, N) summing to 1."""
         h = self.self_attn(x) if self.self_attn is not None else x  # (B, N, D)
-        scored = h if self.self_attn_mode in ("map", "both") else x
-        if self.pos_embed is not None:
-            scored = scored + self.pos_embed.to(scored.dtype)
+        scored = h + self.pos_embed.to(h.dtype) if self.pos_embed is not None else h
         a = self.scorer(scored).squeeze(-1).softmax(dim=-1)          # (B, N)
         values = h if self.self_attn_mode == "both" else x
         z = (a.unsqueeze(-1) * values).sum(dim=1)                     # (B, D)
@@ -702,8 +617,6 @@ class ProbeHead(nn.Module):
 
     def __init__(self, pool: str, dim: int, num_classes: int, **abmilp):
         super().__init__()
-        if pool not in POOLS:
-            raise ValueError(f"unknown pooling '{pool}': choose one of {POOLS}")
         self.pool = pool
         self.abmilp = AbMILP(dim, **abmilp) if pool == "abmilp" else None
         self.bn = nn.BatchNorm1d(dim, affine=False, eps=1e-6)
@@ -739,8 +652,7 @@ def knn_votes(bank: torch.Tensor, bank_labels: torch.Tensor, feats: torch.Tensor
     """DINO's weighted k-NN: each of the k training features most cosine-similar to a test
     feature votes for its class with weight exp(sim / T). bank (M, D), bank_labels (M,),
     feats (B, D) -> votes (B, C). centre: subtract the bank's mean feature from both sides first
-    (this project's protocol: raw pixels gain 4 points from it on Fashion-MNIST). Test rows go
-    in chunks: memory is chunk x M, never B x M."""
+    (this project's protocol, DECISIONS.md 10). Test rows go `chunk` at a time."""
     if centre:
         mean = bank.mean(0, keepdim=True)
         bank, feats = bank - mean, feats - mean
@@ -750,8 +662,7 @@ def knn_votes(bank: torch.Tensor, bank_labels: torch.Tensor, feats: torch.Tensor
     for f in F.normalize(feats.float(), dim=1).split(chunk):
         sim, idx = (f @ bank.T).topk(k, dim=1)                       # (b, k)
         w = (sim / temperature).exp()
-        votes = f.new_zeros(f.shape[0], num_classes).scatter_add_(1, bank_labels[idx], w)
-        out.append(votes)                                            # (b, C)
+        out.append(f.new_zeros(f.shape[0], num_classes).scatter_add_(1, bank_labels[idx], w))
     return torch.cat(out)
 
 
@@ -759,9 +670,8 @@ def topk_correct(scores: torch.Tensor, labels: torch.Tensor,
                  ks: Sequence[int] = (1, 5)) -> List[torch.Tensor]:
     """Per image, is the label among the k best scores? scores (B, C), labels (B,) -> [(B,) bool].
 
-    k is clipped to C (top-5 with 3 classes is top-3). A score of -inf is no guess: pass k-NN
-    votes as votes.log(), so a class no neighbour voted for never counts (DINO's top-5 counts
-    such classes when fewer than 5 classes got votes, e.g. whenever k < 5).
+    k is clipped to C. A score of -inf is no guess: pass k-NN votes as votes.log(), so a class no
+    neighbour voted for never counts (DINO's top-5 counts such classes when k < 5).
     """
     kmax = min(max(ks), scores.shape[1])
     vals, idx = scores.float().topk(kmax, dim=1)                    # (B, kmax)
