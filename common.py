@@ -30,13 +30,16 @@ import yaml
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
+import data  # the data sets count the corrupt images they skip (data.SafeImageFolder)
+
 
 class ConfigError(ValueError):
     """A bad config key or value: the scripts print it as one line and exit with code 2."""
 
 
 class RunError(RuntimeError):
-    """A fault during the run (a full disk, an unreadable checkpoint): one line, exit code 3."""
+    """A fault during the run (NaN loss, corrupt data, a full disk, an unreadable checkpoint):
+    one line, exit code 3."""
 
 
 # -----------------------------------------------------------------------------
@@ -44,13 +47,24 @@ class RunError(RuntimeError):
 
 def parse_config(cls, argv):
     """Build the config dataclass `cls` from argv = ['--config', 'x.yaml', 'key=value', ...]."""
-    values = {}
-    args = list(argv)
+    values, args = {}, list(argv)
     while args:
         arg = args.pop(0)
         if arg == "--config" or arg.startswith("--config="):
             path = arg.split("=", 1)[1] if "=" in arg else (args.pop(0) if args else "")
-            values.update(_read_yaml(path))
+            if not os.path.isfile(path):
+                raise ConfigError(f"config file '{path}' does not exist")
+            try:
+                with open(path) as f:
+                    read = yaml.safe_load(f) or {}
+            except (yaml.YAMLError, UnicodeDecodeError) as e:
+                mark = getattr(e, "problem_mark", None)
+                at = f" at line {mark.line + 1}" if mark else ""
+                raise ConfigError(f"config file '{path}' is not valid YAML{at}: write one "
+                                  "'key: value' per line") from None
+            if not isinstance(read, dict):
+                raise ConfigError(f"config file '{path}' must hold a mapping of key: value")
+            values.update(read)
         elif "=" in arg and not arg.startswith("-"):
             key, text = arg.split("=", 1)
             values[key] = yaml.safe_load(text) if text != "" else ""
@@ -60,35 +74,17 @@ def parse_config(cls, argv):
     return make_config(cls, values)
 
 
-def _read_yaml(path):
-    if not os.path.isfile(path):
-        raise ConfigError(f"config file '{path}' does not exist")
-    try:
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        where = getattr(e, "problem_mark", None)
-        at = f" at line {where.line + 1}" if where else ""
-        raise ConfigError(f"config file '{path}' is not valid YAML{at}: write one 'key: value' "
-                          "per line") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file '{path}' must hold a mapping of key: value")
-    return data
-
-
 def make_config(cls, values: dict):
-    """Check every key and type against the dataclass, then run its `validate()` if any."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    """Check every key and type against the dataclass, then the ranges, then its `validate()`."""
+    fields = {f.name for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for key, value in values.items():
+    for key in values:
         if key not in fields:
             close = difflib.get_close_matches(key, fields, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise ConfigError(f"unknown config key '{key}'{hint}; see the Config class for the "
                               "allowed keys")
-        kwargs[key] = _check_type(key, value, hints[key])
-    cfg = cls(**kwargs)
+    cfg = cls(**{key: _check_type(key, value, hints[key]) for key, value in values.items()})
     check_ranges(cfg)
     if hasattr(cfg, "validate"):
         cfg.validate()
@@ -105,13 +101,10 @@ def _check_type(key, value, kind):
         if kind is float and not math.isfinite(value):
             raise ConfigError(f"config key '{key}' must be a finite number, got {value!r}")
         return value
-    origin = typing.get_origin(kind)
-    if origin in (list, tuple):
+    if typing.get_origin(kind) is list:  # List[int], List[str]: each item
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
-        (item,) = set(typing.get_args(kind)) - {Ellipsis} or {object}
-        plain = item in (int, float, str, bool)
-        return origin(_check_type(key, v, item) if plain else v for v in value)
+        return [_check_type(key, v, typing.get_args(kind)[0]) for v in value]
     return value
 
 
@@ -127,11 +120,11 @@ SHARED_LIMITS = {
 
 
 def check_ranges(cfg):
-    """Reject values no run can use, before any work, in one loop over a table: the config's
-    CHOICES {key: allowed values}, then SHARED_LIMITS and its LIMITS {key: (test, "what")}."""
+    """One loop over the tables: the config's CHOICES {key: allowed values} (a list: each item),
+    then SHARED_LIMITS and the config's LIMITS {key: (test, "what")}."""
     for key, allowed in getattr(cfg, "CHOICES", {}).items():
         value = getattr(cfg, key)
-        for v in value if isinstance(value, (list, tuple)) else [value]:  # a list: each item
+        for v in value if isinstance(value, (list, tuple)) else [value]:
             check_choice(key, v, allowed)
     shared = {k: v for k, v in SHARED_LIMITS.items() if hasattr(cfg, k)}
     for key, (ok, what) in {**shared, **getattr(cfg, "LIMITS", {})}.items():
@@ -145,8 +138,7 @@ def check_choice(key, value, allowed):
         raise ConfigError(f"config key '{key}' must be one of {list(allowed)}, got {value!r}")
 
 
-def config_dict(cfg) -> dict:
-    return dataclasses.asdict(cfg)
+config_dict = dataclasses.asdict  # the config as plain values (config.yaml, checkpoints)
 
 
 # -----------------------------------------------------------------------------
@@ -164,15 +156,9 @@ class Dist:
         return self.rank == 0
 
 
-# Start-up may keep ranks waiting long in a collective (rank 0 reads a large image folder, trains
-# the CNN teacher, loads a checkpoint); after it, Run.resume sets the config's dist_timeout_s.
-STARTUP_TIMEOUT_S = 3600
-
-
 def setup_distributed(device: str = "auto", timeout_s: int = 600) -> Dist:
-    """Read torchrun's RANK/WORLD_SIZE/LOCAL_RANK; NCCL on CUDA, gloo on CPU. More processes on
-    a node than GPUs (a check on a one-GPU machine) share the GPUs and use gloo, which NCCL
-    refuses."""
+    """Read torchrun's RANK/WORLD_SIZE/LOCAL_RANK; NCCL on CUDA, gloo on CPU, and gloo when more
+    processes on a node than GPUs share them (a check on one GPU; NCCL refuses that)."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
@@ -192,7 +178,9 @@ def setup_distributed(device: str = "auto", timeout_s: int = 600) -> Dist:
         if shared and local == 0:
             print(f"warning: {os.environ['LOCAL_WORLD_SIZE']} processes share {gpus} GPU(s): "
                   "gloo instead of NCCL (slow; for checks only)", flush=True)
-    dist.init_process_group(backend, timeout=timedelta(seconds=max(timeout_s, STARTUP_TIMEOUT_S)),
+    # start-up may keep ranks waiting long (rank 0 reads a large image folder, trains the CNN
+    # teacher, loads a checkpoint): an hour; Run.resume then sets dist_timeout_s
+    dist.init_process_group(backend, timeout=timedelta(seconds=max(timeout_s, 3600)),
                             device_id=where if backend == "nccl" else None)
     return Dist(rank, world, local, where)
 
@@ -213,9 +201,8 @@ def native_bf16(device: torch.device) -> bool:
     with AVX512-BF16 or AMX. Elsewhere a CPU emulates bf16 and is slower than in fp32."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    cpu = torch.cpu
-    return any(getattr(cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported",
-                                                          "_is_amx_tile_supported"))
+    return any(getattr(torch.cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported",
+                                                                "_is_amx_tile_supported"))
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -227,8 +214,8 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 
 def autocast(precision: str, device: torch.device):
-    """The student's forward and loss under bf16 autocast (weights, optimizer and gradients
-    stay fp32, as in timm and MAE), or a no-op context for fp32."""
+    """bf16 autocast for the forward and loss (weights, optimizer and gradients stay fp32, as in
+    timm and MAE), or a no-op context for fp32."""
     bf16 = resolve_precision(precision, device) == "bf16"
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
@@ -238,17 +225,13 @@ def cleanup_distributed():
         dist.destroy_process_group()
 
 
+def is_main() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
 def print0(*args, **kwargs):
     if int(os.environ.get("RANK", 0)) == 0:
         print(*args, **kwargs, flush=True)
-
-
-def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized():
-        t = t.clone()
-        dist.all_reduce(t)
-        t /= dist.get_world_size()
-    return t
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
@@ -258,17 +241,13 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def split_batch(global_batch: int, world: int, accum_steps: int) -> int:
-    """Per-process micro-batch = global batch / (world size x accumulation steps)."""
-    if global_batch % (world * accum_steps):
-        raise ConfigError(f"batch_size {global_batch} is not divisible by world size {world} x "
-                          f"accum_steps {accum_steps}: change batch_size or accum_steps")
-    return global_batch // (world * accum_steps)
+def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
+    return all_reduce_sum(t) / dist.get_world_size() if dist.is_initialized() else t
 
 
 def shard(size: int, rank: int, world: int) -> list:
-    """An evaluation shard without padding (a DataLoader sampler): rank r takes r, r + world, ...
-    so the counts summed over ranks cover every sample once (DistributedSampler repeats some)."""
+    """An evaluation shard without padding: rank r takes r, r + world, ... so the counts summed
+    over ranks cover every sample once (DistributedSampler would repeat some)."""
     return list(range(rank, size, world))
 
 
@@ -291,35 +270,24 @@ def cosine_schedule(cfg, lr: float, steps_per_epoch: int) -> list:
 
 
 def syncs_buffers(model: torch.nn.Module) -> bool:
-    """Whether DDP should copy rank 0's buffers to every rank before each forward. The ViT's and
-    the MAE decoder's buffers are constant tables (sin-cos positions, relative position indices),
-    built the same on every rank and never changed by training: the copy is a collective per
-    step for nothing. Running statistics (BatchNorm in the probe heads) do change, and
-    probe.sync_bn_stats expects them broadcast, so a model with any keeps the copy."""
+    """Whether DDP must copy rank 0's buffers to every rank before each forward: only for
+    running statistics (BatchNorm in the probe heads); the ViT's buffers are constant tables."""
     return any(isinstance(m, torch.nn.modules.batchnorm._NormBase) and m.track_running_stats
                for m in model.modules())
 
 
-def ddp(model: torch.nn.Module, dist_: "Dist", compile: bool = False) -> torch.nn.Module:
-    """The module a training loop calls: DistributedDataParallel with several processes, then
-    torch.compile if asked, around DDP (PyTorch's documented order): dynamo splits the graph at
-    DDP's bucket boundaries, so each bucket's all-reduce overlaps the rest of the backward."""
+def ddp(model: torch.nn.Module, dist_: Dist, compile: bool = False) -> torch.nn.Module:
+    """The module a training loop calls: DistributedDataParallel with several processes (the
+    .grad tensors are views into its all-reduce buckets), then torch.compile if asked, around
+    DDP (PyTorch's documented order)."""
     if dist_.world > 1:
-        model = _wrap_ddp(model, dist_)
+        # newer torch names broadcast_buffers forward_sync_buffers (and deprecates the old name)
+        sync = ("forward_sync_buffers" if "forward_sync_buffers" in
+                inspect.signature(DistributedDataParallel).parameters else "broadcast_buffers")
+        ids = [dist_.device.index] if dist_.device.type == "cuda" else None
+        model = DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True,
+                                        **{sync: syncs_buffers(model)})
     return torch.compile(model) if compile else model
-
-
-def _wrap_ddp(model: torch.nn.Module, dist_: "Dist") -> DistributedDataParallel:
-    cuda = dist_.device.type == "cuda"
-    running_stats = syncs_buffers(model)  # broadcast_buffers: off for constant buffers only
-    # (newer torch names it forward_sync_buffers and deprecates broadcast_buffers; both still
-    # copy rank 0's buffers once at the wrap.)
-    sync = ("forward_sync_buffers" if "forward_sync_buffers" in
-            inspect.signature(DistributedDataParallel).parameters else "broadcast_buffers")
-    # gradient_as_bucket_view: the .grad tensors are views into DDP's all-reduce buckets, so no
-    # copy between them after each backward (and no second copy of the gradients in memory).
-    return DistributedDataParallel(model, device_ids=[dist_.device.index] if cuda else None,
-                                   gradient_as_bucket_view=True, **{sync: running_stats})
 
 
 NO_DECAY = ("cls_token", "mask_token", "pos_embed", "relative_position_bias_table")
@@ -329,23 +297,21 @@ def param_groups(model: torch.nn.Module, weight_decay: float):
     """No weight decay on norms, biases, tokens and position tables (BEiT/MAE convention)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        skip = p.ndim <= 1 or any(key in name for key in NO_DECAY)
-        (no_decay if skip else decay).append(p)
+        if p.requires_grad:
+            skip = p.ndim <= 1 or any(key in name for key in NO_DECAY)
+            (no_decay if skip else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0}]
 
 
 # -----------------------------------------------------------------------------
-# Checkpoints and logs
+# Checkpoints: written atomically, read with weights_only=True
 
 def save_atomic(obj, path: str):
-    """torch.save to `<path>.tmp.<pid>`, then rename: a kill mid-write leaves the old file intact.
-    A missing folder is made. A failed write (a full disk) removes the temporary file and stops
-    the run with one line."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    folder = os.path.dirname(os.path.abspath(path))
+    """torch.save to `<path>.tmp.<pid>`, then os.replace: a kill mid-write leaves the old file
+    intact. A missing folder is made; a failed write (a full disk) removes the temporary file and
+    is one line."""
+    tmp, folder = f"{path}.tmp.{os.getpid()}", os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(folder, exist_ok=True)
         torch.save(obj, tmp)
@@ -353,26 +319,22 @@ def save_atomic(obj, path: str):
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
         while not os.path.isdir(folder):  # the nearest folder that exists, for its free space
             folder = os.path.dirname(folder)
-        full = shutil.disk_usage(folder).free < 2**20
+        full = shutil.disk_usage(folder).free < 2**20  # measured before the temp file goes
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        free = shutil.disk_usage(folder).free
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else first_line(e)[:120]
-        reason = os.strerror(errno.ENOSPC) if full and isinstance(e, RuntimeError) else reason
-        raise RunError(f"cannot write '{path}' ({reason}; {free / 2**20:.1f} MiB free there): "
-                       "free space or fix the folder, then rerun the same command to resume (the "
-                       "previous file is intact)") from e
-
-
-TEMP_FILE = re.compile(r"^.+\.tmp\.\d+$")  # save_atomic's `<name>.tmp.<pid>`
+        guess = os.strerror(errno.ENOSPC) if full else first_line(e)[:120]  # a RuntimeError
+        reason = getattr(e, "strerror", None) or guess
+        raise RunError(f"cannot write '{path}' ({reason}; "
+                       f"{shutil.disk_usage(folder).free / 2**20:.1f} MiB free there): free space "
+                       "or fix the folder, then rerun the same command to resume (the previous "
+                       "file is intact)") from e
 
 
 def remove_stale_temp_files(out_dir: str):
-    """Delete the half-written `<name>.tmp.<pid>` files of a killed save_atomic (the real files
-    are intact). Called by the run that holds out_dir's lock, so no other run writes there; other
-    files, e.g. a user's notes.tmp.txt, are never touched."""
+    """Delete the `<name>.tmp.<pid>` files of a killed save_atomic. Called by the run that holds
+    out_dir's lock, so no other run writes there; other files (notes.tmp.txt) stay."""
     for name in sorted(os.listdir(out_dir)):
-        if TEMP_FILE.match(name):
+        if re.fullmatch(r".+\.tmp\.\d+", name):
             os.remove(os.path.join(out_dir, name))
             print0(f"removed {name}, left by a run killed while saving")
 
@@ -395,8 +357,8 @@ def read_torch_file(path: str, safe_globals=()) -> dict:
 
 
 def load_checkpoint(path: str, rank: int = 0, step: int = None) -> dict:
-    """A run's own checkpoint.pth (auto-resume); an unreadable one stops the run with one line.
-    rank > 0: the file rank 0 resumes from, which must hold rank 0's `step`."""
+    """A run's own checkpoint.pth; unreadable: one line. rank > 0: the file rank 0 resumes from,
+    which must hold rank 0's `step`."""
     shared = ("out_dir must be one folder that every node sees (a shared file system), or "
               "copy rank 0's checkpoint.pth to every node")
     if rank and not os.path.isfile(path):
@@ -416,8 +378,8 @@ def load_checkpoint(path: str, rank: int = 0, step: int = None) -> dict:
 
 
 def read_weights(path: str, key: str, safe_globals=()) -> dict:
-    """A weights file named by config key `key` (init, backbone, teacher_pretrained): loaded with
-    weights_only=True; missing, unreadable, or a training checkpoint -> one line (exit 2)."""
+    """A weights file named by config key `key` (init, backbone, teacher_pretrained): missing,
+    unreadable, or a training checkpoint -> one line (exit 2)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"config key '{key}': file '{path}' does not exist")
     try:
@@ -425,8 +387,8 @@ def read_weights(path: str, key: str, safe_globals=()) -> dict:
     except ValueError as e:
         raise ConfigError(f"config key '{key}': cannot read '{path}': {e}") from None
     if not isinstance(state, dict):
-        kind = type(state).__name__
-        raise ConfigError(f"config key '{key}': '{path}' holds a {kind}, not weights")
+        raise ConfigError(f"config key '{key}': '{path}' holds a {type(state).__name__}, not "
+                          "weights")
     if "optimizer" in state and "step" in state:  # this project's checkpoint.pth
         raise ConfigError(f"config key '{key}': '{path}' is a training checkpoint, not weights: "
                           "give the encoder.pth (pretrain.py) or model_timm.pth (finetune.py) of "
@@ -456,172 +418,20 @@ def load_optimizer(optimizer: torch.optim.Optimizer, state: dict, source: str):
                           "written with") from None
 
 
-# -----------------------------------------------------------------------------
-# Run directories: one run per folder, config.yaml after the resume check, outputs before "done"
-
-LOCK_FILE = ".lock"
-_held_locks = []  # the open .lock files of this process
-
-
-def open_run_dir(out_dir: str):
-    """Create out_dir, lock it for this run (rank 0 takes out_dir/.lock, released at exit) and
-    remove the temp files of a killed save. A folder in use by another run stops every rank
-    with one line (exit 2). Call it once, before reading or writing anything in out_dir."""
-    make_run_dir(out_dir)
-    problem = None
-    if is_main():
-        try:
-            lock_run_dir(out_dir)
-            remove_stale_temp_files(out_dir)
-        except ConfigError as e:
-            problem = e
-    stop_all_if(problem)  # every rank stops if rank 0 could not take the folder
-
-
-def stop_all_if(error: Exception = None):
-    """Every rank calls it at the same point with its own ConfigError / RunError, or None. If any
-    rank has one, rank 0 raises the first (one line; exit 2 or 3) and the others exit quietly
-    with its code, so no rank is left waiting in a collective. One process: raise it."""
-    if not dist.is_initialized():
-        if error is not None:
-            raise error
-        return
-    errors = [None] * dist.get_world_size()
-    dist.all_gather_object(errors, None if error is None else
-                           (isinstance(error, ConfigError), str(error)))
-    first = next((e for e in errors if e is not None), None)
-    if first is None:
-        return
-    config, message = first
-    if is_main():
-        raise (ConfigError if config else RunError)(message)
-    sys.exit(2 if config else 3)
-
-
-def broadcast0(value):
-    """Rank 0's `value` (any picklable object) on every rank."""
-    if dist.is_initialized():
-        box = [value]
-        dist.broadcast_object_list(box, src=0)
-        value = box[0]
-    return value
-
-
-def make_run_dir(out_dir: str):
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise ConfigError(f"out_dir '{out_dir}' is a file, not a folder: choose another out_dir")
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"cannot create out_dir '{out_dir}' ({e.strerror}): choose another "
-                          "out_dir") from None
-    if not os.access(out_dir, os.W_OK | os.X_OK):
-        raise ConfigError(f"out_dir '{out_dir}' is not writable: choose another out_dir")
-
-
-def lock_run_dir(out_dir: str):
-    """Hold an exclusive lock on out_dir/.lock (fcntl.flock) while this process lives: the kernel
-    drops it when the process ends, however it ends (exit, crash, SIGKILL), so a dead run never
-    blocks the next one. The file names its holder for the message of a run that finds it busy;
-    the lock itself is the flock, not the file (which stays)."""
-    path = os.path.join(out_dir, LOCK_FILE)
-    try:
-        f = open(path, "a+")
-    except OSError as e:
-        raise ConfigError(f"cannot write in out_dir '{out_dir}' ({e.strerror}): choose another "
-                          "out_dir") from None
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        holder = f.read().strip() or "another run"
-        f.close()
-        raise ConfigError(f"out_dir '{out_dir}' is in use by {holder}: wait for it, stop it, or "
-                          "choose another out_dir") from None
-    f.seek(0)
-    f.truncate()
-    f.write(f"PID {os.getpid()} on {socket.gethostname()}\n")
-    f.flush()
-    _held_locks.append(f)  # open for the life of the process: closing it would release the lock
-
-
-def is_main() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def check_resume_config(saved: dict, current: dict, keys, path: str):
-    """Resuming checkpoint `path` (config `saved`) with config `current`: the keys that shape the
-    model or its data must agree, else one line listing each difference (exit 2)."""
-    diff = [f"{k}={saved[k]!r} (now {current[k]!r})" for k in keys
-            if k in saved and k in current and saved[k] != current[k]]
-    if diff:
-        raise ConfigError(f"{path} was written with {', '.join(diff)}: resume with the same "
-                          "settings, or choose a new out_dir")
-
-
-def check_steps_per_epoch(ckpt: dict, steps_per_epoch: int, path: str, keys: str):
-    """A mid-epoch resume needs the same steps per epoch (the data order): else one line naming
-    the config `keys` that set it."""
-    if ckpt.get("steps_per_epoch", steps_per_epoch) != steps_per_epoch:
-        raise ConfigError(f"{path} was written with {ckpt['steps_per_epoch']} steps per epoch, "
-                          f"this config gives {steps_per_epoch}: resume with the same {keys}, "
-                          "or a new out_dir")
-
-
-def write_config(out_dir: str, cfg):
-    """out_dir/config.yaml: the resolved config, or the dict given (rank 0; call it after the
-    resume check)."""
-    if is_main():
-        with open(os.path.join(out_dir, "config.yaml"), "w") as f:
-            yaml.safe_dump(cfg if isinstance(cfg, dict) else config_dict(cfg), f, sort_keys=False)
-
-
-def trim_log(path: str, step: int, epochs_done: int):
-    """Resuming at `step` (`epochs_done` whole epochs): drop the log lines a killed run wrote after
-    its checkpoint, which the resumed run writes again. Lines with a step compare the step, lines
-    without one (per-epoch evaluations) the epoch; a half-written last line goes too. Rank 0."""
-    if not is_main() or not os.path.isfile(path):
-        return
-    with open(path) as f:
-        lines = f.readlines()
-    keep = [line for line in lines if _before(line, step, epochs_done)]
-    if len(keep) < len(lines):
-        tmp = f"{path}.tmp.{os.getpid()}"
-        with open(tmp, "w") as f:
-            f.writelines(keep)
-        os.replace(tmp, path)
-        print0(f"log: dropped {len(lines) - len(keep)} line(s) written after the checkpoint's "
-               f"step {step}")
-
-
-def _before(line: str, step: int, epochs_done: int) -> bool:
-    try:
-        record = json.loads(line)
-    except ValueError:
-        return False
-    if "step" in record:
-        return record["step"] <= step
-    return record.get("epoch", 0) <= epochs_done
-
-
-def save_run(ckpt_path: str, state: dict, outputs: dict):
-    """Save the outputs the next stage reads ({path: obj}, each tagged with state['step']) first,
-    then the checkpoint: a checkpoint never says a step is done whose outputs are not on disk."""
+def save_run(ckpt_path: str, state: dict, outputs: dict, keep_path: str = None):
+    """The outputs the next stage reads ({path: obj}, each tagged with state['step']) first, then
+    the checkpoint (and a kept copy at keep_path): a checkpoint never says a step is done whose
+    outputs are not on disk."""
     for path, obj in outputs.items():
         save_atomic({**obj, "step": state["step"]}, path)
     save_atomic(state, ckpt_path)
-
-
-def write_run(ckpt_path: str, state: dict, outputs: dict, extra_path: str = None):
-    """save_run, then a kept copy of the checkpoint at extra_path (checkpoint-<epoch>.pth)."""
-    save_run(ckpt_path, state, outputs)
-    if extra_path:
-        save_atomic(state, extra_path)
+    if keep_path:
+        save_atomic(state, keep_path)
 
 
 def host_copy(obj):
-    """A snapshot of a (nested) checkpoint: every tensor copied to host memory, so training
-    can change the weights while a background thread writes the copy."""
+    """A snapshot of a (nested) checkpoint, every tensor copied to host memory, so training can
+    change the weights while a background thread writes the copy."""
     if torch.is_tensor(obj):
         return obj.detach().to("cpu", copy=True)
     if isinstance(obj, dict):  # an OrderedDict stays one, with a state_dict's _metadata
@@ -635,9 +445,8 @@ def host_copy(obj):
 
 
 class BackgroundWrite:
-    """fn(*args) in a thread; wait() joins it and raises its error in the caller. A process
-    that exits while the thread writes waits for it (not a daemon thread; `_fail` joins it
-    before os._exit)."""
+    """fn(*args) in a thread; wait() joins it and raises its error in the caller. Not a daemon:
+    a process that exits waits for the write (`_fail` joins it before os._exit)."""
     NAME = "checkpoint-write"
 
     def __init__(self, fn, *args):
@@ -660,22 +469,121 @@ class BackgroundWrite:
 
 
 def ensure_outputs(outputs: dict, step: int) -> list:
-    """A resumed, finished run: rewrite each output ({path: obj}) that is missing, unreadable or
-    from another step than the checkpoint's. -> the paths rewritten (rank 0 only)."""
+    """A rerun of a finished run: rewrite each output ({path: obj}) that is missing, unreadable
+    or from another step than the checkpoint's. -> the paths rewritten."""
     rewritten = []
     for path, obj in outputs.items():
-        if is_main() and _output_step(path) != step:
+        try:
+            fresh = read_torch_file(path).get("step") == step
+        except (ValueError, FileNotFoundError, AttributeError):
+            fresh = False
+        if not fresh:
             save_atomic({**obj, "step": step}, path)
             print0(f"rewrote {path}: it was missing or older than the checkpoint (step {step})")
             rewritten.append(path)
     return rewritten
 
 
-def _output_step(path: str):
+# -----------------------------------------------------------------------------
+# Run directories: one run per folder, config.yaml after the resume check, outputs before "done"
+
+_held_locks = []  # the open .lock files of this process
+
+
+def open_run_dir(out_dir: str):
+    """Create out_dir, lock it for this run (rank 0 holds out_dir/.lock until it exits) and remove
+    the temp files of a killed save. A folder that cannot be used stops every rank with one line
+    (exit 2). Call it before reading or writing anything in out_dir."""
+    problem = None
     try:
-        return read_torch_file(path).get("step")
-    except (ValueError, FileNotFoundError, AttributeError):
-        return None
+        if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+            raise ConfigError(f"out_dir '{out_dir}' is a file, not a folder: choose another "
+                              "out_dir")
+        try:
+            os.makedirs(out_dir, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"cannot create out_dir '{out_dir}' ({e.strerror}): choose another "
+                              "out_dir") from None
+        if is_main():
+            lock_run_dir(out_dir)
+            remove_stale_temp_files(out_dir)
+    except ConfigError as e:
+        problem = e
+    stop_all_if(problem)
+
+
+def stop_all_if(error: Exception = None):
+    """Every rank calls it at the same point with its own ConfigError / RunError, or None. If any
+    rank has one, rank 0 raises the first (one line; exit 2 or 3) and the others exit quietly
+    with its code, so no rank is left waiting in a collective. One process: raise it."""
+    errors = [error]
+    if dist.is_initialized():
+        errors = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)
+    first = next((e for e in errors if e is not None), None)
+    if first is not None and is_main():
+        raise first
+    if first is not None:
+        sys.exit(2 if isinstance(first, ConfigError) else 3)
+
+
+def lock_run_dir(out_dir: str):
+    """Hold an exclusive fcntl.flock on out_dir/.lock while this process lives: the kernel drops
+    it however the process ends (SIGKILL included), so a dead run never blocks the next one. The
+    file names its holder for the message of a run that finds it busy."""
+    try:
+        f = open(os.path.join(out_dir, ".lock"), "a+")
+    except OSError as e:
+        raise ConfigError(f"cannot write in out_dir '{out_dir}' ({e.strerror}): choose another "
+                          "out_dir") from None
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another run"
+        f.close()
+        raise ConfigError(f"out_dir '{out_dir}' is in use by {holder}: wait for it, stop it, or "
+                          "choose another out_dir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"PID {os.getpid()} on {socket.gethostname()}\n")
+    f.flush()
+    _held_locks.append(f)  # open for the life of the process: closing it would release the lock
+
+
+def check_resume_config(saved: dict, current: dict, keys, path: str):
+    """The keys that shape the model or its data must agree with the checkpoint's config `saved`,
+    else one line listing each difference (exit 2)."""
+    diff = [f"{k}={saved[k]!r} (now {current[k]!r})" for k in keys
+            if k in saved and k in current and saved[k] != current[k]]
+    if diff:
+        raise ConfigError(f"{path} was written with {', '.join(diff)}: resume with the same "
+                          "settings, or choose a new out_dir")
+
+
+def trim_log(path: str, step: int, epochs_done: int):
+    """Resuming at `step`: drop the log lines a killed run wrote after its checkpoint (lines with
+    a step compare it, per-epoch evaluations the epoch; a half-written line goes). Rank 0."""
+    if not is_main() or not os.path.isfile(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    keep = [line for line in lines if _before(line, step, epochs_done)]
+    if len(keep) < len(lines):
+        tmp = f"{path}.tmp.{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.writelines(keep)
+        os.replace(tmp, path)
+        print0(f"log: dropped {len(lines) - len(keep)} line(s) written after the checkpoint's "
+               f"step {step}")
+
+
+def _before(line: str, step: int, epochs_done: int) -> bool:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return False
+    return record["step"] <= step if "step" in record else record.get("epoch", 0) <= epochs_done
 
 
 def log_json(path: str, record: dict):
@@ -683,11 +591,11 @@ def log_json(path: str, record: dict):
         f.write(json.dumps(record) + "\n")
 
 
+# -----------------------------------------------------------------------------
+# Errors: one line on stderr, exit 2 for bad input, 3 for a fault during the run
+
 LOST_PEER = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "timed out",
-             "Timed out",
-             "NCCL communicator was aborted", "watchdog")
-
-
+             "Timed out", "NCCL communicator was aborted", "watchdog")
 LOADER_DIED = ("shared memory", "/torch_", "exited unexpectedly", "is killed by signal")
 
 
@@ -747,43 +655,24 @@ def _fail(message: str, code: int):
     sys.exit(code)
 
 
-class NonFiniteLoss(RunError):
-    pass
-
-
-class DataError(RunError):
-    pass
-
-
 def check_corrupt(count: int, data_size: int, max_frac: float, device) -> int:
     """Sum the corrupt images skipped by every rank; stop all ranks when more than max_frac of the
     data set is corrupt. Every rank calls it at the same step (a collective)."""
     total = int(all_reduce_sum(torch.tensor(float(count), device=device)).item())
     if total > max_frac * data_size:
-        raise DataError(f"{total} of {data_size} images are corrupt (more than "
-                        f"max_corrupt_frac={max_frac}); their paths are printed above: fix or "
-                        "remove them, or raise max_corrupt_frac")
+        raise RunError(f"{total} of {data_size} images are corrupt (more than "
+                       f"max_corrupt_frac={max_frac}); their paths are printed above: fix or "
+                       "remove them, or raise max_corrupt_frac")
     return total
-
-
-def step_seed(seed: int, step: int, rank: int) -> int:
-    """The torch seed for one optimisation step (drop path, ...): a function of (seed, step, rank),
-    so a resumed run draws exactly what an uninterrupted one draws, without saving RNG states."""
-    return ((seed * 1_000_003 + step) * 1009 + rank) % (2 ** 63)
 
 
 # -----------------------------------------------------------------------------
 # Preemption: SIGTERM (SLURM, torchrun) and SIGINT (Ctrl-C) ask for a checkpoint and a clean exit
 
 class StopRequest:
-    """Catch SIGTERM/SIGINT; the loop asks `should_stop()` at log steps, saves a checkpoint, then
-    calls `exit()`: exit code 128 + signal (143 SIGTERM, 130 SIGINT), so `pretrain && finetune`
-    does not go on with an unfinished encoder, and SLURM requeue / a rerun resumes.
-
-    All ranks must stop at the same step, so the flag is reduced across ranks (max) when asked.
-    When a peer is lost no collective can finish: that run ends with exit 3 (gloo), 134 (NCCL's
-    watchdog, after dist_timeout_s) or 137 (torchrun's kill), from the last checkpoint.
-    """
+    """Catch SIGTERM/SIGINT; the loop asks `should_stop()` at log steps (the flag reduced over
+    ranks: all stop at the same step), saves, then `exit()`s with 128 + signal (143 SIGTERM, 130
+    SIGINT), so `pretrain && finetune` does not go on with an unfinished encoder."""
 
     def __init__(self):
         self.signum = 0
@@ -810,17 +699,25 @@ class StopRequest:
 
 
 def ignore_stop_signals(worker_id: int = 0):
-    """DataLoader worker_init_fn: SLURM and Ctrl-C signal every process of the job; the loader
-    workers leave SIGTERM/SIGINT to the main process, which saves and exits (they follow it)."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    """DataLoader worker_init_fn: the workers leave SIGTERM/SIGINT to the main process."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+# -----------------------------------------------------------------------------
+# Data loading: resumable mid-epoch, sharded, copied to the GPU ahead of use
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """The torch seed of one optimisation step (drop path, ...): a function of (seed, step, rank),
+    so a resumed run draws what an uninterrupted one draws, without saving RNG states."""
+    return ((seed * 1_000_003 + step) * 1009 + rank) % (2 ** 63)
 
 
 class SkipSampler(torch.utils.data.Sampler):
     """Wrap a (distributed) sampler, skip its first `skip` indices in the current epoch and yield
-    (epoch, index) keys (data.MaskedImages / SeededImages read both). Resuming mid-epoch
-    continues with exactly the samples an uninterrupted run would see, and persistent loader
-    workers, whose dataset copies never see set_epoch, still draw this epoch's augmentation."""
+    (epoch, index) keys (data.MaskedImages / SeededImages read both): a mid-epoch resume sees what
+    an uninterrupted run would, and persistent workers, whose dataset copies never see
+    set_epoch, still draw this epoch's augmentation."""
 
     def __init__(self, sampler):
         self.sampler, self.skip, self.epoch = sampler, 0, 0
@@ -837,10 +734,8 @@ class SkipSampler(torch.utils.data.Sampler):
 
 
 def train_loader(dataset, micro_batch: int, dist_: Dist, seed: int, num_workers: int) -> DataLoader:
-    """A shuffled, sharded training loader that can resume mid-epoch (its SkipSampler skips what
-    a resumed epoch has seen; `Run.epoch_batches` positions it). The workers persist across
-    epochs (no re-fork, no re-import of the data set each epoch: the epoch travels in the
-    sampler's keys) and ignore SIGTERM and SIGINT."""
+    """A shuffled, sharded training loader that `Run.epoch_batches` positions (also mid-epoch).
+    Its workers persist across epochs and ignore SIGTERM and SIGINT."""
     shards = DistributedSampler(dataset, num_replicas=dist_.world, rank=dist_.rank, shuffle=True,
                                 seed=seed, drop_last=True)
     return DataLoader(dataset, batch_size=micro_batch, sampler=SkipSampler(shards),
@@ -851,12 +746,11 @@ def train_loader(dataset, micro_batch: int, dist_: Dist, seed: int, num_workers:
 
 def on_device(batches, device: torch.device):
     """Yield each batch (a tuple) with its tensors moved to `device`. On CUDA the next batch is
-    copied from pinned memory on a side stream while the current one computes, so the copy no
-    longer waits on the default stream right before the teacher's forward."""
-    move = lambda b: tuple(t.to(device, non_blocking=True) if torch.is_tensor(t) else t  # noqa
-                           for t in b)
+    copied from pinned memory on a side stream while the current one computes."""
+    def move(b):
+        return tuple(t.to(device, non_blocking=True) if torch.is_tensor(t) else t for t in b)
     if device.type != "cuda":
-        yield from (move(b) for b in batches)
+        yield from map(move, batches)
         return
     side, batches = torch.cuda.Stream(device), iter(batches)
 
@@ -905,17 +799,18 @@ class Run:
             run.exit_if_stopped(epoch + 1)
         run.finish(outputs)                        # a rerun of a finished run: rewrite lost outputs
 
-    What it guarantees: one run per folder (a lock); config.yaml written only once a checkpoint
-    is known to match it; a checkpoint never names a step whose outputs are not on disk; a
-    resumed run sees the same data and draws the same random numbers as an uninterrupted one
-    (the data order and `step_seed` depend only on (seed, epoch, step)); the log holds no line
-    past the checkpoint; logged values are averaged over all ranks, in one host sync per line.
+    A resumed run sees the same data and draws the same random numbers as an uninterrupted one:
+    the data order and `step_seed` depend only on (seed, epoch, step).
     """
 
     def __init__(self, cfg, dist_: Dist, record: dict = None, resume_keys=None):
         self.cfg, self.dist = cfg, dist_
         self.record = record if record is not None else config_dict(cfg)
-        self.micro_batch = split_batch(cfg.batch_size, dist_.world, cfg.accum_steps)
+        if cfg.batch_size % (dist_.world * cfg.accum_steps):
+            raise ConfigError(f"batch_size {cfg.batch_size} is not divisible by world size "
+                              f"{dist_.world} x accum_steps {cfg.accum_steps}: change batch_size "
+                              "or accum_steps")
+        self.micro_batch = cfg.batch_size // (dist_.world * cfg.accum_steps)
         print0(yaml.safe_dump(self.record, sort_keys=False))
         print0(f"world size {dist_.world}, micro-batch {self.micro_batch} per process, "
                f"{cfg.accum_steps} accumulation step(s), global batch {cfg.batch_size}")
@@ -923,23 +818,27 @@ class Run:
         open_run_dir(cfg.out_dir)  # one run per folder; temp files of a killed save removed
         self.ckpt_path, self.log_path = self.path("checkpoint.pth"), self.path("log.jsonl")
         self.step, self.steps_per_epoch, self.skipped, self.stopping = 0, 0, 0, False
-        self.lr, self._sums, self._count, self._data = 0.0, {}, 0, None
-        self._writer = None
-        self._ckpt = self.read_resume(resume_keys) if resume_keys is not None else None
-        write_config(cfg.out_dir, self.record)
+        self.lr, self._sums, self._count, self._data, self._writer = 0.0, {}, 0, None, None
+        self._ckpt = self._read_resume(resume_keys) if resume_keys is not None else None
+        if is_main():  # config.yaml: only once the checkpoint is known to match it
+            with open(self.path("config.yaml"), "w") as f:
+                yaml.safe_dump(self.record, f, sort_keys=False)
 
-    def read_resume(self, resume_keys):
+    def _read_resume(self, resume_keys):
         """The checkpoint this run resumes from, or None. Rank 0 decides (its out_dir holds
         checkpoint.pth); every rank reads that file at rank 0's step and checks its config,
-        before any work. A rank that cannot (an out_dir on its own node's disk) or any bad
-        checkpoint stops every rank with one line."""
-        ckpt, problem = None, None
+        before any work. A rank that cannot, or a bad checkpoint, stops every rank (one line)."""
+        ckpt, problem, step = None, None, None
         if is_main() and os.path.isfile(self.ckpt_path):
             try:
                 ckpt = load_checkpoint(self.ckpt_path)
+                step = ckpt["step"]
             except RunError as e:
                 problem = e
-        step = broadcast0(ckpt["step"] if ckpt else None)  # rank 0's decision, for every rank
+        if dist.is_initialized():  # rank 0's step, for every rank
+            box = [step]
+            dist.broadcast_object_list(box, src=0)
+            step = box[0]
         try:
             if step is not None and not is_main():
                 ckpt = load_checkpoint(self.ckpt_path, self.dist.rank, step)
@@ -955,7 +854,7 @@ class Run:
 
     # ---- resume and save
 
-    def resume(self, steps_per_epoch: int, load, state, data_keys="batch_size and subset"):
+    def resume(self, steps_per_epoch: int, load, state):
         """Resume from checkpoint.pth if there is one: load(ckpt) restores the modules; `state()`
         gives what a checkpoint holds besides the position in the run. -> the checkpoint or None."""
         if steps_per_epoch == 0:
@@ -964,29 +863,31 @@ class Run:
         self.steps_per_epoch, self._state = steps_per_epoch, state
         ckpt, self._ckpt = self._ckpt, None
         if ckpt is not None:
-            check_steps_per_epoch(ckpt, steps_per_epoch, self.ckpt_path, data_keys)
+            if ckpt.get("steps_per_epoch", steps_per_epoch) != steps_per_epoch:  # the data order
+                raise ConfigError(f"{self.ckpt_path} was written with {ckpt['steps_per_epoch']} "
+                                  f"steps per epoch, this config gives {steps_per_epoch}: resume "
+                                  "with the same batch_size and subset, or a new out_dir")
             load(ckpt)
             self.step, self.skipped = ckpt["step"], ckpt.get("skipped_steps", 0)
             print0(f"resumed from {self.ckpt_path} at epoch {self.step // steps_per_epoch}, "
                    f"step {self.step}")
         trim_log(self.log_path, self.step, self.step // steps_per_epoch)  # lines past the ckpt
-        set_collective_timeout(getattr(self.cfg, "dist_timeout_s", 600))  # start-up is over
+        set_collective_timeout(self.cfg.dist_timeout_s)  # start-up is over
         return ckpt
 
     def save(self, epochs_done: int, outputs: dict = None, keep: bool = False):
-        """Write the outputs ({path: obj}) and then checkpoint.pth (rank 0); keep=True also
-        keeps a copy, checkpoint-<epochs_done>.pth. The tensors are copied to host memory
-        here and written by a background thread, so training goes on while the file is
-        written; the next save, `finish` and a stop wait for it and raise its error."""
+        """Write the outputs ({path: obj}) and then checkpoint.pth (rank 0); keep=True also keeps
+        checkpoint-<epochs_done>.pth. The tensors are copied to host memory here and written by a
+        background thread; the next save, `finish` and a stop wait for it and raise its error."""
         if not self.dist.main:
             return
         self.wait_saved()
         state = host_copy({**self._state(), "epoch": epochs_done, "step": self.step,
                            "steps_per_epoch": self.steps_per_epoch,
                            "skipped_steps": self.skipped, "config": self.record})
-        outputs = host_copy(outputs or {})
-        extra = self.path(f"checkpoint-{epochs_done:04d}.pth") if keep else None
-        self._writer = BackgroundWrite(write_run, self.ckpt_path, state, outputs, extra)
+        keep_path = self.path(f"checkpoint-{epochs_done:04d}.pth") if keep else None
+        self._writer = BackgroundWrite(save_run, self.ckpt_path, state, host_copy(outputs or {}),
+                                       keep_path)
         print0(f"saving {self.ckpt_path} at step {self.step} "
                f"(epoch {self.step / self.steps_per_epoch:.2f})")
 
@@ -997,8 +898,8 @@ class Run:
             writer.wait()
 
     def finish(self, outputs: dict):
-        """The last save is on disk; a rerun of a finished run: rewrite an output lost after
-        its checkpoint (rank 0)."""
+        """The last save is on disk; a rerun of a finished run: rewrite an output lost after its
+        checkpoint (rank 0)."""
         self.wait_saved()
         if self.dist.main:
             ensure_outputs(outputs, self.step)
@@ -1018,7 +919,7 @@ class Run:
         loader.sampler.set_epoch(epoch, skip=self.seen(epoch) * self.micro_batch)
         self._data = loader.dataset
         self._data.set_epoch(epoch)
-        _reset_corrupt(self._data)
+        data.reset_corrupt_count(self._data)
         return iter(loader)
 
     def steps(self, epoch: int):
@@ -1059,9 +960,9 @@ class Run:
             return True
         self.skipped += 1
         if self.skipped > allowed:
-            raise NonFiniteLoss(f"loss is not finite at step {self.step}, {self.skipped} bad steps "
-                                f"in all (skip_nonfinite={allowed}); the last good checkpoint is "
-                                f"{self.ckpt_path}: lower the lr or check the data")
+            raise RunError(f"loss is not finite at step {self.step}, {self.skipped} bad steps in "
+                           f"all (skip_nonfinite={allowed}); the last good checkpoint is "
+                           f"{self.ckpt_path}: lower the lr or check the data")
         print0(f"warning: non-finite loss at step {self.step}: step skipped "
                f"({self.skipped}/{allowed})")
         return False
@@ -1083,9 +984,9 @@ class Run:
         bad = [(k, v) for k, v in values.items() if not math.isfinite(v)]
         if bad:
             name, value = bad[0]
-            raise NonFiniteLoss(f"{name} is {value} at step {self.step} (epoch {epoch + 1}); the "
-                                f"last good checkpoint is {self.ckpt_path}: lower the lr, check "
-                                "the data, or set skip_nonfinite")
+            raise RunError(f"{name} is {value} at step {self.step} (epoch {epoch + 1}); the last "
+                           f"good checkpoint is {self.ckpt_path}: lower the lr, check the data, "
+                           "or set skip_nonfinite")
         images = count * self.micro_batch * self.dist.world
         ips, self._t0 = images / (time.time() - self._t0), time.time()
         bar.set_postfix({**{k: f"{v:.4f}" for k, v in values.items()}, "lr": f"{self.lr:.2e}",
@@ -1098,9 +999,8 @@ class Run:
         """Corrupt images skipped this epoch on all ranks; too many stop the run (a collective)."""
         if self._data is None:
             return 0
-        max_frac = getattr(self.cfg, "max_corrupt_frac", 0.0)
-        return check_corrupt(_corrupt_count(self._data), len(self._data), max_frac,
-                             self.dist.device)
+        return check_corrupt(data.corrupt_count(self._data), len(self._data),
+                             self.cfg.max_corrupt_frac, self.dist.device)
 
     def end_epoch(self, epoch: int):
         """Stopped mid-epoch: save where the run is and exit (128 + signal). Otherwise report
@@ -1120,13 +1020,3 @@ class Run:
             self.wait_saved()
             print0(f"stopped by signal after epoch {epochs_done}; rerun the same command to resume")
             self.stop.exit()
-
-
-def _corrupt_count(ds) -> int:
-    import data  # the data sets count the corrupt images they skip (data.SafeImageFolder)
-    return data.corrupt_count(ds)
-
-
-def _reset_corrupt(ds):
-    import data
-    data.reset_corrupt_count(ds)
