@@ -5,31 +5,21 @@ Papers: DTM (arXiv:2401.00254), MTO (arXiv:2404.08330), SimMIM (arXiv:2111.09886
 
 A hand-written ViT with timm/MAE parameter names, so weights move between this code and timm:
 
-    from model import build_vit, to_timm
     vit = build_vit("vit_base", rel_pos_bias=True)   # BEiT-style relative position bias
     tokens = vit(images, mask=mask)                 # (B, 1+N, D), masked patches -> e_[M]
     latent = vit(images, keep=ids_visible)          # (B, 1+|V|, D): MAE, visible patches only
-    tokens, layers = vit.forward_intermediates(images, mask=mask, attn=True)
-    # layers.X = X^0..X^L (each block's normed input, then the output), layers.residual,
-    # layers.pre_norm, layers.attn (maps), layers.attn_out: see `Layers`; depth=k runs k blocks
+    tokens, layers = vit.forward_intermediates(images, mask=mask)  # layers.X = X^0..X^L
 
-Pixel-reconstruction models (MTO paper, Sec. 2), both returning (pred (B, N, p*p*C), hiddens
-X^0..X^L or None):
-    SimMIM(encoder)                - mask tokens inside the encoder, a Linear head per patch
-    MAE(encoder, MAEDecoder(...))  - the encoder sees the visible patches; the decoder the mask
-                                     tokens
-
-Teachers (frozen, eval mode, no grad; bf16 on GPU) all map a batch normalised the way data.py
-normalises the student's input to target tokens (B, N, C) without [cls]:
-    CLIPTeacher  - open_clip visual tower: ln_post(patch tokens) @ proj
-    ViTTeacher   - an encoder saved by this project (`checkpoint`), or a momentum copy (`ema`)
-    CNNTeacher   - a small supervised CNN (`cnn`): the offline stand-in for CLIP of the default job
+SimMIM(encoder) and MAE(encoder, MAEDecoder(...)) predict pixels per patch (the MTO paper's
+baselines). Teachers (frozen) map the student's input batch to target tokens (B, N, C) without
+[cls]: CLIPTeacher (open_clip), ViTTeacher / EMATeacher (this project's encoders), CNNTeacher
+(a small supervised CNN: the default job's offline stand-in for CLIP).
 """
 import copy
 import math
 import os
 import socket
-from dataclasses import dataclass, asdict, field, fields
+from dataclasses import dataclass, asdict, fields
 from typing import List, NamedTuple, Optional
 
 import torch
@@ -104,16 +94,12 @@ def sincos_pos_embed(dim: int, grid: int) -> torch.Tensor:
 
 
 def relative_position_index(grid: int) -> torch.Tensor:
-    """BEiT's (1+N, 1+N) index into a table of (2g-1)^2 + 3 relative positions.
-
-    Patch pairs index their (dy, dx) offset; the last three entries are [cls]->patch,
-    patch->[cls] and [cls]->[cls]. Same layout as BEiT / timm, so tables transfer.
-    """
+    """BEiT's (1+N, 1+N) index into a table of (2g-1)^2 + 3 relative positions (timm's layout):
+    patch pairs by their (dy, dx) offset, then [cls]->patch, patch->[cls], [cls]->[cls]."""
     num_dist = (2 * grid - 1) ** 2 + 3
     coords = torch.stack(torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij"))
     coords = coords.flatten(1)                                   # (2, N)
-    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)  # (N, N, 2)
-    rel = rel + (grid - 1)
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (grid - 1)  # (N, N, 2)
     index = torch.zeros(grid * grid + 1, grid * grid + 1, dtype=torch.long)
     index[1:, 1:] = rel[..., 0] * (2 * grid - 1) + rel[..., 1]
     index[0, :] = num_dist - 3
@@ -142,9 +128,8 @@ def lookup_bias(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 def sdpa_bias(bias: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(H, T, T) -> (1, H, T, T) in `dtype`, laid out as the fused attention kernels read a
-    bias: last dim contiguous, each row starting at a multiple of 8 elements (padded, then
-    sliced back to T)."""
+    """(H, T, T) -> (1, H, T, T) in `dtype`, each row starting at a multiple of 8 elements
+    (padded, then sliced back to T): the layout fused attention kernels read."""
     H, T, _ = bias.shape
     padded = bias.new_zeros(1, H, T, -(-T // 8) * 8, dtype=dtype)
     padded[..., :T] = bias
@@ -191,8 +176,7 @@ class Attention(nn.Module):
         if bias is not None:
             bias = sdpa_bias(bias, q.dtype)  # (1, H, T, T)
         attn = None
-        # softmax(q k^T / sqrt(d) + bias) v: written out where the maps are asked for (and for
-        # bf16 on a CPU, docs/speed.md); elsewhere PyTorch's fused kernel computes the same
+        # written out where the maps are asked for (and for bf16 on a CPU: docs/speed.md)
         if return_attn or (q.dtype == torch.bfloat16 and q.device.type == "cpu"):
             logits = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
             if bias is not None:
@@ -256,13 +240,8 @@ class Block(nn.Module):
         return self.forward_intermediates(x, shared_bias)[0]
 
     def forward_intermediates(self, x, shared_bias=None, attn=False):
-        """x (B, T, D) entering the block -> (output, X^l, attention maps, attention branch).
-
-        X^l = norm1(x) (B, T, D), computed once: what attention sees (and what MTO measures).
-        The maps (B, H, T, T) come from an explicit softmax when attn=True (analysis only);
-        otherwise SDPA runs and they are None. The branch (B, T, D) is what the attention adds
-        to the residual stream, after layer scale.
-        """
+        """x (B, T, D) entering the block -> (output, X^l = norm1(x), attention maps (B, H, T, T)
+        if attn else None, the attention branch added to the residual stream)."""
         X = self.norm1(x)                                              # X^l
         a, maps = self.attn(X, shared_bias, return_attn=attn)
         a = self.ls1(a)                                                # the attention branch
@@ -272,18 +251,15 @@ class Block(nn.Module):
 
 
 class Layers(NamedTuple):
-    """The per-layer tokens of `forward_intermediates`, for l = 0..k-1 over the k blocks run.
+    """The per-layer tokens of `forward_intermediates`, l = 0..k-1 over the k blocks run; T = 1+N
+    tokens ([cls] first), or 1+|V| for MAE's encoder.
 
     residual[l]  (B, T, D)     the residual stream entering block l (residual[0]: the embedding)
-    X[l]         (B, T, D)     X^l = norm1(residual[l]): what block l's attention sees; then
-                               X[k] = X^L, the final-normed output: k + 1 entries in all,
-                               X^0..X^L as the MTO loss takes them (MTO paper, Sec. 3)
+    X[l]         (B, T, D)     X^l = norm1(residual[l]), what block l's attention sees; X[k] =
+                               X^L, the final-normed output: X^0..X^L as MTO takes them
     pre_norm     (B, T, D)     the last block's output, before the final norm
-    attn[l]      (B, H, T, T)  block l's attention maps, rows = queries, [cls] first
-    attn_out[l]  (B, T, D)     the attention branch added to the residual stream, after
-                               layer scale
-    attn and attn_out are None unless forward_intermediates(..., attn=True).
-    T = 1 + N tokens ([cls] first), or 1 + |V| for MAE's encoder on the visible patches only.
+    attn[l]      (B, H, T, T)  block l's attention maps, rows = queries (None unless attn=True)
+    attn_out[l]  (B, T, D)     its branch added to the residual stream (None unless attn=True)
     """
     residual: List[torch.Tensor]
     X: List[torch.Tensor]
@@ -294,14 +270,8 @@ class Layers(NamedTuple):
 
 def run_blocks(blocks, x, shared_bias, final_norm: nn.Module, attn: bool = False,
                collect: bool = True):
-    """Run `blocks` on the stream x (B, T, D), keeping each block's tokens -> (tokens, Layers).
-
-    tokens = final_norm(the last block's output), (B, T, D). Used by ViT and MAEDecoder.
-    collect=False keeps no per-layer lists (only pre_norm): a probe of one block's output then
-    holds no more memory than the plain forward.
-    The blocks run through Block.forward_intermediates: hooks on a Block's submodules fire,
-    hooks on the Block itself do not.
-    """
+    """Run `blocks` on the stream x (B, T, D) -> (final_norm(output), Layers). collect=False
+    keeps no per-layer lists (only pre_norm). Hooks on a Block itself do not fire."""
     residual, X, maps, attn_out = [], [], [], []
     for blk in blocks:
         entering = x                                                   # entering block l
@@ -326,8 +296,6 @@ class ViT(nn.Module):
         if cfg.img_size % cfg.patch_size:
             raise ValueError(f"img_size {cfg.img_size} is not a multiple of "
                              f"patch_size {cfg.patch_size}")
-        if cfg.global_pool not in ("token", "avg"):
-            raise ValueError(f"global_pool must be 'token' or 'avg', got '{cfg.global_pool}'")
         if cfg.pos_embed not in ("learned", "sincos", "none"):
             raise ValueError("pos_embed must be 'learned', 'sincos' or 'none', "
                              f"got '{cfg.pos_embed}'")
@@ -362,7 +330,7 @@ class ViT(nn.Module):
             nn.init.trunc_normal_(p, std=0.02)
         if isinstance(self.pos_embed, nn.Parameter):
             nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        for name, m in self.named_modules():
+        for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 if m.bias is not None:
@@ -393,97 +361,72 @@ class ViT(nn.Module):
             x = x + self.pos_embed.to(x.dtype)
         return x
 
-    def embed_visible(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        """MAE's encoder input: images (B, C, H, W), keep (B, |V|) patch ids -> (B, 1+|V|, D).
-
-        The patches are embedded with their positions first, then only the kept ones go on: the
-        encoder never sees a masked patch or e_[M]."""
-        if self.rel_pos_bias is not None or self.cfg.rel_pos_bias:
-            raise ValueError("keep= (visible patches only) needs absolute positions: "
-                             "relative position bias tables are laid out for all 1+N tokens")
-        x = self.embed(x)                                           # (B, 1+N, D)
-        return torch.cat([x[:, :1], gather_tokens(x[:, 1:], keep)], dim=1)
-
     def embed_input(self, x, mask=None, keep=None) -> torch.Tensor:
-        """Images (B, C, H, W) -> the stream entering block 0: (B, 1+N, D) with the patches
-        that `mask` (B, N) marks as e_[M], or (B, 1+|V|, D) for the patch ids `keep` (B, |V|)."""
+        """Images (B, C, H, W) -> the stream entering block 0: embed(x, mask) (B, 1+N, D), or for
+        MAE's encoder (B, 1+|V|, D): the patches embedded with their positions, then only those
+        with ids `keep` (B, |V|) go on, so the encoder never sees a masked patch or e_[M]."""
         if keep is None:
             return self.embed(x, mask)
         if mask is not None:
             raise ValueError("give either mask (masked patches -> e_[M]) "
                              "or keep (visible patches only)")
-        return self.embed_visible(x, keep)
-
-    def shared_bias(self) -> Optional[torch.Tensor]:
-        """The relative position bias all blocks share, (H, 1+N, 1+N), or None."""
-        return self.rel_pos_bias() if self.rel_pos_bias is not None else None
-
-    def forward_head(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Final-normed tokens (B, 1+N, D) -> logits (B, classes): [cls], or fc_norm(patch mean)."""
-        if self.fc_norm is None:
-            return self.head(tokens[:, 0])
-        return self.head(self.fc_norm(tokens[:, 1:].mean(1)))
+        if self.rel_pos_bias is not None or self.cfg.rel_pos_bias:
+            raise ValueError("keep= (visible patches only) needs absolute positions: "
+                             "relative position bias tables are laid out for all 1+N tokens")
+        x = self.embed(x)                                              # (B, 1+N, D)
+        return torch.cat([x[:, :1], gather_tokens(x[:, 1:], keep)], dim=1)
 
     def forward(self, x, mask=None, keep=None):
         """(B, C, H, W) -> final-normed tokens (B, 1+N, D), or logits (B, classes) with a head.
 
         mask (B, N) bool: those patches become e_[M] (SimMIM, distillation). keep (B, |V|)
-        patch ids: the encoder runs on [cls] + those patches only (MAE), so N becomes |V|;
-        it cannot be combined with `mask`. The fast path: SDPA attention, nothing kept.
-        For the per-layer tokens use `forward_intermediates`.
+        patch ids: the encoder runs on [cls] + those patches only (MAE), so N becomes |V|.
         """
         x = self.embed_input(x, mask, keep)                            # (B, 1+N, D)
-        shared_bias = self.shared_bias()
+        shared_bias = self.rel_pos_bias() if self.rel_pos_bias is not None else None
         for blk in self.blocks:
             x = blk(x, shared_bias)
         x = self.norm(x)
-        return x if self.head is None else self.forward_head(x)
+        if self.head is None:
+            return x
+        if self.fc_norm is None:
+            return self.head(x[:, 0])                                  # [cls]
+        return self.head(self.fc_norm(x[:, 1:].mean(1)))               # LayerNorm(patch mean)
 
     def forward_intermediates(self, x, mask=None, keep=None, depth=None, attn=False,
                               collect=True):
-        """Forward that also returns the per-layer tokens (timm's convention, named as in MTO).
+        """`forward`'s tokens (B, T, D) without the head, and the `Layers` of the blocks run.
 
-        Args:
-            x: images (B, C, H, W).
-            mask, keep: as in `forward` (T = 1 + N tokens, or 1 + |V| with keep).
-            depth: run only the first `depth` blocks (None: all L). A probe of block k's output
-                before the final norm reads `layers.pre_norm` of depth=k+1.
-            attn: also return the attention maps and branches (explicit softmax, slower);
-                otherwise SDPA runs as in `forward`.
-            collect: False keeps no per-layer lists, only `pre_norm` (a probe's memory).
-        Returns:
-            (tokens, layers): tokens (B, T, D) = the final norm of the last block run's output,
-            as `forward` gives without a head (with one, forward_head(tokens) = its logits);
-            layers: the `Layers` of the blocks run (residual stream, X^0..X^L, pre-norm output,
-            attention).
+        depth: run only the first `depth` blocks (None: all); a probe of block k's output reads
+        `layers.pre_norm` of depth=k+1. attn: also the attention maps and branches (explicit
+        softmax). collect=False keeps no per-layer lists, only `pre_norm`.
         """
         if depth is not None and not 0 <= depth <= len(self.blocks):
             raise ValueError(f"depth must be in 0..{len(self.blocks)}, got {depth}")
         x = self.embed_input(x, mask, keep)                            # (B, T, D)
         blocks = self.blocks[:depth] if depth is not None else self.blocks
-        return run_blocks(blocks, x, self.shared_bias(), self.norm, attn, collect)
+        shared_bias = self.rel_pos_bias() if self.rel_pos_bias is not None else None
+        return run_blocks(blocks, x, shared_bias, self.norm, attn, collect)
 
 
 # -----------------------------------------------------------------------------
 # Saving, loading, and moving weights to timm
 
 def encoder_state(model: ViT) -> dict:
-    """What `pretrain.py` saves as the encoder file:
-    {'config': ViTConfig dict, 'model': weights}."""
+    """The encoder file `pretrain.py` saves: {'config': ViTConfig dict, 'model': weights}."""
     return {"config": asdict(model.cfg), "model": model.state_dict()}
 
 
-def load_encoder(path: str, map_location="cpu", **overrides) -> ViT:
+def load_encoder(path: str, **overrides) -> ViT:
     """Build a ViT from an encoder file saved by this project and load it strictly."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"encoder file '{path}' does not exist: give the encoder.pth "
                                 "that pretrain.py wrote into its run directory")
-    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
     if "config" not in ckpt or "model" not in ckpt:
         raise ValueError(f"'{path}' is not an encoder saved by this project "
                          "(expected keys 'config' and 'model')")
-    cfg = {**ckpt["config"], **overrides}
-    model = ViT(ViTConfig(**cfg))
+    model = ViT(ViTConfig(**{**ckpt["config"], **overrides}))
     state = ckpt["model"]
     if model.head is None:
         state = {k: v for k, v in state.items() if not k.startswith("head.")}
@@ -492,13 +435,11 @@ def load_encoder(path: str, map_location="cpu", **overrides) -> ViT:
 
 
 def to_timm(state_dict: dict) -> dict:
-    """This project's ViT weights -> timm weights (strict load).
+    """This project's ViT weights -> timm's (strict load), without the mask token.
 
-    Without relative position bias the result loads into timm's `VisionTransformer`
-    (global_pool='token', class_token=True; init_values set iff layer scale is used).
-    With relative position bias it loads into timm's `Beit`, which has separate q/v biases and
-    no k bias: a k bias adds the same q.b_k to every logit of a query row, which softmax
-    ignores, so dropping it is exact. The mask token has no place in timm and is dropped.
+    Without relative position bias: timm's `VisionTransformer` (init_values iff layer scale).
+    With it: timm's `Beit`, which has q/v biases and no k bias: a k bias adds the same q.b_k to
+    every logit of a query row, which softmax ignores, so dropping it is exact.
     """
     sd = {k: v for k, v in state_dict.items() if k != "mask_token"}
     beit = any("relative_position_bias_table" in k for k in sd)
@@ -543,15 +484,13 @@ class DistillStudent(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# Pixel reconstruction: SimMIM and MAE (the MTO paper's baselines). Both forward(x, mask,
-# return_hiddens) -> pred (B, N, p*p*C) for every patch, and the per-layer tokens X^l
-# (B, 1+N, D') of the blocks that hold the mask tokens (None unless asked), for MTO.
+# Pixel reconstruction: SimMIM and MAE (the MTO paper's baselines). Both return pred (B, N, p*p*C)
+# and, if asked, X^0..X^L of the blocks that hold the mask tokens (for MTO).
 
 class SimMIM(nn.Module):
     """Masked patches become e_[M] inside the encoder; one Linear predicts each patch's pixels.
 
     SimMIM's ViT head is a 1x1 conv to p*p*3 channels + PixelShuffle(p): the same Linear per patch.
-    X^l = the encoder's hiddens (layer 0 = initial embedding, last = final-normed output).
     """
 
     def __init__(self, encoder: ViT):
@@ -582,9 +521,6 @@ class MAEDecoder(nn.Module):
                  decoder_dim: int = 512, depth: int = 8, num_heads: int = 16,
                  mlp_ratio: float = 4.0):
         super().__init__()
-        if decoder_dim % num_heads or decoder_dim % 4:
-            raise ValueError(f"decoder_dim {decoder_dim} must be divisible by "
-                             f"decoder_heads {num_heads} and by 4")
         self.decoder_embed = nn.Linear(embed_dim, decoder_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
         self.register_buffer("decoder_pos_embed", sincos_pos_embed(decoder_dim, grid).unsqueeze(0))
@@ -618,11 +554,8 @@ class MAEDecoder(nn.Module):
         return self.decoder_pred(self.decoder_norm(x)[:, 1:])          # (B, N, p*p*C)
 
     def forward_intermediates(self, x, keep):
-        """As `forward`, also returning the decoder's `Layers` -> (pred (B, N, p*p*C), layers).
-
-        layers.X = X^0..X^L, each (B, 1+N, D_dec): X^l = block l's input after its norm1 (X^0:
-        mask tokens + positions, the initial embedding), X^L = the decoder_norm output.
-        """
+        """As `forward`, also returning the decoder's `Layers`: layers.X = X^0..X^L (B, 1+N, D_dec),
+        X^0 = norm1 of the initial embedding (mask tokens + positions)."""
         x = self.embed_input(x, keep)                                  # (B, 1+N, Dd)
         tokens, layers = run_blocks(self.decoder_blocks, x, None, self.decoder_norm)
         return self.decoder_pred(tokens[:, 1:]), layers
@@ -632,8 +565,8 @@ class MAE(nn.Module):
     """The encoder sees only the visible patches; the decoder fills in mask tokens and predicts.
 
     X^l = the decoder's hiddens: MAE's mask tokens live only there (MTO paper, Sec. 5.2). The
-    encoder's own e_[M] is never used, so it is frozen (no gradient, no weight decay, no DDP
-    unused-parameter error); it stays in encoder.pth so the file loads into any ViT of this project.
+    encoder's own e_[M] is never used, so it is frozen (no gradient, no DDP unused-parameter
+    error); it stays in encoder.pth so the file loads into any ViT of this project.
     """
 
     def __init__(self, encoder: ViT, decoder: MAEDecoder):
@@ -643,8 +576,7 @@ class MAE(nn.Module):
 
     def forward(self, x, mask, return_hiddens=False, num_masked=None):
         """-> pred (B, N, p*p*C), and the decoder's X^0..X^L if return_hiddens else None.
-
-        num_masked: the number of True per row of `mask` if known (no device -> host sync)."""
+        num_masked: the number of True per row of `mask`, if known (losses.mask_ids)."""
         _, keep = mask_ids(mask, num_masked)                           # (B, |V|) visible patch ids
         latent = self.encoder(x, keep=keep)                            # (B, 1+|V|, D)
         if not return_hiddens:
@@ -689,8 +621,6 @@ class EMATeacher(ViTTeacher):
 
     @torch.no_grad()
     def update(self, student_encoder: nn.Module, momentum: float):
-        # One multi-tensor lerp over all parameters (a few kernels on the GPU, not 1 per tensor);
-        # it gives the same bits as lerp_ per parameter. mul_ + add_ would round differently.
         teacher = list(self.encoder.parameters())
         student = [p.detach() for p in student_encoder.parameters()]
         if len(teacher) != len(student):
@@ -702,25 +632,21 @@ class EMATeacher(ViTTeacher):
 class CLIPTeacher(Teacher):
     """open_clip's visual tower as teacher: v_i = ln_post(patch token i) @ proj, (B, N, C).
 
-    `pretrained` is an open_clip tag (e.g. 'openai') or a local weights file. The input is a
-    batch normalised like the student's (ImageNet mean/std); the teacher re-normalises the same
-    pixels with its own mean/std.
+    `pretrained`: an open_clip tag (e.g. 'openai') or a local weights file. The student's batch
+    (ImageNet mean/std) is re-normalised with CLIP's own mean/std.
     """
 
-    def __init__(self, model_name: str = "ViT-B-16-quickgelu", pretrained: str = "openai",
-                 student_mean=IMAGENET_MEAN, student_std=IMAGENET_STD):
+    def __init__(self, model_name: str = "ViT-B-16-quickgelu", pretrained: str = "openai"):
         super().__init__()
         import open_clip
         weights = resolve_clip_weights(model_name, pretrained)
         clip = open_clip.create_model(model_name, pretrained=weights, device="cpu")
         visual = clip.visual
-        if not hasattr(visual, "ln_post") or getattr(visual, "proj", None) is None:
-            raise ValueError(f"CLIP model '{model_name}' has no ViT visual tower with ln_post/proj")
         self.visual = visual.eval().requires_grad_(False)
         mean = getattr(visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN
         std = getattr(visual, "image_std", None) or open_clip.OPENAI_DATASET_STD
         # x_clip = (x_student * s_std + s_mean - c_mean) / c_std  = x_student * a + b
-        s_mean, s_std = torch.tensor(student_mean), torch.tensor(student_std)
+        s_mean, s_std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
         c_mean, c_std = torch.tensor(mean), torch.tensor(std)
         self.register_buffer("scale", (s_std / c_std).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("shift", ((s_mean - c_mean) / c_std).view(1, 3, 1, 1),
@@ -739,11 +665,8 @@ class CLIPTeacher(Teacher):
 
 
 def resolve_clip_weights(model_name: str, pretrained: str) -> str:
-    """Return a local file or an open_clip tag that can be loaded now; fail fast if neither.
-
-    A local file is used as is. A tag is looked up in the Hugging Face cache first; only if it
-    is not cached and the hub answers within 3 seconds is it left to open_clip to download.
-    """
+    """A local file, or an open_clip tag that can be loaded now (found in the Hugging Face cache,
+    or else left to open_clip to download if the hub answers within 3 s); fail fast if neither."""
     import open_clip
     if os.path.isfile(pretrained):
         return pretrained
@@ -783,9 +706,8 @@ def _reachable(host: str, timeout: float = 3.0) -> bool:
 class SmallCNN(nn.Module):
     """Three 3x3 conv layers, two 2x2 max-pools: (B, 3, H, W) -> tokens (B, (H/4)(W/4), width).
 
-    The default job's stand-in for CLIP (which cannot be downloaded offline): trained supervised
-    for a few minutes, its last feature map gives one token per 4 x 4 px patch, so a ViT with
-    patch_size 4 has a target for every patch. `classify` pools the tokens for the labels.
+    The default job's offline stand-in for CLIP, trained with labels (`classify` pools the
+    tokens): one token per 4 x 4 px patch, a target for every patch of a ViT with patch_size 4.
     """
 
     def __init__(self, num_classes: int, width: int = 128, in_chans: int = 3):
@@ -833,14 +755,13 @@ def load_cnn(path: str) -> SmallCNN:
 def build_teacher(kind: str, student_encoder: Optional[ViT] = None,
                   clip_model: str = "ViT-B-16-quickgelu", pretrained: str = "openai") -> Teacher:
     """kind 'clip' (open_clip name + tag or file), 'checkpoint' (pretrained = an encoder file of
-    this project) or 'ema' (a momentum copy of `student_encoder`)."""
+    this project), 'ema' (a momentum copy of `student_encoder`) or 'cnn' (a SmallCNN file)."""
     if kind == "clip":
         return CLIPTeacher(clip_model, pretrained)
-    if kind == "checkpoint":  # a fine-tuned classifier (finetune.py's best.pth) works too:
-        # its head is dropped
+    if kind == "checkpoint":  # a fine-tuned classifier works too: its head is dropped
         return ViTTeacher(load_encoder(pretrained, num_classes=0))
     if kind == "ema":
         return EMATeacher(student_encoder)
-    if kind == "cnn":  # pretrained = the SmallCNN file pretrain.py trained and cached
+    if kind == "cnn":
         return CNNTeacher(load_cnn(pretrained), student_encoder.cfg.img_size)
     raise ValueError(f"unknown teacher '{kind}': choose 'clip', 'checkpoint', 'ema' or 'cnn'")
