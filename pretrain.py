@@ -320,7 +320,7 @@ class PretrainLoss:
         if self.cfg.framework == "distill":
             u = net(img, mask)                                    # (B, N, C) online tokens
             return self.distill_loss(u, v, step, micro), {}
-        return self.pixel_loss(net, img, mask)
+        return self.pixels(net, img, mask)
 
     def distill_loss(self, u: torch.Tensor, v: torch.Tensor, step: int, micro: int):
         """DTM (cfg.loss dtm | dtm_kmeans) or a baseline (tokenwise | fixed | downsample)."""
@@ -340,7 +340,7 @@ class PretrainLoss:
         matching = "kmeans" if cfg.loss == "dtm_kmeans" else "bipartite"
         return losses.dtm_loss(u, v, levels, cfg.distance, matching=matching, merge=self.merge)
 
-    def pixel_loss(self, net, img, mask):
+    def pixels(self, net, img, mask):
         cfg = self.cfg
         mae_args = {"num_masked": self.num_masked} if cfg.framework == "mae" else {}
         pred, hiddens = net(img, mask, return_hiddens=cfg.mto, **mae_args)  # (B, N, p*p*C); X^l
