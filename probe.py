@@ -484,21 +484,22 @@ def write_results(cfg: Config, vit: model.ViT, heads, sets: tuple, lr: float, he
     for name, r in table.items():
         print0(f"{name:<16} {r['top1']:>7.2f} {r['top5']:>7.2f} {r['images']:>7d}  {READS[name]}")
     depth, block, cached = len(vit.blocks), cfg.block % len(vit.blocks), sets[1].cache is not None
+    crops = f"RandomResizedCrop(scale=({cfg.crop_scale_min}, 1)) + horizontal flip"
     baselines = {"random": f"random init (seed {cfg.seed}) of the backbone's architecture",
                  "pixels": "the eval-transformed image, flattened (C*H*W), as one token"}
-    protocol = {
-        "architecture": asdict(vit.cfg), "block": block, "num_blocks": depth,
-        "final_norm": cfg.final_norm, "features": f"output of block {block} (0-based) of "
-        f"{depth}, {'after' if cfg.final_norm else 'before'} the final LayerNorm",
-        "backbone_mode": "eval() (no dropout, no drop path), requires_grad=False, torch.no_grad; "
-                         "bf16 on CUDA",
-        "baselines": baselines if cfg.baselines else "off", "path": "cached" if cached
-        else "streaming", "train_augmentation": "none (tokens extracted once)" if cached
-        else f"RandomResizedCrop(scale=({cfg.crop_scale_min}, 1)) + horizontal flip",
-        "lr": lr, "reported": "after the last epoch (no selection on the validation set)",
-        "train_images": len(train), "val_images": len(val), "num_classes": num_classes_of(val),
-        "heads_path": heads_path, "world_size": dist.world,
-        "tokens": {row: READS[row] for row in table}}
+    protocol = {"architecture": asdict(vit.cfg), "block": block, "num_blocks": depth,
+                "final_norm": cfg.final_norm,
+                "features": f"output of block {block} (0-based) of {depth}, "
+                            f"{'after' if cfg.final_norm else 'before'} the final LayerNorm",
+                "backbone_mode": "eval() (no dropout, no drop path), requires_grad=False, "
+                                 "torch.no_grad; bf16 on CUDA",
+                "baselines": baselines if cfg.baselines else "off",
+                "path": "cached" if cached else "streaming",
+                "train_augmentation": "none (tokens extracted once)" if cached else crops,
+                "lr": lr, "reported": "after the last epoch (no selection on the validation set)",
+                "train_images": len(train), "val_images": len(val),
+                "num_classes": num_classes_of(val), "heads_path": heads_path,
+                "world_size": dist.world, "tokens": {row: READS[row] for row in table}}
     if dist.main:
         with open(os.path.join(cfg.out_dir, "results.json"), "w") as f:
             json.dump({"accuracy": {n: r["top1"] for n, r in table.items()}, "results": table,
