@@ -52,10 +52,8 @@ def parse_config(cls, argv):
         arg = args.pop(0)
         if arg == "--config" or arg.startswith("--config="):
             path = arg.split("=", 1)[1] if "=" in arg else (args.pop(0) if args else "")
-            if not os.path.isfile(path):
-                raise ConfigError(f"config file '{path}' does not exist")
             try:
-                with open(path) as f:
+                with open(path) as f:  # a missing file: FileNotFoundError, one line too
                     read = yaml.safe_load(f) or {}
             except (yaml.YAMLError, UnicodeDecodeError) as e:
                 mark = getattr(e, "problem_mark", None)
@@ -277,9 +275,8 @@ def syncs_buffers(model: torch.nn.Module) -> bool:
 
 
 def ddp(model: torch.nn.Module, dist_: Dist, compile: bool = False) -> torch.nn.Module:
-    """The module a training loop calls: DistributedDataParallel with several processes (the
-    .grad tensors are views into its all-reduce buckets), then torch.compile if asked, around
-    DDP (PyTorch's documented order)."""
+    """DistributedDataParallel with several processes, then torch.compile if asked, around DDP
+    (PyTorch's documented order)."""
     if dist_.world > 1:
         # newer torch names broadcast_buffers forward_sync_buffers (and deprecates the old name)
         sync = ("forward_sync_buffers" if "forward_sync_buffers" in
@@ -323,11 +320,9 @@ def save_atomic(obj, path: str):
         with contextlib.suppress(OSError):
             os.remove(tmp)
         guess = os.strerror(errno.ENOSPC) if full else first_line(e)[:120]  # a RuntimeError
-        reason = getattr(e, "strerror", None) or guess
-        raise RunError(f"cannot write '{path}' ({reason}; "
-                       f"{shutil.disk_usage(folder).free / 2**20:.1f} MiB free there): free space "
-                       "or fix the folder, then rerun the same command to resume (the previous "
-                       "file is intact)") from e
+        reason, free = getattr(e, "strerror", None) or guess, shutil.disk_usage(folder).free
+        raise RunError(f"cannot write '{path}' ({reason}; {free / 2**20:.1f} MiB free there): fix "
+                       "it, then rerun the same command to resume (the previous file is intact)")
 
 
 def remove_stale_temp_files(out_dir: str):
@@ -494,8 +489,7 @@ def open_run_dir(out_dir: str):
     """Create out_dir, lock it for this run (rank 0 holds out_dir/.lock until it exits) and remove
     the temp files of a killed save. A folder that cannot be used stops every rank with one line
     (exit 2). Call it before reading or writing anything in out_dir."""
-    problem = None
-    try:
+    with stop_all_on_error():
         if os.path.exists(out_dir) and not os.path.isdir(out_dir):
             raise ConfigError(f"out_dir '{out_dir}' is a file, not a folder: choose another "
                               "out_dir")
@@ -507,15 +501,18 @@ def open_run_dir(out_dir: str):
         if is_main():
             lock_run_dir(out_dir)
             remove_stale_temp_files(out_dir)
-    except ConfigError as e:
-        problem = e
-    stop_all_if(problem)
 
 
-def stop_all_if(error: Exception = None):
-    """Every rank calls it at the same point with its own ConfigError / RunError, or None. If any
-    rank has one, rank 0 raises the first (one line; exit 2 or 3) and the others exit quietly
-    with its code, so no rank is left waiting in a collective. One process: raise it."""
+@contextlib.contextmanager
+def stop_all_on_error():
+    """Every rank runs the block at the same point. A ConfigError / RunError on any rank: rank 0
+    raises the first (one line; exit 2 or 3) and the others exit quietly with its code, so no
+    rank is left waiting in a collective. One process: the error as it is."""
+    error = None
+    try:
+        yield
+    except (ConfigError, RunError) as e:
+        error = e
     errors = [error]
     if dist.is_initialized():
         errors = [None] * dist.get_world_size()
@@ -544,8 +541,7 @@ def lock_run_dir(out_dir: str):
         f.close()
         raise ConfigError(f"out_dir '{out_dir}' is in use by {holder}: wait for it, stop it, or "
                           "choose another out_dir") from None
-    f.seek(0)
-    f.truncate()
+    f.truncate(0)  # (writes in "a+" mode go to the end)
     f.write(f"PID {os.getpid()} on {socket.gethostname()}\n")
     f.flush()
     _held_locks.append(f)  # open for the life of the process: closing it would release the lock
@@ -607,17 +603,17 @@ def run_main(main):
         main(sys.argv[1:])
     except (ConfigError, FileNotFoundError) as e:
         _fail(str(e), 2)
-    except (pickle.UnpicklingError, EOFError) as e:  # a weights file read outside read_weights
-        _fail(f"a weights file named in the config is not readable ({first_line(e)}): check init, "
-              "backbone and teacher_pretrained", 2)
     except OSError as e:
         where = f" '{e.filename}'" if e.filename else ""
         _fail(f"{e.strerror or first_line(e)}{where}: fix it, then rerun the same command to "
               "resume", 3)
-    except RuntimeError as e:
+    except (RuntimeError, pickle.UnpicklingError, EOFError) as e:
         msg = str(e).strip()
         if isinstance(e, RunError) or "cannot be downloaded" in msg:
             _fail(msg, 3)
+        if not isinstance(e, RuntimeError) or "PytorchStreamReader" in msg:  # not by read_weights
+            _fail(f"a weights file named in the config is not readable ({first_line(e)[:120]}): "
+                  "check init, backbone and teacher_pretrained", 2)
         if any(s in msg for s in LOADER_DIED):  # the workers pass their batches through /dev/shm
             free = shutil.disk_usage("/dev/shm").free / 2**20 if os.path.isdir("/dev/shm") else 0
             _fail(f"a data loader worker died ({first_line(e)[:100]}); the usual cause is a full "
@@ -629,9 +625,6 @@ def run_main(main):
             _fail(f"rank {dist.get_rank()} lost contact with another process "
                   f"({first_line(e)[:200]}): a process died or a node failed; rerun the same "
                   "command to resume from the last checkpoint", 3)
-        if "PytorchStreamReader" in msg:  # a truncated weights file read outside read_weights
-            _fail(f"a weights file named in the config is truncated ({first_line(e)[:120]}): "
-                  "check init, backbone and teacher_pretrained", 2)
         raise
     finally:
         cleanup_distributed()
@@ -651,8 +644,7 @@ def _fail(message: str, code: int):
             if writer.name == BackgroundWrite.NAME:
                 writer.join()
         os._exit(code)
-    cleanup_distributed()
-    sys.exit(code)
+    sys.exit(code)  # run_main's `finally` ends the process group
 
 
 def check_corrupt(count: int, data_size: int, max_frac: float, device) -> int:
@@ -756,10 +748,8 @@ def on_device(batches, device: torch.device):
 
     def copy_next():
         b = next(batches, None)
-        if b is None:
-            return None
         with torch.cuda.stream(side):
-            return move(b)
+            return None if b is None else move(b)
     ready = copy_next()
     while ready is not None:
         compute = torch.cuda.current_stream(device)
@@ -828,25 +818,20 @@ class Run:
         """The checkpoint this run resumes from, or None. Rank 0 decides (its out_dir holds
         checkpoint.pth); every rank reads that file at rank 0's step and checks its config,
         before any work. A rank that cannot, or a bad checkpoint, stops every rank (one line)."""
-        ckpt, problem, step = None, None, None
-        if is_main() and os.path.isfile(self.ckpt_path):
-            try:
+        ckpt, step = None, None
+        with stop_all_on_error():
+            if is_main() and os.path.isfile(self.ckpt_path):
                 ckpt = load_checkpoint(self.ckpt_path)
                 step = ckpt["step"]
-            except RunError as e:
-                problem = e
         if dist.is_initialized():  # rank 0's step, for every rank
             box = [step]
             dist.broadcast_object_list(box, src=0)
             step = box[0]
-        try:
+        with stop_all_on_error():
             if step is not None and not is_main():
                 ckpt = load_checkpoint(self.ckpt_path, self.dist.rank, step)
             if ckpt is not None:
                 check_resume_config(ckpt["config"], self.record, resume_keys, self.ckpt_path)
-        except (ConfigError, RunError) as e:
-            problem = e
-        stop_all_if(problem)
         return ckpt
 
     def path(self, name: str) -> str:
