@@ -38,8 +38,7 @@ class ConfigError(ValueError):
 
 
 class RunError(RuntimeError):
-    """A fault during the run (NaN loss, corrupt data, a full disk, an unreadable checkpoint):
-    one line, exit code 3."""
+    """A fault during the run (NaN loss, corrupt data, a full disk): one line, exit code 3."""
 
 
 # -----------------------------------------------------------------------------
@@ -306,8 +305,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float):
 
 def save_atomic(obj, path: str):
     """torch.save to `<path>.tmp.<pid>`, then os.replace: a kill mid-write leaves the old file
-    intact. A missing folder is made; a failed write (a full disk) removes the temporary file and
-    is one line."""
+    intact. A failed write (a full disk) removes the temporary file and is one line."""
     tmp, folder = f"{path}.tmp.{os.getpid()}", os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(folder, exist_ok=True)
@@ -414,9 +412,8 @@ def load_optimizer(optimizer: torch.optim.Optimizer, state: dict, source: str):
 
 
 def save_run(ckpt_path: str, state: dict, outputs: dict, keep_path: str = None):
-    """The outputs the next stage reads ({path: obj}, each tagged with state['step']) first, then
-    the checkpoint (and a kept copy at keep_path): a checkpoint never says a step is done whose
-    outputs are not on disk."""
+    """The outputs ({path: obj}, tagged with state['step']) first, then the checkpoint (and a kept
+    copy): a checkpoint never says a step is done whose outputs are not on disk."""
     for path, obj in outputs.items():
         save_atomic({**obj, "step": state["step"]}, path)
     save_atomic(state, ckpt_path)
@@ -486,9 +483,8 @@ _held_locks = []  # the open .lock files of this process
 
 
 def open_run_dir(out_dir: str):
-    """Create out_dir, lock it for this run (rank 0 holds out_dir/.lock until it exits) and remove
-    the temp files of a killed save. A folder that cannot be used stops every rank with one line
-    (exit 2). Call it before reading or writing anything in out_dir."""
+    """Create out_dir, lock it (rank 0 holds out_dir/.lock until it exits) and remove the temp
+    files of a killed save; a folder that cannot be used stops every rank with one line."""
     with stop_all_on_error():
         if os.path.exists(out_dir) and not os.path.isdir(out_dir):
             raise ConfigError(f"out_dir '{out_dir}' is a file, not a folder: choose another "
@@ -505,9 +501,8 @@ def open_run_dir(out_dir: str):
 
 @contextlib.contextmanager
 def stop_all_on_error():
-    """Every rank runs the block at the same point. A ConfigError / RunError on any rank: rank 0
-    raises the first (one line; exit 2 or 3) and the others exit quietly with its code, so no
-    rank is left waiting in a collective. One process: the error as it is."""
+    """Every rank runs the block. A ConfigError / RunError on any rank: rank 0 raises the first
+    and the others exit quietly with its code (2 or 3), so none waits in a collective."""
     error = None
     try:
         yield
@@ -525,9 +520,8 @@ def stop_all_on_error():
 
 
 def lock_run_dir(out_dir: str):
-    """Hold an exclusive fcntl.flock on out_dir/.lock while this process lives: the kernel drops
-    it however the process ends (SIGKILL included), so a dead run never blocks the next one. The
-    file names its holder for the message of a run that finds it busy."""
+    """An exclusive fcntl.flock on out_dir/.lock, which the kernel drops however this process ends
+    (SIGKILL included). The file names its holder for a run that finds it busy."""
     try:
         f = open(os.path.join(out_dir, ".lock"), "a+")
     except OSError as e:
@@ -596,9 +590,8 @@ LOADER_DIED = ("shared memory", "/torch_", "exited unexpectedly", "is killed by 
 
 
 def run_main(main):
-    """Run a stage's main(); bad input becomes one line on stderr and exit code 2, a failure
-    during the run (NaN loss, bad data, a lost process, a full disk, an unreadable checkpoint)
-    exit code 3."""
+    """Run a stage's main(); bad input is one line on stderr and exit code 2, a failure during
+    the run (NaN loss, bad data, a lost process, a full disk) exit code 3."""
     try:
         main(sys.argv[1:])
     except (ConfigError, FileNotFoundError) as e:
@@ -707,9 +700,8 @@ def step_seed(seed: int, step: int, rank: int) -> int:
 
 class SkipSampler(torch.utils.data.Sampler):
     """Wrap a (distributed) sampler, skip its first `skip` indices in the current epoch and yield
-    (epoch, index) keys (data.MaskedImages / SeededImages read both): a mid-epoch resume sees what
-    an uninterrupted run would, and persistent workers, whose dataset copies never see
-    set_epoch, still draw this epoch's augmentation."""
+    (epoch, index) keys (data.MaskedImages reads both): a mid-epoch resume sees what an
+    uninterrupted run would, and persistent workers still draw this epoch's augmentation."""
 
     def __init__(self, sampler):
         self.sampler, self.skip, self.epoch = sampler, 0, 0
@@ -815,9 +807,8 @@ class Run:
                 yaml.safe_dump(self.record, f, sort_keys=False)
 
     def _read_resume(self, resume_keys):
-        """The checkpoint this run resumes from, or None. Rank 0 decides (its out_dir holds
-        checkpoint.pth); every rank reads that file at rank 0's step and checks its config,
-        before any work. A rank that cannot, or a bad checkpoint, stops every rank (one line)."""
+        """The checkpoint to resume from, or None: rank 0 decides (its out_dir holds one), every
+        rank reads it at rank 0's step and checks its config; any failure stops every rank."""
         ckpt, step = None, None
         with stop_all_on_error():
             if is_main() and os.path.isfile(self.ckpt_path):
@@ -861,9 +852,8 @@ class Run:
         return ckpt
 
     def save(self, epochs_done: int, outputs: dict = None, keep: bool = False):
-        """Write the outputs ({path: obj}) and then checkpoint.pth (rank 0); keep=True also keeps
-        checkpoint-<epochs_done>.pth. The tensors are copied to host memory here and written by a
-        background thread; the next save, `finish` and a stop wait for it and raise its error."""
+        """Rank 0: the outputs ({path: obj}), then checkpoint.pth (keep: also -<epochs_done>.pth),
+        copied to host memory and written by a thread; the next save, finish and a stop wait."""
         if not self.dist.main:
             return
         self.wait_saved()
@@ -908,9 +898,8 @@ class Run:
         return iter(loader)
 
     def steps(self, epoch: int):
-        """Yield the steps of `epoch` left to run, each with its own torch seed (drop path, mixup:
-        the same draws after a resume). At each log step: the log line, the corrupt-image check,
-        and a stop asked by a signal (the same answer on every rank) ends the epoch early."""
+        """Yield the steps of `epoch` left to run, each with its own torch seed (step_seed). Each
+        log step: the log line, the corrupt-image check, and a stop signal ends the epoch."""
         end = (epoch + 1) * self.steps_per_epoch
         bar = tqdm(total=self.steps_per_epoch, initial=self.step - epoch * self.steps_per_epoch,
                    desc=f"epoch {epoch + 1}/{self.cfg.epochs}", disable=not self.dist.main,
