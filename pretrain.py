@@ -71,7 +71,7 @@ class Config:
     # teacher
     teacher: str = "ema"               # clip | checkpoint | ema | cnn (CLIP's offline stand-in)
     teacher_model: str = "ViT-B-16-quickgelu"  # open_clip model name (teacher=clip)
-    # clip: open_clip tag or file; checkpoint: an encoder.pth; cnn: its .pth ("": out_dir's)
+    # clip: open_clip tag or file; checkpoint: an encoder.pth; cnn: a .pth (else out_dir's cache)
     teacher_pretrained: str = "openai"
     teacher_epochs: int = 1            # teacher=cnn: supervised epochs over the training images
     ema_momentum: float = 0.996        # teacher=ema: momentum at the start (cosine schedule)
@@ -120,7 +120,8 @@ class Config:
     save_every: int = 1                # epochs between checkpoints (and at the end)
     keep_every: int = 0                # keep checkpoint-EPOCH.pth every this many epochs (0: no)
     log_every: int = 20                # steps between log lines (metrics reduced, signals checked)
-    skip_nonfinite: int = 0            # NaN/inf steps skipped before stopping (> 0: a sync a step)
+    # NaN/inf-loss steps to skip before stopping (0: stop at the first; > 0: a host sync per step)
+    skip_nonfinite: int = 0
     dist_timeout_s: int = 600          # after start-up: a collective waiting longer fails the run
     seed: int = 0                      # weights, data order, augmentation, masks, DTM levels
     device: str = "auto"               # auto | cpu | cuda
