@@ -16,7 +16,6 @@ patch tokens (global_pool=avg, BEiT v2's default); relative position bias per bl
 table from pre-training is copied into every block). out_dir keeps checkpoint.pth (auto-resume),
 best.pth, log.jsonl, and model_timm.pth: the model in timm's format with the arguments to build it.
 """
-import copy
 from dataclasses import dataclass, asdict
 
 import torch
@@ -72,8 +71,6 @@ class Config:
     randaug_magnitude: int = 9       # ... on timm's scale 0..10 (torchvision's, 11 bins)
     reprob: float = 0.25             # random erasing probability (per-pixel N(0, 1) values)
     crop_scale_min: float = 0.08
-    model_ema: bool = False          # keep an EMA of the weights and evaluate it too
-    model_ema_decay: float = 0.9999
     # run
     out_dir: str = "runs/finetune"
     log_every: int = 20              # steps between log lines (loss reduced, signals checked)
@@ -91,7 +88,7 @@ class Config:
 
 # the settings that shape the classifier or its data: a resume must keep them
 RESUME_KEYS = ("dataset", "subset", "img_size", "model", "patch_size", "pos_embed", "rel_pos_bias",
-               "layer_scale", "model_ema", "global_pool")
+               "layer_scale", "global_pool")
 
 
 def peak_lr(cfg: Config):
@@ -168,12 +165,6 @@ def layer_decay_groups(vit: model.ViT, weight_decay: float, layer_decay: float) 
             "lr_scale": layer_decay ** (depth + 1 - layer)})
         group["params"].append(p)
     return list(groups.values())
-
-
-@torch.no_grad()
-def update_ema(ema: model.ViT, vit: model.ViT, decay: float):
-    for pe, pm in zip(ema.parameters(), vit.parameters()):
-        pe.lerp_(pm, 1 - decay)
 
 
 def export_timm(vit: model.ViT) -> dict:
@@ -253,49 +244,26 @@ def build_data(cfg: Config, dist, micro_batch: int):
 
 
 # -----------------------------------------------------------------------------
-# Evaluation, what a checkpoint holds
+# Evaluation
 
 @torch.no_grad()
-def evaluate(net, loader, device) -> dict:
-    """Top-1 / top-5 on every rank's shard, counts summed across ranks."""
-    net.eval()
+def evaluate(vit, loader, run: Run, epochs_done: int) -> float:
+    """Top-1 / top-5 on every rank's shard, counts summed across ranks; printed, logged. -> top-1"""
+    vit.eval()
+    device = run.dist.device
     counts = torch.zeros(3, device=device)  # correct@1, correct@5, images
     for img, labels in loader:
         img, labels = img.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            top1, top5 = losses.topk_correct(net(img), labels)
+            top1, top5 = losses.topk_correct(vit(img), labels)
         counts += torch.stack([top1.sum(), top5.sum(), torch.tensor(len(labels), device=device)])
     correct1, correct5, total = all_reduce_sum(counts).tolist()
-    return {"top1": 100.0 * correct1 / total, "top5": 100.0 * correct5 / total,
-            "count": int(total)}
-
-
-def evaluate_epoch(vit, ema, val_loader, run: Run, epochs_done: int) -> float:
-    """Top-1 / top-5 of the classifier (and of its EMA), printed and logged. -> its top-1."""
-    record = {"epoch": epochs_done, "step": run.step}
-    for prefix, net in (("val", vit), ("ema", ema)):
-        if net is not None:
-            stats = evaluate(net, val_loader, run.dist.device)
-            record.update({f"{prefix}_{k}": v for k, v in stats.items()})
-    print0(f"epoch {epochs_done}: top-1 {record['val_top1']:.2f}  top-5 {record['val_top5']:.2f}"
-           + (f"  (EMA top-1 {record['ema_top1']:.2f})" if ema is not None else ""))
+    record = {"epoch": epochs_done, "step": run.step, "val_top1": 100.0 * correct1 / total,
+              "val_top5": 100.0 * correct5 / total, "val_count": int(total)}
+    print0(f"epoch {epochs_done}: top-1 {record['val_top1']:.2f}  top-5 {record['val_top5']:.2f}")
     if run.dist.main:
         log_json(run.log_path, record)
     return record["val_top1"]
-
-
-def run_state(vit: model.ViT, optimizer, ema, best: float) -> dict:
-    """What checkpoint.pth holds besides the position in the run."""
-    ema_state = {"ema": ema.state_dict()} if ema is not None else {}
-    return {"model": vit.state_dict(), "optimizer": optimizer.state_dict(), "best": best,
-            "vit_config": asdict(vit.cfg), **ema_state}
-
-
-def load_run_state(ckpt: dict, vit: model.ViT, optimizer, ema, path: str):
-    load_state(vit, ckpt["model"], path)
-    load_optimizer(optimizer, ckpt["optimizer"], path)
-    if ema is not None and "ema" in ckpt:
-        load_state(ema, ckpt["ema"], path)
 
 
 # -----------------------------------------------------------------------------
@@ -309,19 +277,21 @@ def main(argv):
     mix = mix_batch(cfg, num_classes)  # Mixup / CutMix, then label smoothing: soft targets
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     vit = build_model(cfg, num_classes).to(dist.device)
-    ema = copy.deepcopy(vit).eval().requires_grad_(False) if cfg.model_ema else None
     lr, note = peak_lr(cfg)
     print0(note)
     optimizer = torch.optim.AdamW(layer_decay_groups(vit, cfg.weight_decay, cfg.layer_decay),
                                   lr=lr, betas=(0.9, 0.999), fused=dist.device.type == "cuda")
     steps_per_epoch = len(loader) // cfg.accum_steps
     best = 0.0  # the best top-1 so far (best.pth)
-    ckpt = run.resume(steps_per_epoch,
-                      lambda c: load_run_state(c, vit, optimizer, ema, run.ckpt_path),
-                      lambda: run_state(vit, optimizer, ema, best))
+
+    def load(ckpt):
+        load_state(vit, ckpt["model"], run.ckpt_path)
+        load_optimizer(optimizer, ckpt["optimizer"], run.ckpt_path)
+    ckpt = run.resume(steps_per_epoch, load,
+                      lambda: {"model": vit.state_dict(), "optimizer": optimizer.state_dict(),
+                               "best": best, "vit_config": asdict(vit.cfg)})
     best = ckpt["best"] if ckpt is not None else best
-    exported = ema if ema is not None else vit  # model_timm.pth: the EMA model if any
-    timm_file = lambda: {run.path("model_timm.pth"): export_timm(exported)}  # noqa: E731
+    timm_file = lambda: {run.path("model_timm.pth"): export_timm(vit)}  # noqa: E731
     lr_at = cosine_schedule(cfg, lr, steps_per_epoch)  # warm-up, then cosine to min_lr
     net = ddp(vit, dist)
     autocast = common.autocast(cfg.precision, dist.device)  # bf16 where native (precision)
@@ -342,11 +312,9 @@ def main(argv):
                 run.add({"loss": loss})
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            if ema is not None:
-                update_ema(ema, vit, cfg.model_ema_decay)
         run.end_epoch(epoch)  # stopped by a signal mid-epoch: save and exit
         done = epoch + 1
-        top1 = evaluate_epoch(vit, ema, val_loader, run, done)
+        top1 = evaluate(vit, val_loader, run, done)
         if top1 > best:
             best = top1
             if dist.main:

@@ -19,7 +19,7 @@ import copy
 import math
 import os
 import socket
-from dataclasses import dataclass, asdict, fields
+from dataclasses import dataclass, asdict
 from typing import List, NamedTuple, Optional
 
 import torch
@@ -76,12 +76,6 @@ VIT_SIZES = {
 
 def build_vit(name: str, **overrides) -> "ViT":
     """build_vit('vit_small', img_size=32, patch_size=4) -> ViT. Overrides are ViTConfig fields."""
-    if name not in VIT_SIZES:
-        raise ValueError(f"unknown model '{name}': choose one of {sorted(VIT_SIZES)}")
-    known = {f.name for f in fields(ViTConfig)}
-    bad = sorted(set(overrides) - known)
-    if bad:
-        raise ValueError(f"unknown ViT option(s) {bad}: allowed are {sorted(known)}")
     return ViT(ViTConfig(**{**VIT_SIZES[name], **overrides}))
 
 
@@ -134,18 +128,6 @@ def sdpa_bias(bias: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     padded = bias.new_zeros(1, H, T, -(-T // 8) * 8, dtype=dtype)
     padded[..., :T] = bias
     return padded[..., :T]
-
-
-# -----------------------------------------------------------------------------
-# Pixel patches (the masked / visible ids: losses.mask_ids)
-
-def patchify(imgs: torch.Tensor, p: int) -> torch.Tensor:
-    """MAE's patchify: (B, C, H, W) -> (B, N, p*p*C), a patch's pixels in (row, column, channel)
-    order."""
-    B, C, H, W = imgs.shape
-    h, w = H // p, W // p
-    x = imgs.view(B, C, h, p, w, p).permute(0, 2, 4, 3, 5, 1)    # (B, h, w, p, p, C)
-    return x.reshape(B, h * w, p * p * C)
 
 
 # -----------------------------------------------------------------------------
@@ -235,8 +217,7 @@ class Block(nn.Module):
         self.ls2 = LayerScale(dim, layer_scale) if layer_scale > 0 else nn.Identity()
         self.drop_path2 = DropPath(drop_path)
 
-    def forward(self, x, shared_bias=None):
-        """(B, T, D) -> (B, T, D), T = 1 + N tokens."""
+    def forward(self, x, shared_bias=None):  # (B, T, D) -> (B, T, D), T = 1 + N tokens
         return self.forward_intermediates(x, shared_bias)[0]
 
     def forward_intermediates(self, x, shared_bias=None, attn=False):
@@ -294,11 +275,9 @@ class ViT(nn.Module):
     def __init__(self, cfg: ViTConfig):
         super().__init__()
         if cfg.img_size % cfg.patch_size:
-            raise ValueError(f"img_size {cfg.img_size} is not a multiple of "
-                             f"patch_size {cfg.patch_size}")
+            raise ValueError(f"patch_size {cfg.patch_size} does not divide img_size {cfg.img_size}")
         if cfg.pos_embed not in ("learned", "sincos", "none"):
-            raise ValueError("pos_embed must be 'learned', 'sincos' or 'none', "
-                             f"got '{cfg.pos_embed}'")
+            raise ValueError(f"pos_embed '{cfg.pos_embed}' is not 'learned', 'sincos' or 'none'")
         self.cfg = cfg
         D, g = cfg.embed_dim, cfg.grid
         self.patch_embed = nn.Module()
@@ -350,8 +329,10 @@ class ViT(nn.Module):
     def num_patches(self) -> int:
         return self.cfg.num_patches
 
-    def embed(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Images (B, C, H, W) -> tokens (B, 1+N, D); patches with mask=True become e_[M]."""
+    def embed(self, x, mask=None, keep=None) -> torch.Tensor:
+        """Images (B, C, H, W) -> the stream entering block 0: tokens (B, 1+N, D), patches with
+        mask=True as e_[M]; or for MAE's encoder (B, 1+|V|, D): [cls] and only the patches with
+        ids `keep` (B, |V|), positions added, so the encoder never sees a masked patch or e_[M]."""
         x = self.patch_embed.proj(x).flatten(2).transpose(1, 2)  # (B, N, D)
         if mask is not None:                                     # mask: (B, N) bool
             w = mask.unsqueeze(-1).to(x.dtype)
@@ -359,22 +340,9 @@ class ViT(nn.Module):
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
         if self.pos_embed is not None:
             x = x + self.pos_embed.to(x.dtype)
+        if keep is not None:
+            x = torch.cat([x[:, :1], gather_tokens(x[:, 1:], keep)], dim=1)
         return x
-
-    def embed_input(self, x, mask=None, keep=None) -> torch.Tensor:
-        """Images (B, C, H, W) -> the stream entering block 0: embed(x, mask) (B, 1+N, D), or for
-        MAE's encoder (B, 1+|V|, D): the patches embedded with their positions, then only those
-        with ids `keep` (B, |V|) go on, so the encoder never sees a masked patch or e_[M]."""
-        if keep is None:
-            return self.embed(x, mask)
-        if mask is not None:
-            raise ValueError("give either mask (masked patches -> e_[M]) "
-                             "or keep (visible patches only)")
-        if self.rel_pos_bias is not None or self.cfg.rel_pos_bias:
-            raise ValueError("keep= (visible patches only) needs absolute positions: "
-                             "relative position bias tables are laid out for all 1+N tokens")
-        x = self.embed(x)                                              # (B, 1+N, D)
-        return torch.cat([x[:, :1], gather_tokens(x[:, 1:], keep)], dim=1)
 
     def forward(self, x, mask=None, keep=None):
         """(B, C, H, W) -> final-normed tokens (B, 1+N, D), or logits (B, classes) with a head.
@@ -382,7 +350,7 @@ class ViT(nn.Module):
         mask (B, N) bool: those patches become e_[M] (SimMIM, distillation). keep (B, |V|)
         patch ids: the encoder runs on [cls] + those patches only (MAE), so N becomes |V|.
         """
-        x = self.embed_input(x, mask, keep)                            # (B, 1+N, D)
+        x = self.embed(x, mask, keep)                                  # (B, 1+N, D)
         shared_bias = self.rel_pos_bias() if self.rel_pos_bias is not None else None
         for blk in self.blocks:
             x = blk(x, shared_bias)
@@ -401,12 +369,9 @@ class ViT(nn.Module):
         `layers.pre_norm` of depth=k+1. attn: also the attention maps and branches (explicit
         softmax). collect=False keeps no per-layer lists, only `pre_norm`.
         """
-        if depth is not None and not 0 <= depth <= len(self.blocks):
-            raise ValueError(f"depth must be in 0..{len(self.blocks)}, got {depth}")
-        x = self.embed_input(x, mask, keep)                            # (B, T, D)
-        blocks = self.blocks[:depth] if depth is not None else self.blocks
+        x = self.embed(x, mask, keep)                                  # (B, T, D)
         shared_bias = self.rel_pos_bias() if self.rel_pos_bias is not None else None
-        return run_blocks(blocks, x, shared_bias, self.norm, attn, collect)
+        return run_blocks(self.blocks[:depth], x, shared_bias, self.norm, attn, collect)
 
 
 # -----------------------------------------------------------------------------
@@ -442,8 +407,7 @@ def to_timm(state_dict: dict) -> dict:
     every logit of a query row, which softmax ignores, so dropping it is exact.
     """
     sd = {k: v for k, v in state_dict.items() if k != "mask_token"}
-    beit = any("relative_position_bias_table" in k for k in sd)
-    if not beit:
+    if not any("relative_position_bias_table" in k for k in sd):
         return sd
     out = {}
     for k, v in sd.items():
@@ -451,10 +415,8 @@ def to_timm(state_dict: dict) -> dict:
             q, _, v_ = v.chunk(3)
             out[k.replace("qkv.bias", "q_bias")] = q
             out[k.replace("qkv.bias", "v_bias")] = v_
-        elif ".ls1.gamma" in k or ".ls2.gamma" in k:
+        else:  # layer scale: timm's Beit names it gamma_1 / gamma_2
             out[k.replace(".ls1.gamma", ".gamma_1").replace(".ls2.gamma", ".gamma_2")] = v
-        else:
-            out[k] = v
     return out
 
 
@@ -486,6 +448,14 @@ class DistillStudent(nn.Module):
 # -----------------------------------------------------------------------------
 # Pixel reconstruction: SimMIM and MAE (the MTO paper's baselines). Both return pred (B, N, p*p*C)
 # and, if asked, X^0..X^L of the blocks that hold the mask tokens (for MTO).
+
+def patchify(imgs: torch.Tensor, p: int) -> torch.Tensor:
+    """MAE's patchify: (B, C, H, W) -> (B, N, p*p*C), each patch's pixels (row, column, channel)."""
+    B, C, H, W = imgs.shape
+    h, w = H // p, W // p
+    x = imgs.view(B, C, h, p, w, p).permute(0, 2, 4, 3, 5, 1)    # (B, h, w, p, p, C)
+    return x.reshape(B, h * w, p * p * C)
+
 
 class SimMIM(nn.Module):
     """Masked patches become e_[M] inside the encoder; one Linear predicts each patch's pixels.
@@ -621,12 +591,8 @@ class EMATeacher(ViTTeacher):
 
     @torch.no_grad()
     def update(self, student_encoder: nn.Module, momentum: float):
-        teacher = list(self.encoder.parameters())
         student = [p.detach() for p in student_encoder.parameters()]
-        if len(teacher) != len(student):
-            raise ValueError(f"the EMA teacher has {len(teacher)} parameter tensors, "
-                             f"the student {len(student)}")
-        torch._foreach_lerp_(teacher, student, 1.0 - momentum)
+        torch._foreach_lerp_(list(self.encoder.parameters()), student, 1.0 - momentum)
 
 
 class CLIPTeacher(Teacher):
@@ -640,14 +606,12 @@ class CLIPTeacher(Teacher):
         super().__init__()
         import open_clip
         weights = resolve_clip_weights(model_name, pretrained)
-        clip = open_clip.create_model(model_name, pretrained=weights, device="cpu")
-        visual = clip.visual
+        visual = open_clip.create_model(model_name, pretrained=weights, device="cpu").visual
         self.visual = visual.eval().requires_grad_(False)
-        mean = getattr(visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN
-        std = getattr(visual, "image_std", None) or open_clip.OPENAI_DATASET_STD
         # x_clip = (x_student * s_std + s_mean - c_mean) / c_std  = x_student * a + b
         s_mean, s_std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
-        c_mean, c_std = torch.tensor(mean), torch.tensor(std)
+        c_mean = torch.tensor(getattr(visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN)
+        c_std = torch.tensor(getattr(visual, "image_std", None) or open_clip.OPENAI_DATASET_STD)
         self.register_buffer("scale", (s_std / c_std).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("shift", ((s_mean - c_mean) / c_std).view(1, 3, 1, 1),
                              persistent=False)
@@ -668,6 +632,7 @@ def resolve_clip_weights(model_name: str, pretrained: str) -> str:
     """A local file, or an open_clip tag that can be loaded now (found in the Hugging Face cache,
     or else left to open_clip to download if the hub answers within 3 s); fail fast if neither."""
     import open_clip
+    from huggingface_hub import try_to_load_from_cache
     if os.path.isfile(pretrained):
         return pretrained
     if os.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")):
@@ -677,21 +642,16 @@ def resolve_clip_weights(model_name: str, pretrained: str) -> str:
         tags = open_clip.list_pretrained_tags_by_model(model_name)
         raise ValueError(f"open_clip has no pretrained tag '{pretrained}' for '{model_name}'"
                          f" (known: {tags}); or give a local weights file as teacher.pretrained")
-    hub = cfg.get("hf_hub", "")
-    if hub:
-        from huggingface_hub import try_to_load_from_cache
-        repo, filename = os.path.split(hub)  # "org/repo/" -> default file names
-        for name in (filename, "open_clip_model.safetensors", "open_clip_pytorch_model.bin"):
-            if name:
-                path = try_to_load_from_cache(repo, name)
-                if isinstance(path, str) and os.path.isfile(path):
-                    return path
+    repo, filename = os.path.split(cfg.get("hf_hub", ""))  # "org/repo/" -> default file names
+    for name in (filename, "open_clip_model.safetensors", "open_clip_pytorch_model.bin"):
+        path = try_to_load_from_cache(repo, name) if repo and name else None
+        if isinstance(path, str) and os.path.isfile(path):
+            return path
     if not _reachable("huggingface.co") and not _reachable("openaipublic.azureedge.net"):
-        raise RuntimeError(
-            f"CLIP weights '{model_name}/{pretrained}' are not cached and cannot be downloaded "
-            "(no network): download them on a machine with internet (open_clip.create_model("
-            f"'{model_name}', pretrained='{pretrained}')) "
-            "and set teacher.pretrained=/path/to/weights")
+        raise RuntimeError(f"CLIP weights '{model_name}/{pretrained}' are not cached and cannot be "
+                           "downloaded (no network): download them on a machine with internet "
+                           f"(open_clip.create_model('{model_name}', pretrained='{pretrained}')) "
+                           "and set teacher.pretrained=/path/to/weights")
     return pretrained
 
 
@@ -744,8 +704,7 @@ class CNNTeacher(Teacher):
 
 
 def load_cnn(path: str) -> SmallCNN:
-    """A SmallCNN saved as {'num_classes', 'width', 'model'} (pretrain.py's teacher=cnn cache;
-    it also records 'test_top1', 'epochs' and 'images')."""
+    """A SmallCNN saved as {'num_classes', 'width', 'model'} (pretrain.py's teacher=cnn cache)."""
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     cnn = SmallCNN(ckpt["num_classes"], ckpt["width"])
     cnn.load_state_dict(ckpt["model"], strict=True)

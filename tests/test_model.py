@@ -282,9 +282,6 @@ def test_forward_intermediates_depth_is_the_hand_loop():
         assert torch.equal(layers.pre_norm, vit.embed(x)) and len(layers.X) == 1
     for h in hooks:
         h.remove()
-    for bad in (-1, 4):
-        with pytest.raises(ValueError, match="depth must be in 0..3"):
-            vit.forward_intermediates(x, depth=bad)
 
 
 def test_forward_intermediates_with_keep():
@@ -446,21 +443,12 @@ def test_checkpoint_teacher_from_a_classifier_drops_the_head(tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# 6. build_vit errors
+# 6. ViT errors
 
-def test_build_vit_rejects_unknown_name_and_options():
-    with pytest.raises(ValueError) as e:
-        build_vit("vit_huge")
-    assert "vit_huge" in str(e.value)
-    for name in M.VIT_SIZES:
-        assert name in str(e.value)
-    with pytest.raises(ValueError) as e:
-        build_vit("vit_micro", img_size=IMG, patch_size=PATCH, embed_dims=64)
-    msg = str(e.value)
-    assert all(word in msg for word in ("embed_dims", "embed_dim'", "patch_size", "layer_scale"))
-    with pytest.raises(ValueError, match="pos_embed"):
+def test_vit_rejects_a_bad_pos_embed_and_img_size():
+    with pytest.raises(ValueError, match="pos_embed 'rope'"):
         tiny(pos_embed="rope")
-    with pytest.raises(ValueError, match="multiple"):
+    with pytest.raises(ValueError, match="patch_size 4 does not divide img_size 30"):
         build_vit("vit_micro", img_size=30, patch_size=4)
 
 
@@ -718,8 +706,6 @@ def test_ema_teacher_update_is_the_per_parameter_lerp_bit_for_bit():
             p_t.lerp_(p_s.detach(), 1.0 - momentum)
         for (n, p), ref in zip(teacher.encoder.named_parameters(), reference):
             assert torch.equal(p, ref), (momentum, n)
-    with pytest.raises(ValueError):
-        teacher.update(tiny(depth=1), 0.9)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
