@@ -26,9 +26,6 @@ busy machine slows both sides alike:
            and masks) vs from tensors already on the device, and the loader alone (--data jpeg)
   loader   one worker's time per sample on ImageNet-sized JPEGs with the ImageNet recipe's
            augmentation, before (jitter on the whole image, float32) and after (crop first, uint8)
-  save     how long rank 0's training loop waits for a checkpoint of the model and its AdamW
-           moments (the config's model; --models vit_base for the ImageNet size): the write
-           itself (before) vs a host copy handed to a background thread (after, common.Run.save)
 
 Student, masking, loss and AdamW settings come from a pre-training config (pretrain.Config:
 --config, then key=value overrides). The teacher is open_clip's visual tower with RANDOM weights
@@ -65,7 +62,7 @@ RECIPE_GPU_BATCH = 128  # distill, dtm, data sections on a GPU: the recipes' 102
 DTM_CASES = [(196, 1), (147, 2), (98, 1), (98, 7), (98, 14), (49, 14), (1, 1), (1, 14)]  # (N_m, k)
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 TINY_CLIP = "bench-tiny-clip"  # the CPU teacher: an open_clip config registered at start-up
-SECTIONS = ("step", "relpos", "distill", "dtm", "data", "precision", "loader", "save",
+SECTIONS = ("step", "relpos", "distill", "dtm", "data", "precision", "loader",
             "stalls")
 # profiler scopes of a step
 PHASES = ("teacher", "student forward", "loss", "backward", "clip+adamw")
@@ -98,7 +95,7 @@ def parse_args(argv):
     p.add_argument("--eager-teacher", dest="compile_teacher", action="store_false",
                    help="the compiled distill rows keep the teacher eager (pretrain.py with "
                         "compile=true compiles both)")
-    p.add_argument("--sections", default="step,relpos,distill,dtm,loader,save,stalls",
+    p.add_argument("--sections", default="step,relpos,distill,dtm,loader,stalls",
                    help=f"comma-separated, of {', '.join(SECTIONS)}")
     p.add_argument("--data", choices=("tensor", "jpeg"), default="tensor",
                    help="jpeg: also run the data section (the same as adding it to --sections)")
@@ -777,37 +774,6 @@ def bench_loader(args, folder):
     return rows
 
 
-def bench_save(args, cfg, device, folder):
-    """The wait of rank 0's loop for one checkpoint (weights and both AdamW moments, as
-    pretrain.py saves them), before: written in the loop (common.save_run); after: copied to
-    host memory and written by a background thread (common.host_copy, BackgroundWrite), whose
-    write is waited for outside the timing."""
-    name = (args.models or cfg.model).split(",")[0]
-    vit = M.build_vit(name, img_size=cfg.img_size, patch_size=cfg.patch_size).to(device)
-    weights = vit.state_dict()
-    moments = {m: {k: torch.rand_like(v, dtype=torch.float) for k, v in weights.items()}
-               for m in ("exp_avg", "exp_avg_sq")}
-    state = {"model": weights, "optimizer": moments}
-    path = os.path.join(folder, "checkpoint.pth")
-    size = sum(v.numel() * v.element_size() for part in (weights, *state["optimizer"].values())
-               for v in part.values())
-    print(f"  save: {name}, a checkpoint of {size / 2 ** 20:.0f} MiB into {folder} ...", flush=True)
-    times = {"before: written in the loop": [], "after: host copy, background write": []}
-    for _ in range(max(args.steps, 3)):
-        sync(device)
-        t0 = time.perf_counter()
-        common.save_run(path, state, {})
-        times["before: written in the loop"].append(time.perf_counter() - t0)
-        sync(device)
-        t0 = time.perf_counter()
-        writer = common.BackgroundWrite(common.save_run, path, common.host_copy(state), {})
-        times["after: host copy, background write"].append(time.perf_counter() - t0)
-        writer.wait()
-    ref = f"{name} {next(iter(times))}"
-    return [row("save", f"{name} {label}", 1, t, ref=ref, vs="written in the loop")
-            for label, t in times.items()]
-
-
 def bench_data(args, cfg, device, steps, on_device, batch, folder):
     """The DTM step fed from a DataLoader over JPEGs vs on tensors already on the device.
 
@@ -1038,8 +1004,6 @@ def main(argv):
             rows += bench_precision(args, cfg, device)
         if "loader" in args.sections:
             rows += bench_loader(args, folder)
-        if "save" in args.sections:
-            rows += bench_save(args, cfg, device, folder)
         counts = bench_stalls(args, cfg, batch) if "stalls" in args.sections else []
     fill_ratios(rows)
     print(f"\nmeasured in {time.time() - t_start:.0f} s. ms: median step; +-%: half the "

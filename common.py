@@ -5,7 +5,6 @@ Nothing about the methods lives here; read the stage scripts for that.
 import contextlib
 import dataclasses
 import difflib
-import errno
 import fcntl
 import inspect
 import itertools
@@ -13,12 +12,9 @@ import json
 import math
 import os
 import pickle
-import re
-import shutil
 import signal
 import socket
 import sys
-import threading
 import time
 import typing
 from datetime import timedelta
@@ -30,15 +26,13 @@ import yaml
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-import data  # the data sets count the corrupt images they skip (data.SafeImageFolder)
-
 
 class ConfigError(ValueError):
     """A bad config key or value: the scripts print it as one line and exit with code 2."""
 
 
 class RunError(RuntimeError):
-    """A fault during the run (NaN loss, corrupt data, a full disk): one line, exit code 3."""
+    """A fault during the run (NaN loss, a lost process, a full disk): one line, exit code 3."""
 
 
 # -----------------------------------------------------------------------------
@@ -108,12 +102,12 @@ def _check_type(key, value, kind):
 GT0, GE0, GE1 = (lambda v: v > 0, "> 0"), (lambda v: v >= 0, ">= 0"), (lambda v: v >= 1, ">= 1")
 # bounds of keys the stage configs share (a config without the key skips it)
 SHARED_LIMITS = {
-    "blr": GT0, "lr": GE0, "max_corrupt_frac": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "blr": GT0, "lr": GE0,
     **dict.fromkeys(("patch_size", "epochs", "batch_size", "accum_steps", "log_every",
                      "dist_timeout_s", "save_every", "eval_every", "knn_k"), GE1),
     **dict.fromkeys(("min_lr", "weight_decay", "warmup_epochs", "num_workers", "subset",
                      "val_subset", "drop_path", "layer_scale", "label_smoothing", "mixup", "cutmix",
-                     "reprob", "randaug_ops", "img_size", "skip_nonfinite"), GE0)}
+                     "reprob", "randaug_ops", "img_size"), GE0)}
 
 
 def check_ranges(cfg):
@@ -304,32 +298,20 @@ def param_groups(model: torch.nn.Module, weight_decay: float):
 # Checkpoints: written atomically, read with weights_only=True
 
 def save_atomic(obj, path: str):
-    """torch.save to `<path>.tmp.<pid>`, then os.replace: a kill mid-write leaves the old file
-    intact. A failed write (a full disk) removes the temporary file and is one line."""
-    tmp, folder = f"{path}.tmp.{os.getpid()}", os.path.dirname(os.path.abspath(path))
+    """torch.save to `<path>.tmp`, then os.replace: a kill mid-write leaves the old file intact
+    (and a .tmp that the next save overwrites). A failed write (a full disk) is one line."""
+    tmp = path + ".tmp"
     try:
-        os.makedirs(folder, exist_ok=True)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         torch.save(obj, tmp)
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
-        while not os.path.isdir(folder):  # the nearest folder that exists, for its free space
-            folder = os.path.dirname(folder)
-        full = shutil.disk_usage(folder).free < 2**20  # measured before the temp file goes
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        guess = os.strerror(errno.ENOSPC) if full else first_line(e)[:120]  # a RuntimeError
-        reason, free = getattr(e, "strerror", None) or guess, shutil.disk_usage(folder).free
-        raise RunError(f"cannot write '{path}' ({reason}; {free / 2**20:.1f} MiB free there): fix "
-                       "it, then rerun the same command to resume (the previous file is intact)")
-
-
-def remove_stale_temp_files(out_dir: str):
-    """Delete the `<name>.tmp.<pid>` files of a killed save_atomic. Called by the run that holds
-    out_dir's lock, so no other run writes there; other files (notes.tmp.txt) stay."""
-    for name in sorted(os.listdir(out_dir)):
-        if re.fullmatch(r".+\.tmp\.\d+", name):
-            os.remove(os.path.join(out_dir, name))
-            print0(f"removed {name}, left by a run killed while saving")
+        reason = getattr(e, "strerror", None) or first_line(e)[:120]
+        raise RunError(f"cannot write '{path}' ({reason}): if the disk is full, free "
+                       "some space; then rerun the same command to resume (the previous file is "
+                       "intact)") from None
 
 
 def read_torch_file(path: str, safe_globals=()) -> dict:
@@ -411,71 +393,6 @@ def load_optimizer(optimizer: torch.optim.Optimizer, state: dict, source: str):
                           "written with") from None
 
 
-def save_run(ckpt_path: str, state: dict, outputs: dict, keep_path: str = None):
-    """The outputs ({path: obj}, tagged with state['step']) first, then the checkpoint (and a kept
-    copy): a checkpoint never says a step is done whose outputs are not on disk."""
-    for path, obj in outputs.items():
-        save_atomic({**obj, "step": state["step"]}, path)
-    save_atomic(state, ckpt_path)
-    if keep_path:
-        save_atomic(state, keep_path)
-
-
-def host_copy(obj):
-    """A snapshot of a (nested) checkpoint, every tensor copied to host memory, so training can
-    change the weights while a background thread writes the copy."""
-    if torch.is_tensor(obj):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):  # an OrderedDict stays one, with a state_dict's _metadata
-        out = type(obj)((k, host_copy(v)) for k, v in obj.items())
-        if hasattr(obj, "_metadata"):
-            out._metadata = obj._metadata
-        return out
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(host_copy(v) for v in obj)
-    return obj
-
-
-class BackgroundWrite:
-    """fn(*args) in a thread; wait() joins it and raises its error in the caller. Not a daemon:
-    a process that exits waits for the write (`_fail` joins it before os._exit)."""
-    NAME = "checkpoint-write"
-
-    def __init__(self, fn, *args):
-        self.error = None
-        self.thread = threading.Thread(target=self._run, args=(fn, *args), name=self.NAME)
-        self.thread.start()
-
-    def _run(self, fn, *args):
-        try:
-            fn(*args)
-        except BaseException as e:  # noqa: B902 (re-raised by wait, in the training thread)
-            self.error = e
-            print(f"warning: {first_line(e)}; the run stops at its next save", file=sys.stderr,
-                  flush=True)
-
-    def wait(self):
-        self.thread.join()
-        if self.error is not None:
-            raise self.error
-
-
-def ensure_outputs(outputs: dict, step: int) -> list:
-    """A rerun of a finished run: rewrite each output ({path: obj}) that is missing, unreadable
-    or from another step than the checkpoint's. -> the paths rewritten."""
-    rewritten = []
-    for path, obj in outputs.items():
-        try:
-            fresh = read_torch_file(path).get("step") == step
-        except (ValueError, FileNotFoundError, AttributeError):
-            fresh = False
-        if not fresh:
-            save_atomic({**obj, "step": step}, path)
-            print0(f"rewrote {path}: it was missing or older than the checkpoint (step {step})")
-            rewritten.append(path)
-    return rewritten
-
-
 # -----------------------------------------------------------------------------
 # Run directories: one run per folder, config.yaml after the resume check, outputs before "done"
 
@@ -483,8 +400,8 @@ _held_locks = []  # the open .lock files of this process
 
 
 def open_run_dir(out_dir: str):
-    """Create out_dir, lock it (rank 0 holds out_dir/.lock until it exits) and remove the temp
-    files of a killed save; a folder that cannot be used stops every rank with one line."""
+    """Create out_dir and lock it (rank 0 holds out_dir/.lock until it exits); a folder that
+    cannot be used stops every rank with one line."""
     with stop_all_on_error():
         if os.path.exists(out_dir) and not os.path.isdir(out_dir):
             raise ConfigError(f"out_dir '{out_dir}' is a file, not a folder: choose another "
@@ -496,7 +413,6 @@ def open_run_dir(out_dir: str):
                               "out_dir") from None
         if is_main():
             lock_run_dir(out_dir)
-            remove_stale_temp_files(out_dir)
 
 
 @contextlib.contextmanager
@@ -551,31 +467,6 @@ def check_resume_config(saved: dict, current: dict, keys, path: str):
                           "settings, or choose a new out_dir")
 
 
-def trim_log(path: str, step: int, epochs_done: int):
-    """Resuming at `step`: drop the log lines a killed run wrote after its checkpoint (lines with
-    a step compare it, per-epoch evaluations the epoch; a half-written line goes). Rank 0."""
-    if not is_main() or not os.path.isfile(path):
-        return
-    with open(path) as f:
-        lines = f.readlines()
-    keep = [line for line in lines if _before(line, step, epochs_done)]
-    if len(keep) < len(lines):
-        tmp = f"{path}.tmp.{os.getpid()}"
-        with open(tmp, "w") as f:
-            f.writelines(keep)
-        os.replace(tmp, path)
-        print0(f"log: dropped {len(lines) - len(keep)} line(s) written after the checkpoint's "
-               f"step {step}")
-
-
-def _before(line: str, step: int, epochs_done: int) -> bool:
-    try:
-        record = json.loads(line)
-    except ValueError:
-        return False
-    return record["step"] <= step if "step" in record else record.get("epoch", 0) <= epochs_done
-
-
 def log_json(path: str, record: dict):
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
@@ -586,7 +477,6 @@ def log_json(path: str, record: dict):
 
 LOST_PEER = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "timed out",
              "Timed out", "NCCL communicator was aborted", "watchdog")
-LOADER_DIED = ("shared memory", "/torch_", "exited unexpectedly", "is killed by signal")
 
 
 def run_main(main):
@@ -607,12 +497,6 @@ def run_main(main):
         if not isinstance(e, RuntimeError) or "PytorchStreamReader" in msg:  # not by read_weights
             _fail(f"a weights file named in the config is not readable ({first_line(e)[:120]}): "
                   "check init, backbone and teacher_pretrained", 2)
-        if any(s in msg for s in LOADER_DIED):  # the workers pass their batches through /dev/shm
-            free = shutil.disk_usage("/dev/shm").free / 2**20 if os.path.isdir("/dev/shm") else 0
-            _fail(f"a data loader worker died ({first_line(e)[:100]}); the usual cause is a full "
-                  f"/dev/shm ({free:.0f} MiB free): give the container more shared memory "
-                  "(docker run --shm-size=16g) or set num_workers=0, then rerun the same command "
-                  "to resume", 3)
         lost = isinstance(e, dist.DistError) or any(s in msg for s in LOST_PEER)
         if dist.is_initialized() and lost:
             _fail(f"rank {dist.get_rank()} lost contact with another process "
@@ -633,22 +517,8 @@ def _fail(message: str, code: int):
         bar.close()
     print(f"error: {message}", file=sys.stderr, flush=True)
     if code == 3 and dist.is_initialized():  # peers may be gone: do not wait for them in a barrier
-        for writer in threading.enumerate():  # os._exit would cut a checkpoint write off
-            if writer.name == BackgroundWrite.NAME:
-                writer.join()
         os._exit(code)
     sys.exit(code)  # run_main's `finally` ends the process group
-
-
-def check_corrupt(count: int, data_size: int, max_frac: float, device) -> int:
-    """Sum the corrupt images skipped by every rank; stop all ranks when more than max_frac of the
-    data set is corrupt. Every rank calls it at the same step (a collective)."""
-    total = int(all_reduce_sum(torch.tensor(float(count), device=device)).item())
-    if total > max_frac * data_size:
-        raise RunError(f"{total} of {data_size} images are corrupt (more than "
-                       f"max_corrupt_frac={max_frac}); their paths are printed above: fix or "
-                       "remove them, or raise max_corrupt_frac")
-    return total
 
 
 # -----------------------------------------------------------------------------
@@ -690,7 +560,7 @@ def ignore_stop_signals(worker_id: int = 0):
 
 
 # -----------------------------------------------------------------------------
-# Data loading: resumable mid-epoch, sharded, copied to the GPU ahead of use
+# Data loading: resumable mid-epoch, sharded
 
 def step_seed(seed: int, step: int, rank: int) -> int:
     """The torch seed of one optimisation step (drop path, ...): a function of (seed, step, rank),
@@ -729,28 +599,10 @@ def train_loader(dataset, micro_batch: int, dist_: Dist, seed: int, num_workers:
 
 
 def on_device(batches, device: torch.device):
-    """Yield each batch (a tuple) with its tensors moved to `device`. On CUDA the next batch is
-    copied from pinned memory on a side stream while the current one computes."""
-    def move(b):
-        return tuple(t.to(device, non_blocking=True) if torch.is_tensor(t) else t for t in b)
-    if device.type != "cuda":
-        yield from map(move, batches)
-        return
-    side, batches = torch.cuda.Stream(device), iter(batches)
-
-    def copy_next():
-        b = next(batches, None)
-        with torch.cuda.stream(side):
-            return None if b is None else move(b)
-    ready = copy_next()
-    while ready is not None:
-        compute = torch.cuda.current_stream(device)
-        compute.wait_stream(side)  # this batch's copy is done before its first use
-        for t in ready:
-            if torch.is_tensor(t):
-                t.record_stream(compute)  # its memory is not reused while compute may read it
-        current, ready = ready, copy_next()
-        yield current
+    """Yield each batch (a tuple) with its tensors moved to `device`; from pinned memory the copy
+    does not block the host (MAE's loop does the same)."""
+    for b in batches:
+        yield tuple(t.to(device, non_blocking=True) if torch.is_tensor(t) else t for t in b)
 
 
 def no_sync(model: torch.nn.Module, micro: int, accum_steps: int):
@@ -773,13 +625,10 @@ class Run:
             for step in run.steps(epoch):          # progress bar; ends early on a signal
                 run.set_lr(optimizer, lr_at[step])
                 ...                                # the method
-                if run.finite(loss):               # skip_nonfinite: drop a non-finite step
-                    optimizer.step()
-                    run.add({"loss": loss})        # reduced over ranks at each log step
+                run.add({"loss": loss})            # reduced over ranks at each log step
             run.end_epoch(epoch)                   # stopped mid-epoch: save, exit 128 + signal
             run.save(epoch + 1, outputs)           # outputs first, then checkpoint.pth
             run.exit_if_stopped(epoch + 1)
-        run.finish(outputs)                        # a rerun of a finished run: rewrite lost outputs
 
     A resumed run sees the same data and draws the same random numbers as an uninterrupted one:
     the data order and `step_seed` depend only on (seed, epoch, step).
@@ -799,8 +648,8 @@ class Run:
         self.stop = StopRequest()  # SIGTERM (SLURM, torchrun) / SIGINT (Ctrl-C)
         open_run_dir(cfg.out_dir)  # one run per folder; temp files of a killed save removed
         self.ckpt_path, self.log_path = self.path("checkpoint.pth"), self.path("log.jsonl")
-        self.step, self.steps_per_epoch, self.skipped, self.stopping = 0, 0, 0, False
-        self.lr, self._sums, self._count, self._data, self._writer = 0.0, {}, 0, None, None
+        self.step, self.steps_per_epoch, self.stopping = 0, 0, False
+        self.lr, self._sums, self._count = 0.0, {}, 0
         self._ckpt = self._read_resume(resume_keys) if resume_keys is not None else None
         if is_main():  # config.yaml: only once the checkpoint is known to match it
             with open(self.path("config.yaml"), "w") as f:
@@ -844,40 +693,27 @@ class Run:
                                   f"steps per epoch, this config gives {steps_per_epoch}: resume "
                                   "with the same batch_size and subset, or a new out_dir")
             load(ckpt)
-            self.step, self.skipped = ckpt["step"], ckpt.get("skipped_steps", 0)
+            self.step = ckpt["step"]
             print0(f"resumed from {self.ckpt_path} at epoch {self.step // steps_per_epoch}, "
                    f"step {self.step}")
-        trim_log(self.log_path, self.step, self.step // steps_per_epoch)  # lines past the ckpt
         set_collective_timeout(self.cfg.dist_timeout_s)  # start-up is over
         return ckpt
 
     def save(self, epochs_done: int, outputs: dict = None, keep: bool = False):
-        """Rank 0: the outputs ({path: obj}), then checkpoint.pth (keep: also -<epochs_done>.pth),
-        copied to host memory and written by a thread; the next save, finish and a stop wait."""
+        """Rank 0: the outputs ({path: obj}, tagged with the step) first, then checkpoint.pth
+        (keep: also -<epochs_done>.pth): a checkpoint never says a step is done whose outputs
+        are not on disk."""
         if not self.dist.main:
             return
-        self.wait_saved()
-        state = host_copy({**self._state(), "epoch": epochs_done, "step": self.step,
-                           "steps_per_epoch": self.steps_per_epoch,
-                           "skipped_steps": self.skipped, "config": self.record})
-        keep_path = self.path(f"checkpoint-{epochs_done:04d}.pth") if keep else None
-        self._writer = BackgroundWrite(save_run, self.ckpt_path, state, host_copy(outputs or {}),
-                                       keep_path)
         print0(f"saving {self.ckpt_path} at step {self.step} "
                f"(epoch {self.step / self.steps_per_epoch:.2f})")
-
-    def wait_saved(self):
-        """Block until the background write of the last save is on disk (raise its error)."""
-        writer, self._writer = self._writer, None
-        if writer is not None:
-            writer.wait()
-
-    def finish(self, outputs: dict):
-        """The last save is on disk; a rerun of a finished run: rewrite an output lost after its
-        checkpoint (rank 0)."""
-        self.wait_saved()
-        if self.dist.main:
-            ensure_outputs(outputs, self.step)
+        for path, obj in (outputs or {}).items():
+            save_atomic({**obj, "step": self.step}, path)
+        state = {**self._state(), "epoch": epochs_done, "step": self.step,
+                 "steps_per_epoch": self.steps_per_epoch, "config": self.record}
+        save_atomic(state, self.ckpt_path)
+        if keep:
+            save_atomic(state, self.path(f"checkpoint-{epochs_done:04d}.pth"))
 
     # ---- the loop
 
@@ -890,16 +726,14 @@ class Run:
 
     def epoch_batches(self, epoch: int, loader: DataLoader):
         """Position a `train_loader` at this epoch: skip what a resumed epoch has seen, draw this
-        epoch's augmentation, count corrupt images from zero. -> an iterator of batches."""
+        epoch's augmentation. -> an iterator of batches."""
         loader.sampler.set_epoch(epoch, skip=self.seen(epoch) * self.micro_batch)
-        self._data = loader.dataset
-        self._data.set_epoch(epoch)
-        data.reset_corrupt_count(self._data)
+        loader.dataset.set_epoch(epoch)
         return iter(loader)
 
     def steps(self, epoch: int):
         """Yield the steps of `epoch` left to run, each with its own torch seed (step_seed). Each
-        log step: the log line, the corrupt-image check, and a stop signal ends the epoch."""
+        log step: the log line, and a stop signal ends the epoch."""
         end = (epoch + 1) * self.steps_per_epoch
         bar = tqdm(total=self.steps_per_epoch, initial=self.step - epoch * self.steps_per_epoch,
                    desc=f"epoch {epoch + 1}/{self.cfg.epochs}", disable=not self.dist.main,
@@ -913,7 +747,6 @@ class Run:
                 bar.update(1)
                 if self.step % self.cfg.log_every == 0 or self.step == end:
                     self._write_log(epoch, bar)
-                    self.check_corrupt()
                     if self.stop.should_stop(self.dist.device):
                         self.stopping = True
                         break
@@ -926,21 +759,6 @@ class Run:
         for group in optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
 
-    def finite(self, loss: torch.Tensor) -> bool:
-        """skip_nonfinite > 0: is this step's loss finite on every rank (a host sync)? A bad step
-        is counted and skipped; more than skip_nonfinite of them stop the run. 0: always True."""
-        allowed = getattr(self.cfg, "skip_nonfinite", 0)
-        if not allowed or bool(all_reduce_sum(loss.detach()).isfinite()):
-            return True
-        self.skipped += 1
-        if self.skipped > allowed:
-            raise RunError(f"loss is not finite at step {self.step}, {self.skipped} bad steps in "
-                           f"all (skip_nonfinite={allowed}); the last good checkpoint is "
-                           f"{self.ckpt_path}: lower the lr or check the data")
-        print0(f"warning: non-finite loss at step {self.step}: step skipped "
-               f"({self.skipped}/{allowed})")
-        return False
-
     def add(self, values: dict, n: int = 1):
         """Add this step's values ({name: tensor}, each a sum over n micro-batches) to the log."""
         for name, value in values.items():
@@ -951,16 +769,13 @@ class Run:
         """Reduce the values added since the last line (one host sync) and write the line."""
         count, self._count = self._count, 0
         sums, self._sums = self._sums, {}
-        if count == 0:  # every step since the last line was skipped (skip_nonfinite)
-            return
         means = all_reduce_mean(torch.stack([v.float() for v in sums.values()]) / count).tolist()
         values = dict(zip(sums, means))
         bad = [(k, v) for k, v in values.items() if not math.isfinite(v)]
         if bad:
             name, value = bad[0]
             raise RunError(f"{name} is {value} at step {self.step} (epoch {epoch + 1}); the last "
-                           f"good checkpoint is {self.ckpt_path}: lower the lr, check the data, "
-                           "or set skip_nonfinite")
+                           f"good checkpoint is {self.ckpt_path}: lower the lr or check the data")
         images = count * self.micro_batch * self.dist.world
         ips, self._t0 = images / (time.time() - self._t0), time.time()
         bar.set_postfix({**{k: f"{v:.4f}" for k, v in values.items()}, "lr": f"{self.lr:.2e}",
@@ -969,28 +784,23 @@ class Run:
             log_json(self.log_path, {"epoch": epoch + 1, "step": self.step, **values,
                                      "lr": self.lr, "img_per_s": ips})
 
-    def check_corrupt(self) -> int:
-        """Corrupt images skipped this epoch on all ranks; too many stop the run (a collective)."""
-        if self._data is None:
-            return 0
-        return check_corrupt(data.corrupt_count(self._data), len(self._data),
-                             self.cfg.max_corrupt_frac, self.dist.device)
-
     def end_epoch(self, epoch: int):
-        """Stopped mid-epoch: save where the run is and exit (128 + signal). Otherwise report
-        the corrupt images the epoch skipped."""
+        """Stopped mid-epoch: save where the run is and exit (128 + signal)."""
         if self.step < (epoch + 1) * self.steps_per_epoch:
             self.save(epoch)
-            self.wait_saved()
             print0(f"stopped by signal at step {self.step}; rerun the same command to resume")
             self.stop.exit()
-        skipped = self.check_corrupt()
-        if skipped:
-            print0(f"epoch {epoch + 1}: skipped {skipped} corrupt image(s) (paths above)")
 
     def exit_if_stopped(self, epochs_done: int):
         """A signal arrived in the epoch's last log interval: the epoch is saved; exit now."""
         if self.stopping:
-            self.wait_saved()
             print0(f"stopped by signal after epoch {epochs_done}; rerun the same command to resume")
             self.stop.exit()
+
+
+# TEMP (issue 32 integration): removed once probe.py and finetune.py drop their calls
+def check_corrupt(*args):
+    return 0
+
+
+Run.finish = lambda self, outputs: None

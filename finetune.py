@@ -44,7 +44,6 @@ class Config:
     subset: int = 0                  # use `subset` training images, evenly spaced (0 = all)
     img_size: int = 28
     num_workers: int = 2
-    max_corrupt_frac: float = 0.01   # imagefolder: skip corrupt images; stop above this share
     # model
     init: str = ""                   # encoder.pth of pretrain.py, timm/MAE weights, "" = scratch
     model: str = "vit_tiny"          # architecture when init is "" or a timm/MAE file
@@ -299,7 +298,7 @@ def main(argv):
     for epoch in run.epochs():
         batches = run.epoch_batches(epoch, loader)
         net.train()
-        for step in run.steps(epoch):  # a progress bar; log, stop signal, corrupt data: `run`
+        for step in run.steps(epoch):  # a progress bar; log, stop signal: `run`
             run.set_lr(optimizer, lr_at[step])  # times each group's lr_scale (layer decay)
             for micro in range(cfg.accum_steps):
                 img, labels = next(batches)
@@ -322,7 +321,6 @@ def main(argv):
                             run.path("best.pth"))
         run.save(done, timm_file() if done == cfg.epochs else {})
         run.exit_if_stopped(done)
-    run.finish(timm_file())  # a rerun of a finished run: rewrite a lost model_timm.pth
     print0(f"best top-1 {best:.2f}; timm export in {run.path('model_timm.pth')}")
 
 

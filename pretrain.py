@@ -53,7 +53,6 @@ class Config:
     crop_scale_min: float = 0.2        # RandomResizedCrop scale lower bound (BEiT v2: 0.08 at 224)
     color_jitter: float = 0.4          # DTM Table 12
     num_workers: int = 2               # loader processes per GPU/process
-    max_corrupt_frac: float = 0.01     # imagefolder: skip corrupt images; stop above this share
     # student
     model: str = "vit_tiny"            # vit_micro | _mini | _tiny | _small | _base | _large
     patch_size: int = 4                # patch side in pixels
@@ -120,8 +119,6 @@ class Config:
     save_every: int = 1                # epochs between checkpoints (and at the end)
     keep_every: int = 0                # keep checkpoint-EPOCH.pth every this many epochs (0: no)
     log_every: int = 20                # steps between log lines (metrics reduced, signals checked)
-    # NaN/inf-loss steps to skip before stopping (0: stop at the first; > 0: a host sync per step)
-    skip_nonfinite: int = 0
     dist_timeout_s: int = 600          # after start-up: a collective waiting longer fails the run
     seed: int = 0                      # weights, data order, augmentation, masks, DTM levels
     device: str = "auto"               # auto | cpu | cuda
@@ -561,7 +558,7 @@ def main(argv):
     for epoch in run.epochs():
         batches = common.on_device(run.epoch_batches(epoch, loader), dist.device)
         net.train()
-        for step in run.steps(epoch):  # a progress bar; log, stop signal, corrupt data: `run`
+        for step in run.steps(epoch):  # a progress bar; log, stop signal: `run`
             run.set_lr(optimizer, lr_at[step])
             logged = {}                                           # this step's loss terms
             for micro in range(cfg.accum_steps):
@@ -573,13 +570,12 @@ def main(argv):
                     (loss / cfg.accum_steps).backward()
                 for name, value in {"loss": loss.detach(), **terms}.items():
                     logged[name] = logged.get(name, 0) + value
-            if run.finite(logged["loss"]):  # skip_nonfinite: a NaN step is dropped, not applied
-                if cfg.clip_grad > 0:
-                    torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.clip_grad)
-                optimizer.step()
-                if isinstance(teacher, model.EMATeacher):
-                    teacher.update(student.encoder, momentum_at[step])
-                run.add(logged, n=cfg.accum_steps)
+            if cfg.clip_grad > 0:
+                torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.clip_grad)
+            optimizer.step()
+            if isinstance(teacher, model.EMATeacher):
+                teacher.update(student.encoder, momentum_at[step])
+            run.add(logged, n=cfg.accum_steps)
             optimizer.zero_grad(set_to_none=True)
         run.end_epoch(epoch)  # stopped by a signal mid-epoch: save and exit
         done = epoch + 1
@@ -587,7 +583,6 @@ def main(argv):
         if done % cfg.save_every == 0 or done == cfg.epochs or run.stopping:
             run.save(done, encoder_file(), keep=bool(cfg.keep_every) and done % cfg.keep_every == 0)
         run.exit_if_stopped(done)
-    run.finish(encoder_file())
     if cfg.final_knn:
         final_knn_report(cfg, student.encoder, dist, run.log_path)
     print0(f"done: {cfg.out_dir}/encoder.pth")

@@ -78,8 +78,7 @@ def inject(fault: str):
 
         def save_half_and_die(obj, f, *args, **kwargs):
             save(obj, f, *args, **kwargs)
-            temp_checkpoint = (isinstance(f, str) and ".tmp." in f
-                               and os.path.basename(f).startswith("checkpoint.pth"))
+            temp_checkpoint = isinstance(f, str) and os.path.basename(f) == "checkpoint.pth.tmp"
             if temp_checkpoint:
                 count[0] += 1
                 if count[0] == at:
@@ -103,7 +102,7 @@ def inject(fault: str):
         save = torch.save
 
         def save_or_fail(obj, f, *args, **kwargs):
-            if isinstance(f, str) and os.path.basename(f).startswith(f"{at}.tmp."):
+            if isinstance(f, str) and os.path.basename(f) == f"{at}.tmp":
                 with open(f, "wb") as fh:  # a partial file, then the disk is full
                     fh.write(b"PK")
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f)
@@ -151,7 +150,7 @@ def interrupted_run(script: str, data_dir: str, out_dir: str, fault: str,
     first = run(script, tiny_args(script, data_dir, out_dir, backbone), fault)
     leftovers = []
     if os.path.isdir(out_dir):
-        leftovers = sorted(f for f in os.listdir(out_dir) if ".tmp." in f)
+        leftovers = sorted(f for f in os.listdir(out_dir) if f.endswith(".tmp"))
     second = run(script, tiny_args(script, data_dir, out_dir, backbone))
     return {"fault": fault, "first_rc": first.returncode, "first_out": first.stdout + first.stderr,
             "leftovers": leftovers, "second_rc": second.returncode,

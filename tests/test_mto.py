@@ -375,17 +375,6 @@ def test_mae_encoder_never_sees_masked_tokens():
     assert not net.encoder.mask_token.requires_grad
 
 
-def test_keep_errors():
-    vit = M.build_vit("vit_micro", img_size=16, patch_size=4, rel_pos_bias=True)
-    mask = exact_mask(2, 16, 12)
-    _, keep = M.mask_ids(mask)
-    with pytest.raises(ValueError, match="needs absolute positions"):
-        vit(torch.randn(2, 3, 16, 16), keep=keep)
-    vit = M.build_vit("vit_micro", img_size=16, patch_size=4)
-    with pytest.raises(ValueError, match="either mask"):
-        vit(torch.randn(2, 3, 16, 16), mask, keep=keep)
-
-
 def test_mae_decoder_hiddens():
     net, cfg = build("mae")
     img, mask = batch(cfg)

@@ -1,12 +1,10 @@
-"""Run directories (common.py): weights_only loads, the out_dir lock, stale temp files, outputs
-before the checkpoint, the resume check, log trimming, and config errors as one line."""
+"""Run directories (common.py): weights_only loads, the out_dir lock, atomic saves, outputs
+before the checkpoint, the resume check, and config errors as one line."""
 import errno
-import json
 import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
@@ -134,17 +132,7 @@ def test_out_dir_that_is_a_file_is_one_line(tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# Temp files: only save_atomic's own, removed by the run that holds the lock
-
-def test_only_save_atomic_temp_files_are_removed(tmp_path):
-    # called by the run that holds the folder's lock: every save_atomic temp file is stale
-    stale = [f"checkpoint.pth.tmp.{dead_pid()}", f"encoder.pth.tmp.{os.getpid()}"]
-    kept = ["notes.tmp.txt", "encoder.pth.tmp.x1", "my.tmp.12.bak", "checkpoint.pth"]
-    for name in stale + kept:
-        (tmp_path / name).write_text("x")
-    common.remove_stale_temp_files(str(tmp_path))
-    assert sorted(os.listdir(tmp_path)) == sorted(kept)
-
+# Saves: atomic, one line when they fail
 
 def test_a_failed_save_is_one_line_and_keeps_the_old_file(tmp_path, monkeypatch):
     path = tmp_path / "checkpoint.pth"
@@ -182,7 +170,7 @@ def test_a_full_tmpfs_is_one_line(tmp_path):
     if p.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here ({p.stderr.decode().strip() or 'not root'})")
     try:
-        with pytest.raises(RunError, match="cannot write .*MiB free there"):
+        with pytest.raises(RunError, match="cannot write .*if the disk is full"):
             common.save_atomic({"w": torch.zeros(100_000)}, str(folder / "checkpoint.pth"))
         assert os.listdir(folder) == []
     finally:
@@ -190,20 +178,7 @@ def test_a_full_tmpfs_is_one_line(tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# Outputs before "done", resume check, log trimming
-
-def test_save_run_writes_the_outputs_before_the_checkpoint(tmp_path, monkeypatch):
-    order = []
-    save = common.save_atomic
-    def save_and_note(obj, path):
-        order.append(os.path.basename(path))
-        save(obj, path)
-    monkeypatch.setattr(common, "save_atomic", save_and_note)
-    encoder = str(tmp_path / "encoder.pth")
-    common.save_run(str(tmp_path / "checkpoint.pth"), {"step": 8}, {encoder: {"model": {}}})
-    assert order == ["encoder.pth", "checkpoint.pth"]
-    assert common.read_torch_file(str(tmp_path / "encoder.pth"))["step"] == 8
-
+# Outputs before "done", resume check
 
 def tiny_run(tmp_path, module):
     """A common.Run over one Linear layer, positioned at step 2 of 2-step epochs."""
@@ -213,51 +188,19 @@ def tiny_run(tmp_path, module):
     return run
 
 
-def test_a_background_save_writes_the_weights_of_its_step(tmp_path, monkeypatch):
-    """Run.save copies the tensors to host memory and returns; a thread writes the copy. The
-    files hold the weights at the save, though training changes them before the write ends."""
-    release, save_run = threading.Event(), common.save_run
+def test_a_save_writes_the_outputs_before_the_checkpoint(tmp_path, monkeypatch):
+    order, save = [], common.save_atomic
 
-    def held_save_run(*args):
-        assert release.wait(30), "the test never released the write"
-        save_run(*args)
-    monkeypatch.setattr(common, "save_run", held_save_run)
+    def save_and_note(obj, path):
+        order.append(os.path.basename(path))
+        save(obj, path)
+    monkeypatch.setattr(common, "save_atomic", save_and_note)
     layer = torch.nn.Linear(3, 2)
     run = tiny_run(tmp_path, layer)
-    saved = {k: v.clone() for k, v in layer.state_dict().items()}
-    encoder = run.path("encoder.pth")
-    run.save(1, {encoder: {"model": layer.state_dict()}})
-    assert not os.path.exists(run.ckpt_path)        # save returned before the write
-    with torch.no_grad():
-        layer.weight.add_(1.0)                      # the next step changes the weights
-    release.set()
-    run.finish({})                                  # waits for the write
-    for path in (run.ckpt_path, encoder):
-        written = common.load_checkpoint(path)
-        assert written["step"] == 2
-        assert all(torch.equal(written["model"][k], v) for k, v in saved.items())
-
-
-def test_a_failed_background_save_stops_the_run_at_the_next_wait(tmp_path, monkeypatch):
-    def full_disk(obj, path):
-        raise RunError(f"cannot write '{path}' (No space left on device)")
-    run = tiny_run(tmp_path, torch.nn.Linear(3, 2))
-    monkeypatch.setattr(common, "save_atomic", full_disk)
-    run.save(1)                                      # the error stays in the thread ...
-    with pytest.raises(RunError, match="No space left"):
-        run.finish({})                               # ... until the run waits for the write
-    run.finish({})                                   # reported once
-
-
-def test_ensure_outputs_rewrites_only_missing_or_stale_files(tmp_path):
-    fresh, stale, missing = (str(tmp_path / n) for n in ("fresh.pth", "stale.pth", "missing.pth"))
-    common.save_atomic({"model": 1, "step": 8}, fresh)
-    common.save_atomic({"model": 1, "step": 4}, stale)
-    before = os.stat(fresh).st_mtime_ns
-    outputs = {p: {"model": 2} for p in (fresh, stale, missing)}
-    assert common.ensure_outputs(outputs, 8) == [stale, missing]
-    assert os.stat(fresh).st_mtime_ns == before
-    assert common.read_torch_file(missing) == {"model": 2, "step": 8}
+    run.save(1, {run.path("encoder.pth"): {"model": layer.state_dict()}}, keep=True)
+    assert order == ["encoder.pth", "checkpoint.pth", "checkpoint-0001.pth"]
+    for name in order:  # each tagged with the step it holds
+        assert common.read_torch_file(run.path(name))["step"] == 2
 
 
 def test_check_resume_config_lists_every_difference():
@@ -268,20 +211,6 @@ def test_check_resume_config_lists_every_difference():
     assert str(e.value).startswith("run/checkpoint.pth was written with model='vit_micro' "
                                    "(now 'vit_tiny'), patch_size=4 (now 2)")
     common.check_resume_config(saved, dict(saved, blr=1.0), ("model", "patch_size"), "x")  # blr may
-
-
-def test_trim_log_drops_what_was_written_after_the_checkpoint(tmp_path):
-    log = tmp_path / "log.jsonl"
-    lines = [{"epoch": 1, "step": s, "loss": 1.0} for s in (1, 2, 3, 4)]
-    lines += [{"epoch": 1, "val_top1": 5.0}]
-    lines += [{"epoch": 2, "step": s, "loss": 1.0} for s in (5, 6, 7)]
-    text = "".join(json.dumps(r) + "\n" for r in lines)
-    log.write_text(text + '{"epoch": 2, "st')  # killed in the middle of a line
-    common.trim_log(str(log), 6, 1)
-    kept = [json.loads(line) for line in log.read_text().splitlines()]
-    assert [r.get("step") for r in kept] == [1, 2, 3, 4, None, 5, 6]
-    common.trim_log(str(log), 4, 1)
-    assert len(log.read_text().splitlines()) == 5
 
 
 # -----------------------------------------------------------------------------
