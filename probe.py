@@ -5,7 +5,6 @@ Przewięźlikowski, Balestriero, Jasiński, Śmieja, Zieliński, arXiv:2412.0321
 Choices: DECISIONS.md, section 8.
 
     python probe.py --config configs/fmnist_probe.yaml   # configs/fmnist_dtm.yaml's encoder, CPU
-    python probe.py --config configs/fmnist_probe.yaml eval_only=true   # saved heads; k-NN again
     # MAE's ViT-B/16 weights from a local file, MAE's ImageNet protocol, one node with 8 GPUs
     torchrun --nproc_per_node=8 probe.py backbone=mae_pretrain_vit_base.pth backbone_format=timm \
         model=vit_base patch_size=16 img_size=224 dataset=imagefolder data_path=/data/imagenet
@@ -23,7 +22,6 @@ results.json (accuracies and protocol).
 import argparse
 import copy
 import json
-import math
 import os
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
@@ -37,7 +35,7 @@ import data
 import losses
 import model
 from model import VIT_SIZES  # (inside Config, `model` is the field)
-from common import (GE1, GT0, ConfigError, Run, cosine_schedule, ddp, all_reduce_mean,
+from common import (GT0, ConfigError, Run, cosine_schedule, ddp, all_reduce_mean,
                     all_reduce_sum, check_corrupt, config_dict, load_optimizer, load_state,
                     log_json, no_sync, parse_config, print0, read_weights, run_main,
                     setup_distributed, first_line, train_loader)
@@ -48,10 +46,10 @@ class Config:
     # backbone (frozen: eval mode, no grad)
     backbone: str = "runs/fmnist_dtm/encoder.pth"  # pretrain.py's encoder.pth, or timm/MAE weights
     backbone_format: str = "project"   # project (model.load_encoder) | timm (timm ViT or MAE ckpt)
-    model: str = "vit_base"            # timm format only: the architecture (+ the next two keys)
+    model: str = "vit_base"            # timm format only: the architecture (+ the next three keys)
     patch_size: int = 16               # timm format only
     layer_scale: float = 0.0           # timm format only: > 0 if the weights have ls1/ls2 gammas
-    img_size: int = 0                  # input side; 0 = the encoder's own (project) or 224 (timm)
+    img_size: int = 0                  # timm format only: the input side (0 = 224)
     block: int = -1                    # features = block's output (0-based, -1 = last): the authors
     final_norm: bool = False           # also apply the backbone's final LayerNorm (the authors: no)
     # data
@@ -59,14 +57,9 @@ class Config:
     data_path: str = "data"            # imagefolder: root with train/ and val/; else download dir
     subset: int = 0                    # use `subset` training images, evenly spaced (0 = all)
     val_subset: int = 0                # use `val_subset` validation images, evenly spaced (0 = all)
-    crop_scale_min: float = 0.08       # streaming: RandomResizedCrop's lowest scale (MAE linprobe)
     num_workers: int = 2               # loader processes per process
     # heads, each pool -> BN -> Linear: cls | cls_norm ([cls] after the final norm) | mean | abmilp
     heads: List[str] = field(default_factory=lambda: ["cls", "cls_norm", "mean", "abmilp"])
-    abmilp_depth: int = 1              # scorer layers: 1 = w^T x + b (the headline setting)
-    abmilp_activation: str = "tanh"    # tanh | relu | gelu between scorer layers (depth > 1)
-    abmilp_self_attn: str = "none"     # none | map (score self-attention output) | both (+ pool it)
-    abmilp_pos_embed: bool = False     # add the fixed sin-cos position table to the scorer input
     knn: List[str] = field(default_factory=lambda: ["cls", "mean"])  # k-NN: cls | mean ([] = off)
     knn_k: int = 20                    # DINO: k = 20
     knn_temperature: float = 0.07      # DINO: votes weighted by exp(cos / 0.07)
@@ -85,8 +78,6 @@ class Config:
     cache_max_gb: float = 4.0          # auto: cache when the train + val tokens take at most this
     # run
     out_dir: str = "runs/probe"
-    eval_only: bool = False            # no training: load heads_path and evaluate
-    heads_path: str = ""               # eval_only: trained heads ('' = out_dir/heads.pth)
     eval_every: int = 10               # epochs between evaluations (and always after the last)
     log_every: int = 50                # optimizer steps between log lines (and SIGTERM checks)
     max_corrupt_frac: float = 0.01     # imagefolder: skip corrupt images; more than this: stop
@@ -97,10 +88,9 @@ class Config:
     CHOICES = {"backbone_format": ("project", "timm"), "model": VIT_SIZES,
                "dataset": data.DATASETS, "heads": (*losses.POOLS, "cls_norm"),
                "knn": ("cls", "mean"),  # k-NN needs no training, so no AbMILP
-               "abmilp_activation": sorted(losses.ACTIVATIONS),
-               "abmilp_self_attn": losses.SELF_ATTN, "optimizer": ("lars", "sgd"),
-               "cache": ("auto", "always", "never"), "device": ("auto", "cpu", "cuda")}
-    LIMITS = {"abmilp_depth": GE1, "knn_temperature": GT0}
+               "optimizer": ("lars", "sgd"), "cache": ("auto", "always", "never"),
+               "device": ("auto", "cpu", "cuda")}
+    LIMITS = {"knn_temperature": GT0}
 
     def validate(self):
         if not self.heads and not self.knn:
@@ -111,11 +101,6 @@ class Config:
 # The frozen backbone, and the baselines' feature sources
 
 def load_backbone(cfg: Config) -> model.ViT:
-    """The ViT of cfg.backbone, strictly loaded and checked against cfg, frozen (eval, no grad)."""
-    if not os.path.isfile(cfg.backbone):
-        raise FileNotFoundError(f"backbone file '{cfg.backbone}' does not exist: give the "
-                                "encoder.pth of pretrain.py, or timm / MAE weights with "
-                                "backbone_format=timm")
     if cfg.backbone_format == "timm":
         vit = model.build_vit(cfg.model, img_size=cfg.img_size or 224, patch_size=cfg.patch_size,
                               layer_scale=cfg.layer_scale)
@@ -129,16 +114,12 @@ def load_backbone(cfg: Config) -> model.ViT:
         weights["mask_token"] = vit.state_dict()["mask_token"]  # a probe never masks
         load_state(vit, weights, cfg.backbone)
     else:
-        read_weights(cfg.backbone, "backbone")  # unreadable, unsafe or a checkpoint.pth: one line
+        read_weights(cfg.backbone, "backbone")  # missing, unreadable, a checkpoint.pth: one line
         try:
             vit = model.load_encoder(cfg.backbone)
         except (ValueError, TypeError, RuntimeError) as e:
             raise ConfigError(f"backbone '{cfg.backbone}': {first_line(e)}; for timm or MAE "
                               "weights set backbone_format=timm") from None
-        if cfg.img_size not in (0, vit.cfg.img_size):
-            raise ConfigError(f"img_size={cfg.img_size} but the encoder was trained at "
-                              f"{vit.cfg.img_size} and position embeddings are not resized "
-                              "here: set img_size=0")
     depth = len(vit.blocks)
     if not -depth <= cfg.block < depth:
         raise ConfigError(f"config key 'block' must be in [-{depth}, {depth - 1}] for this "
@@ -151,15 +132,10 @@ def frozen_tokens(vit: model.ViT, images: torch.Tensor, block: int = -1,
                   final_norm: bool = False) -> torch.Tensor:
     """Images (B, C, H, W) -> fp32 tokens (B, 1+N, D), [cls] first: block `block`'s output (no
     block after it runs), before the final LayerNorm unless final_norm. bf16 on CUDA."""
-    assert not vit.training, "the backbone must stay in eval mode"
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=images.is_cuda):
         depth = block % len(vit.blocks) + 1
         tokens, layers = vit.forward_intermediates(images, depth=depth, collect=False)
         return (tokens if final_norm else layers.pre_norm).float()
-
-
-def backbone_tokens(vit: model.ViT, images: torch.Tensor, cfg: Config) -> torch.Tensor:
-    return frozen_tokens(vit, images, cfg.block, cfg.final_norm)  # (B, 1+N, D)
 
 
 def feature_sources(cfg: Config, vit: model.ViT) -> dict:
@@ -175,17 +151,14 @@ def features(sources: dict, images: torch.Tensor, cfg: Config) -> dict:
     """{source: (B, T, D')}: each encoder's frozen tokens; the pixels (None) as one token of
     C*H*W values, so a head reading [cls] (BN -> Linear) is the linear probe on the pixels."""
     return {name: images.flatten(1).unsqueeze(1).float() if enc is None
-            else backbone_tokens(enc, images, cfg) for name, enc in sources.items()}
+            else frozen_tokens(enc, images, cfg.block, cfg.final_norm)
+            for name, enc in sources.items()}
 
 
 def source_of(row: str) -> str:
     """A result row's feature source: 'random_mean' -> 'random', 'pixels_knn' -> 'pixels'."""
     prefix = row.split("_")[0]
     return prefix if prefix in ("random", "pixels") else "encoder"
-
-
-def row_name(source: str, name: str) -> str:
-    return name if source == "encoder" else f"{source}_{name}"
 
 
 # -----------------------------------------------------------------------------
@@ -195,11 +168,6 @@ def num_classes_of(ds) -> int:
     while isinstance(ds, Subset):
         ds = ds.dataset
     return len(ds.classes)
-
-
-def shard_valid(num_items: int, world: int, rank: int) -> torch.Tensor:
-    """(ceil(n / W),) bool, False at DistributedSampler(shuffle=False)'s pads of rank r's shard."""
-    return rank + torch.arange(math.ceil(num_items / world)) * world < num_items
 
 
 class Shard(NamedTuple):
@@ -235,7 +203,8 @@ class Frozen:
         sampler = DistributedSampler(ds, dist.world, dist.rank, shuffle=False)
         self.loader = DataLoader(ds, batch, sampler=sampler, num_workers=cfg.num_workers,
                                  pin_memory=dist.device.type == "cuda")
-        self.valid = shard_valid(len(ds), dist.world, dist.rank).to(dist.device)
+        # rank r holds images r, r + W, r + 2W, ... and, past the end, the sampler's pads
+        self.valid = (dist.rank + torch.arange(len(sampler)) * dist.world < len(ds)).to(dist.device)
         self.sources, self.cfg, self.device, self.batch = sources, cfg, dist.device, batch
         self.cache = None  # until it is filled, batches() runs the sources
         self.cache = Shard.cat(self.batches()) if cached else None
@@ -250,7 +219,8 @@ class Frozen:
 
 def knn_keep(feats: dict, cfg: Config) -> dict:
     """{source: (B, 1+N, D)} -> {row: (B, D)}: what each k-NN row compares."""
-    return {"pixels_knn" if s == "pixels" else row_name(s, f"knn_{p}"): losses.pool_tokens(t, p)
+    rows = {"encoder": "knn_{}", "random": "random_knn_{}", "pixels": "pixels_knn"}
+    return {rows[s].format(p): losses.pool_tokens(t, p)
             for s, t in feats.items() for p in (["cls"] if s == "pixels" else cfg.knn)}
 
 
@@ -276,39 +246,32 @@ class Heads(torch.nn.ModuleDict):
 def build_heads(cfg: Config, vit: model.ViT, num_classes: int, sources: dict = None) -> Heads:
     """cfg.heads on every encoder of `sources`; on the pixels one linear probe ('pixels_linear')."""
     heads, D = Heads(), vit.cfg.embed_dim
-    abmilp = dict(depth=cfg.abmilp_depth, activation=cfg.abmilp_activation,
-                  self_attn=cfg.abmilp_self_attn, pos_embed=cfg.abmilp_pos_embed, grid=vit.cfg.grid)
     for source, enc in (sources or feature_sources(cfg, vit)).items():
         torch.manual_seed(cfg.seed)  # every source's heads start alike: only the features differ
         if enc is None and cfg.heads:
             pixels = vit.cfg.in_chans * vit.cfg.img_size ** 2
             heads["pixels_linear"] = losses.ProbeHead("cls", pixels, num_classes)
         for name in cfg.heads if enc is not None else []:
-            head = losses.ProbeHead(name.removesuffix("_norm"), D, num_classes, **abmilp)
+            head = losses.ProbeHead(name.removesuffix("_norm"), D, num_classes)
             if name == "cls_norm":  # MAE's linear probe: [cls] after a frozen copy of the norm
                 norm = torch.nn.Identity() if cfg.final_norm else enc.norm  # never applied twice
                 head = torch.nn.Sequential(OrderedDict(
                     norm=copy.deepcopy(norm).requires_grad_(False), probe=head))
-            heads[row_name(source, name)] = head
+            heads[name if source == "encoder" else f"{source}_{name}"] = head
     return heads
 
 
-HEAD_KEYS = ("heads", "block", "final_norm", "abmilp_depth", "abmilp_activation",
-             "abmilp_self_attn", "abmilp_pos_embed", "baselines")
+HEAD_KEYS = ("heads", "block", "final_norm", "baselines")
 
 
-def load_heads(path: str, cfg: Config, vit: model.ViT, num_classes: int,
-               sources: dict = None) -> Heads:
-    """Heads saved by probe.py, checked to belong to the same features and head settings."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"trained heads '{path}' do not exist: run probe.py without "
-                                "eval_only first, or set heads_path")
+def load_heads(path: str, cfg: Config, vit: model.ViT, num_classes: int) -> Heads:
+    """Heads saved by probe.py (heads.pth), checked to fit the features and head settings."""
     saved = torch.load(path, map_location="cpu", weights_only=True)
     old = {k: saved["config"].get(k, getattr(Config, k, None)) for k in HEAD_KEYS}  # older files
     diff = {k: v for k, v in old.items() if v != getattr(cfg, k)}
     if diff:
         raise ConfigError(f"the heads in '{path}' were trained with {diff}: use the same settings")
-    heads = build_heads(cfg, vit, num_classes, sources)
+    heads = build_heads(cfg, vit, num_classes)
     heads.load_state_dict(saved["heads"], strict=True)
     return heads
 
@@ -316,11 +279,6 @@ def load_heads(path: str, cfg: Config, vit: model.ViT, num_classes: int,
 # the settings that shape the heads or their features: a resume must keep them
 RESUME_KEYS = ("backbone", "backbone_format", "model", "patch_size", "layer_scale", "img_size",
                "dataset", "subset", *HEAD_KEYS)
-
-
-def load_probe_state(ckpt: dict, heads: Heads, optimizer, path: str):
-    load_state(heads, ckpt["heads"], path)
-    load_optimizer(optimizer, ckpt["optimizer"], path)
 
 
 class LARS(torch.optim.Optimizer):
@@ -344,13 +302,6 @@ class LARS(torch.optim.Optimizer):
                 p.add_(mu.mul_(g["momentum"]).add_(d), alpha=-g["lr"])
 
 
-def sync_bn_stats(heads: torch.nn.Module):
-    """Average the BN running statistics (each rank's own) over ranks: one set of heads."""
-    for name, buf in heads.named_buffers():
-        if "running_" in name:
-            buf.copy_(all_reduce_mean(buf))
-
-
 @torch.no_grad()
 def evaluate(heads: Heads, batches) -> dict:
     """{head: (correct top-1, correct top-5, images)} over the real images of every rank's shard."""
@@ -364,22 +315,18 @@ def evaluate(heads: Heads, batches) -> dict:
     return {name: tuple(counts[i].tolist()) for i, name in enumerate(heads)}
 
 
-def knn_counts(bank: torch.Tensor, bank_labels, val: torch.Tensor, val_labels, valid,
-               num_classes: int, cfg: Config) -> tuple:
-    """-> (correct top-1, correct top-5, images) of centred k-NN votes, summed over ranks."""
-    votes = losses.knn_votes(bank, bank_labels, val, num_classes, cfg.knn_k, cfg.knn_temperature,
-                             centre=cfg.knn_centre)
-    top1, top5 = losses.topk_correct(votes.log(), val_labels)     # log: no vote = -inf = no guess
-    counts = torch.stack([top1[valid].sum(), top5[valid].sum(), valid.sum()])
-    return tuple(all_reduce_sum(counts).tolist())
-
-
 def knn_evaluate(bank: Shard, val: Shard, num_classes: int, cfg: Config) -> dict:
-    """{row: counts}: this rank's val images against the whole (gathered, de-padded) bank."""
+    """{row: (correct top-1, correct top-5, images)} of centred k-NN votes, summed over ranks:
+    this rank's val images against the whole (gathered, de-padded) bank."""
     real = gather(bank.valid.to(torch.uint8)).bool()  # (world * M,)
-    labels = gather(bank.labels)[real]
-    return {row: knn_counts(gather(f)[real], labels, val.feats[row], val.labels, val.valid,
-                            num_classes, cfg) for row, f in bank.feats.items()}
+    labels, valid, counts = gather(bank.labels)[real], val.valid, {}
+    for row, f in bank.feats.items():
+        votes = losses.knn_votes(gather(f)[real], labels, val.feats[row], num_classes, cfg.knn_k,
+                                 cfg.knn_temperature, centre=cfg.knn_centre)
+        top1, top5 = losses.topk_correct(votes.log(), val.labels)  # log: no vote = -inf: no guess
+        hits = torch.stack([top1[valid].sum(), top5[valid].sum(), valid.sum()])
+        counts[row] = tuple(all_reduce_sum(hits).tolist())
+    return counts
 
 
 def results_table(counts: dict) -> dict:
@@ -417,11 +364,9 @@ def build_features(cfg: Config, dist, vit: model.ViT, batch: int, train: bool) -
         raise ConfigError(f"baselines=true needs the cached path, but the features would take "
                           f"{cache_gb:.1f} GB (cache={cfg.cache}, cache_max_gb={cfg.cache_max_gb})"
                           ": raise cache_max_gb, lower subset, or set baselines=false")
-    where = "after" if cfg.final_norm else "before"
-    print0(f"backbone {cfg.backbone}: {len(vit.blocks)} blocks x {vit.cfg.embed_dim}d; features: "
-           f"block {cfg.block % len(vit.blocks)}'s output, {where} the final norm")
-    print0(f"{len(train_ds)} training and {len(val_ds)} validation images, "
-           f"{num_classes_of(val_ds)} classes; path: {'cached' if cached else 'streaming'} "
+    print0(f"backbone {cfg.backbone}: block {cfg.block % len(vit.blocks)} of {len(vit.blocks)}, "
+           f"{'after' if cfg.final_norm else 'before'} the final norm; {len(train_ds)} training, "
+           f"{len(val_ds)} validation images; path: {'cached' if cached else 'streaming'} "
            f"(the tokens: {cache_gb:.2f} GB, cache_max_gb={cfg.cache_max_gb})")
     sets = (Frozen(train_ds, sources, cfg, dist, batch, cached and train),  # else: k-NN streams
             Frozen(val_ds, sources, cfg, dist, batch, cached))
@@ -432,7 +377,7 @@ def build_features(cfg: Config, dist, vit: model.ViT, batch: int, train: bool) -
         return sources, sets, None
     # RandomResizedCrop + flip, no colour jitter, as uint8 (normalised on the device); drawn from
     # (seed, epoch, index), so a resumed epoch gets the same views
-    views = data.pretrain_transform(vit.cfg.img_size, cfg.crop_scale_min, color_jitter=0.0)
+    views = data.pretrain_transform(vit.cfg.img_size, 0.08, color_jitter=0.0)
     ds = data.build_dataset(cfg.dataset, cfg.data_path, train=True, transform=views,
                             subset=cfg.subset)
     loader = train_loader(data.SeededImages(ds, cfg.seed), batch, dist, cfg.seed, cfg.num_workers)
@@ -450,26 +395,7 @@ def train_batches(cfg: Config, run: Run, epoch: int, sources: dict, cache: Shard
     return cache.shuffled(run.micro_batch, gen, skip=run.seen(epoch))
 
 
-def build_probe(cfg: Config, dist, vit: model.ViT, sources: dict, num_classes: int, lr: float,
-                heads_path: str, train: bool) -> tuple:
-    """-> (heads, optimizer, the module the loop calls); eval_only: the saved heads."""
-    if not cfg.heads:
-        return None, None, None
-    if not train:
-        heads = load_heads(heads_path, cfg, vit, num_classes, sources).to(dist.device)
-        print0(f"eval_only: heads {list(heads)} from {heads_path}")
-        return heads, None, heads
-    heads = build_heads(cfg, vit, num_classes, sources).to(dist.device)
-    params = [p for p in heads.parameters() if p.requires_grad]
-    optimizer = (LARS(params, lr=lr, weight_decay=cfg.weight_decay) if cfg.optimizer == "lars"
-                 else torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=cfg.weight_decay))
-    print0(f"heads {list(heads)}: {sum(p.numel() for p in params) / 1e3:.1f}k parameters; "
-           f"{cfg.optimizer}, lr {lr:.4g}")
-    return heads, optimizer, ddp(heads, dist)
-
-
-def write_results(cfg: Config, vit: model.ViT, heads, sets: tuple, lr: float, heads_path: str,
-                  dist):
+def write_results(cfg: Config, vit: model.ViT, heads, sets: tuple, lr: float, dist):
     """Heads and k-NN on the val set -> the table on stdout, and results.json with the protocol
     to read the numbers by (DECISIONS.md, section 8)."""
     train, val = (s.loader.dataset for s in sets)
@@ -484,22 +410,20 @@ def write_results(cfg: Config, vit: model.ViT, heads, sets: tuple, lr: float, he
     for name, r in table.items():
         print0(f"{name:<16} {r['top1']:>7.2f} {r['top5']:>7.2f} {r['images']:>7d}  {READS[name]}")
     depth, block, cached = len(vit.blocks), cfg.block % len(vit.blocks), sets[1].cache is not None
-    crops = f"RandomResizedCrop(scale=({cfg.crop_scale_min}, 1)) + horizontal flip"
+    crops = "RandomResizedCrop(scale=(0.08, 1)) + horizontal flip"  # MAE's linear probe
     baselines = {"random": f"random init (seed {cfg.seed}) of the backbone's architecture",
                  "pixels": "the eval-transformed image, flattened (C*H*W), as one token"}
-    protocol = {"architecture": asdict(vit.cfg), "block": block, "num_blocks": depth,
-                "final_norm": cfg.final_norm,
+    protocol = {"architecture": asdict(vit.cfg), "block": block, "final_norm": cfg.final_norm,
                 "features": f"output of block {block} (0-based) of {depth}, "
                             f"{'after' if cfg.final_norm else 'before'} the final LayerNorm",
                 "backbone_mode": "eval() (no dropout, no drop path), requires_grad=False, "
                                  "torch.no_grad; bf16 on CUDA",
-                "baselines": baselines if cfg.baselines else "off",
                 "path": "cached" if cached else "streaming",
+                "baselines": baselines if cfg.baselines else "off",
                 "train_augmentation": "none (tokens extracted once)" if cached else crops,
                 "lr": lr, "reported": "after the last epoch (no selection on the validation set)",
-                "train_images": len(train), "val_images": len(val),
-                "num_classes": num_classes_of(val), "heads_path": heads_path,
-                "world_size": dist.world, "tokens": {row: READS[row] for row in table}}
+                "train_images": len(train), "val_images": len(val), "world_size": dist.world,
+                "num_classes": num_classes_of(val), "tokens": {row: READS[row] for row in table}}
     if dist.main:
         with open(os.path.join(cfg.out_dir, "results.json"), "w") as f:
             json.dump({"accuracy": {n: r["top1"] for n, r in table.items()}, "results": table,
@@ -510,22 +434,30 @@ def write_results(cfg: Config, vit: model.ViT, heads, sets: tuple, lr: float, he
 def main(argv):
     cfg = parse_config(Config, argv)
     dist = setup_distributed(cfg.device, cfg.dist_timeout_s)
-    train = bool(cfg.heads) and not cfg.eval_only  # else: saved heads (eval_only), k-NN
+    train = bool(cfg.heads)  # else: k-NN only
     run = Run(cfg, dist, config_dict(cfg), RESUME_KEYS if train else None)  # config checked
     vit = load_backbone(cfg).to(dist.device)
     sources, sets, loader = build_features(cfg, dist, vit, run.micro_batch, train)
-    num_classes = num_classes_of(sets[1].loader.dataset)
     lr = cfg.blr * cfg.batch_size / 256  # MAE: lr = blr * batch / 256
-    heads_path = cfg.heads_path or run.path("heads.pth")
-    heads, optimizer, net = build_probe(cfg, dist, vit, sources, num_classes, lr, heads_path,
-                                        train)
-    heads_file = lambda: {heads_path: {"heads": heads.state_dict(),  # noqa: E731
-                                       "config": config_dict(cfg)}}
+    heads = None
     if train:
+        heads = build_heads(cfg, vit, num_classes_of(sets[1].loader.dataset), sources)
+        heads.to(dist.device)
+        params = [p for p in heads.parameters() if p.requires_grad]
+        optim = LARS if cfg.optimizer == "lars" else torch.optim.SGD
+        optimizer = optim(params, lr=lr, momentum=0.9, weight_decay=cfg.weight_decay)
+        print0(f"heads {list(heads)}: {sum(p.numel() for p in params) / 1e3:.1f}k parameters; "
+               f"{cfg.optimizer}, lr {lr:.4g}")
+        net = ddp(heads, dist)
+        heads_file = lambda: {run.path("heads.pth"): {"heads": heads.state_dict(),  # noqa: E731
+                                                      "config": config_dict(cfg)}}
+
+        def load(ckpt):
+            load_state(heads, ckpt["heads"], run.ckpt_path)
+            load_optimizer(optimizer, ckpt["optimizer"], run.ckpt_path)
         micro_batches = len(loader) if loader else len(sets[0].cache.labels) // run.micro_batch
         steps_per_epoch = micro_batches // cfg.accum_steps
-        run.resume(steps_per_epoch,
-                   lambda ckpt: load_probe_state(ckpt, heads, optimizer, run.ckpt_path),
+        run.resume(steps_per_epoch, load,
                    lambda: {"heads": heads.state_dict(), "optimizer": optimizer.state_dict()})
         lr_at = cosine_schedule(cfg, lr, steps_per_epoch)  # MAE's linear probe schedule
 
@@ -543,7 +475,9 @@ def main(argv):
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         run.end_epoch(epoch)  # stopped by a signal mid-epoch: save and exit
-        sync_bn_stats(heads)  # every rank evaluates and saves the same heads
+        for name, buf in heads.named_buffers():  # BN statistics: each rank's own, averaged, so
+            if "running_" in name:               # every rank evaluates and saves the same heads
+                buf.copy_(all_reduce_mean(buf))
         done = epoch + 1
         if done % cfg.eval_every == 0 and done < cfg.epochs:  # the last: write_results
             acc = results_table(evaluate(heads, sets[1].batches()))
@@ -556,7 +490,7 @@ def main(argv):
     if train:
         run.finish(heads_file())  # a rerun of a finished run: rewrite a lost heads.pth
 
-    write_results(cfg, vit, heads, sets, lr, heads_path, dist)
+    write_results(cfg, vit, heads, sets, lr, dist)
 
 
 if __name__ == "__main__":

@@ -108,7 +108,7 @@ def cls_attention_map(vit, images: torch.Tensor) -> torch.Tensor:
 def abmilp_map(abmilp, vit, images: torch.Tensor, cfg) -> torch.Tensor:
     """AbMILP's attention over the patch tokens of the probe's features: (B, N)."""
     abmilp.eval()
-    tokens = probe.backbone_tokens(vit, images, cfg)                  # (B, 1+N, D)
+    tokens = probe.frozen_tokens(vit, images, cfg.block, cfg.final_norm)  # (B, 1+N, D)
     return abmilp(tokens[:, 1:])[1]
 
 
@@ -206,7 +206,7 @@ def main(argv):
     shown = images[: cfg.map_images]
     maps = {}
     if "abmilp" in cfg.heads:
-        heads = probe.load_heads(cfg.heads_path or os.path.join(cfg.out_dir, "heads.pth"), cfg, vit,
+        heads = probe.load_heads(os.path.join(cfg.out_dir, "heads.pth"), cfg, vit,
                                  probe.num_classes_of(val)).to(device)
         maps["AbMILP (probe)"] = abmilp_map(heads["abmilp"].abmilp, vit, shown, cfg)
     maps["[cls], last block"] = cls_attention_map(vit, shown)

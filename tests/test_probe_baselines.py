@@ -6,6 +6,7 @@ import math
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -66,6 +67,13 @@ def test_cls_norm_head_is_the_cls_head_on_final_normed_tokens():
 # -----------------------------------------------------------------------------
 # k-NN: the bank's mean feature subtracted, as pretrain.knn_top1
 
+def knn_counts(bank, bank_labels, val, val_labels, valid, num_classes, cfg):
+    """probe.knn_evaluate of one row, in one process: (correct top-1, correct top-5, images)."""
+    every = torch.ones(len(bank_labels), dtype=torch.bool)
+    return probe.knn_evaluate(probe.Shard({"row": bank}, bank_labels, every),
+                              probe.Shard({"row": val}, val_labels, valid), num_classes, cfg)["row"]
+
+
 def test_centring_turns_a_wrong_knn_vote_right_by_hand():
     """Bank: class 0 at (10, 1) once, class 1 at (10, -1) three times; query (10, 1), class 0.
     Raw cosines 1 and 0.980: exp(1/0.07) < 3 exp(0.980/0.07), so class 1 wins. Centred (mean
@@ -75,7 +83,7 @@ def test_centring_turns_a_wrong_knn_vote_right_by_hand():
     query, label, valid = torch.tensor([[10.0, 1.0]]), torch.tensor([0]), torch.tensor([True])
     for centre, want in ((True, 1), (False, 0)):
         cfg = parse_config(probe.Config, ["knn_k=4", f"knn_centre={str(centre).lower()}"])
-        top1, _, n = probe.knn_counts(bank, bank_labels, query, label, valid, 2, cfg)
+        top1, _, n = knn_counts(bank, bank_labels, query, label, valid, 2, cfg)
         assert (top1, n) == (want, 1), centre
     raw = 3 * math.exp(99 / math.sqrt(101 * 101) / 0.07)
     assert math.exp(1 / 0.07) < raw                        # the vote above, by hand
@@ -89,10 +97,10 @@ def test_probe_knn_equals_pretrain_knn_top1():
     val_labels = (val[:, 0] > 2.0).long() + (val[:, 1] > 2.0).long()
     every = torch.ones(200, dtype=torch.bool)
     cfg = parse_config(probe.Config, ["knn_k=20"])
-    top1, _, n = probe.knn_counts(bank, bank_labels, val, val_labels, every, 3, cfg)
+    top1, _, n = knn_counts(bank, bank_labels, val, val_labels, every, 3, cfg)
     assert top1 / n == pytest.approx(pretrain.knn_top1(bank, bank_labels, val, val_labels, 20, 3))
     uncentred = parse_config(probe.Config, ["knn_k=20", "knn_centre=false"])
-    other = probe.knn_counts(bank, bank_labels, val, val_labels, every, 3, uncentred)[0]
+    other = knn_counts(bank, bank_labels, val, val_labels, every, 3, uncentred)[0]
     assert other != top1                       # the offset of 2 matters without the centring
 
 
@@ -202,12 +210,21 @@ def test_pixel_knn_row_equals_a_centred_knn_on_the_images_by_hand(runs, noisy_im
     assert results_of(out["baselines"][1])["results"]["pixels_knn"]["correct_top1"] == want
 
 
-def test_eval_only_with_baselines_reproduces_the_trained_rows(runs, tmp_path):
+def test_saved_heads_with_baselines_reload_and_reproduce_the_trained_rows(runs):
+    """load_heads (what the experiments use) rebuilds every source's heads from heads.pth; on the
+    same features (the random-init encoder again from the seed) they give the same counts."""
     base, tmp, out = runs
-    args = [*base, f"backbone={tmp / 'encoder.pth'}", "baselines=true", "eval_only=true",
-            f"heads_path={out['baselines'][1] / 'heads.pth'}", f"out_dir={tmp_path}"]
-    run(args)
-    assert results_of(tmp_path)["results"] == results_of(out["baselines"][1])["results"]
+    cfg = parse_config(probe.Config, [*base, f"backbone={tmp / 'encoder.pth'}", "baselines=true"])
+    vit = probe.load_backbone(cfg)
+    heads = probe.load_heads(str(out["baselines"][1] / "heads.pth"), cfg, vit, 4)
+    val = data.build_dataset("imagefolder", cfg.data_path, train=False,
+                             transform=data.eval_transform(16), subset=30)
+    one = SimpleNamespace(world=1, rank=0, device=torch.device("cpu"))
+    frozen = probe.Frozen(val, probe.feature_sources(cfg, vit), cfg, one, batch=8, cached=False)
+    table = probe.results_table(probe.evaluate(heads, frozen.batches()))
+    assert set(table) == {"cls", "cls_norm", "mean", "abmilp", "pixels_linear"} | {
+        f"random_{row}" for row in ("cls", "cls_norm", "mean", "abmilp")}
+    assert table == {row: results_of(out["baselines"][1])["results"][row] for row in table}
 
 
 def test_baselines_on_the_streaming_path_is_a_one_line_error(runs, tmp_path):

@@ -36,8 +36,7 @@ def one_step(cfg, vit, sources, images, labels, seed):
 
 
 def test_a_training_step_does_not_depend_on_the_global_seed():
-    cfg = parse_config(probe.Config, ["heads=[cls, cls_norm, mean, abmilp]", "baselines=true",
-                                      "abmilp_depth=2", "abmilp_self_attn=both"])
+    cfg = parse_config(probe.Config, ["heads=[cls, cls_norm, mean, abmilp]", "baselines=true"])
     torch.manual_seed(0)
     vit = M.build_vit("vit_micro", depth=2, img_size=16, patch_size=4, drop_path=0.5)
     vit = vit.eval().requires_grad_(False)
