@@ -796,11 +796,3 @@ class Run:
         if self.stopping:
             print0(f"stopped by signal after epoch {epochs_done}; rerun the same command to resume")
             self.stop.exit()
-
-
-# TEMP (issue 32 integration): removed once probe.py and finetune.py drop their calls
-def check_corrupt(*args):
-    return 0
-
-
-Run.finish = lambda self, outputs: None

@@ -341,7 +341,3 @@ def seeded(seed: int):
 def plain(x):
     """tv_tensors.Image -> torch.Tensor, so batches are ordinary tensors."""
     return x.as_subclass(torch.Tensor) if isinstance(x, torch.Tensor) else x
-
-
-def corrupt_count(ds):  # TEMP (issue 32 integration)
-    return 0

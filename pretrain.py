@@ -168,41 +168,6 @@ class Config:
                 raise ConfigError(message)
 
 
-def inactive_keys(cfg: Config) -> List[str]:
-    """The keys that do nothing under this config's framework, teacher, loss and switches."""
-    teacher_keys = ("teacher", "teacher_model", "teacher_pretrained", "teacher_epochs",
-                    "ema_momentum", "ema_momentum_end", "loss", "distance", "dtm_levels",
-                    "dtm_max_iters", "dtm_min_morphed")
-    off_when = [  # (condition, the keys it switches off)
-        (cfg.framework != "distill", teacher_keys),
-        (cfg.framework != "mae", ("norm_pix_loss", "decoder_dim", "decoder_depth",
-                                  "decoder_heads")),
-        (not cfg.mto, [k for k in vars(cfg) if k.startswith("mto_")]),
-        (cfg.loss not in ("dtm", "dtm_kmeans"), ("dtm_levels", "dtm_max_iters", "dtm_min_morphed")),
-        (cfg.teacher != "ema", ("ema_momentum", "ema_momentum_end")),
-        (cfg.teacher != "clip", ("teacher_model",)),
-        (cfg.teacher != "cnn", ("teacher_epochs",)),
-        (cfg.teacher == "ema", ("teacher_pretrained",)),
-        (cfg.lr > 0, ("blr",)),
-        (cfg.lr_schedule != "multistep", ("lr_milestones", "lr_gamma")),
-        (cfg.mask != "simmim", ("mask_patch_size",)),
-        (cfg.mask != "block", ("mask_min_patches",))]
-    return list(dict.fromkeys(k for off, keys in off_when if off for k in keys))
-
-
-def config_record(cfg: Config) -> dict:
-    """The config as recorded (printed, config.yaml, checkpoints): the keys that apply. A key that
-    does nothing here but was changed from its default gets a one-line warning."""
-    off = inactive_keys(cfg)
-    changed = [k for k in off if getattr(cfg, k) != getattr(Config, k, getattr(cfg, k))]
-    if changed:
-        setting = f"framework={cfg.framework}" + (f", teacher={cfg.teacher}, loss={cfg.loss}"
-                                                  if cfg.framework == "distill" else "")
-        print0(f"warning: {', '.join(changed)} (changed from the default) has no effect with "
-               f"{setting}; left out of config.yaml")
-    return {k: v for k, v in config_dict(cfg).items() if k not in off}
-
-
 # -----------------------------------------------------------------------------
 # Building the run: data and models
 
@@ -532,7 +497,7 @@ def train_cnn_teacher(cfg: "Config", dist, path: str):
 def main(argv):
     cfg = parse_config(Config, argv)
     dist = setup_distributed(cfg.device, cfg.dist_timeout_s)
-    run = Run(cfg, dist, config_record(cfg), RESUME_KEYS)  # out_dir locked, config checked
+    run = Run(cfg, dist, resume_keys=RESUME_KEYS)  # out_dir locked, config checked
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     dataset, loader = build_data(cfg, dist, run.micro_batch)
     student, teacher = build_models(cfg, dist)  # teacher: None for simmim / mae

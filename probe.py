@@ -36,7 +36,7 @@ import losses
 import model
 from model import VIT_SIZES  # (inside Config, `model` is the field)
 from common import (GT0, ConfigError, Run, cosine_schedule, ddp, all_reduce_mean,
-                    all_reduce_sum, check_corrupt, config_dict, load_optimizer, load_state,
+                    all_reduce_sum, config_dict, load_optimizer, load_state,
                     log_json, no_sync, parse_config, print0, read_weights, run_main,
                     setup_distributed, first_line, train_loader)
 
@@ -80,7 +80,6 @@ class Config:
     out_dir: str = "runs/probe"
     eval_every: int = 10               # epochs between evaluations (and always after the last)
     log_every: int = 50                # optimizer steps between log lines (and SIGTERM checks)
-    max_corrupt_frac: float = 0.01     # imagefolder: skip corrupt images; more than this: stop
     dist_timeout_s: int = 600          # after start-up: a collective waiting longer fails the run
     seed: int = 0
     device: str = "auto"               # auto | cpu | cuda
@@ -370,9 +369,6 @@ def build_features(cfg: Config, dist, vit: model.ViT, batch: int, train: bool) -
            f"(the tokens: {cache_gb:.2f} GB, cache_max_gb={cfg.cache_max_gb})")
     sets = (Frozen(train_ds, sources, cfg, dist, batch, cached and train),  # else: k-NN streams
             Frozen(val_ds, sources, cfg, dist, batch, cached))
-    if cached:
-        corrupt = data.corrupt_count(train_ds) + data.corrupt_count(val_ds)
-        check_corrupt(corrupt, images, cfg.max_corrupt_frac, dist.device)
     if cached or not train:
         return sources, sets, None
     # RandomResizedCrop + flip, no colour jitter, as uint8 (normalised on the device); drawn from
@@ -464,7 +460,7 @@ def main(argv):
     for epoch in run.epochs() if train else ():
         batches = train_batches(cfg, run, epoch, sources, sets[0].cache, loader)
         heads.train()
-        for step in run.steps(epoch):  # a progress bar; log, stop signal, corrupt data: `run`
+        for step in run.steps(epoch):  # a progress bar; log, stop signal: `run`
             run.set_lr(optimizer, lr_at[step])
             for micro in range(cfg.accum_steps):
                 feats, labels = next(batches)                 # {source: (B, T, D')}, (B,)
@@ -487,8 +483,6 @@ def main(argv):
                                                           for n, r in acc.items()}})
         run.save(done, heads_file() if done == cfg.epochs else {})
         run.exit_if_stopped(done)
-    if train:
-        run.finish(heads_file())  # a rerun of a finished run: rewrite a lost heads.pth
 
     write_results(cfg, vit, heads, sets, lr, dist)
 

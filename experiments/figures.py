@@ -19,6 +19,7 @@ Nothing here re-implements an analysis: H^l comes from experiments/heterogeneity
 maps and per-block statistics from experiments/attention_analysis.py, the morphing from
 losses.dtm_assignment and the masks from data.py.
 """
+import dataclasses
 import json
 import math
 import os
@@ -223,7 +224,8 @@ def load_probe_heads(backbone: str, heads_path: str, num_classes: int = 10):
     """An encoder.pth and the probe heads probe.py trained on it -> (vit, heads, probe config)."""
     vit = M.load_encoder(backbone).eval().requires_grad_(False)
     saved = torch.load(heads_path, map_location="cpu", weights_only=True)
-    cfg = make_config(probe.Config, saved["config"])
+    known = {f.name for f in dataclasses.fields(probe.Config)}  # older files hold removed keys
+    cfg = make_config(probe.Config, {k: v for k, v in saved["config"].items() if k in known})
     return vit, probe.load_heads(heads_path, cfg, vit, num_classes), cfg
 
 

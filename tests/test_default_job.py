@@ -108,30 +108,3 @@ def config_error_runs(tiny_imagefolder, tmp_path_factory):
 def test_default_job_config_errors(config_error_runs, args, message):
     _, p = config_error_runs[tuple(args)]
     assert p.returncode == 2 and message in p.stderr, p.stderr
-
-
-def test_keys_that_do_nothing_are_warned_and_left_out_of_the_record(tiny_imagefolder, tmp_path):
-    import yaml
-    p = run([*TINY, f"data_path={tiny_imagefolder}", f"out_dir={tmp_path}", "epochs=1",
-             "framework=mae", "mask=random", "teacher=clip", "decoder_dim=32", "decoder_heads=2",
-             "decoder_depth=1"])
-    # TINY's mask_min_patches=2 does nothing with mask=random either
-    assert ("warning: teacher, mask_min_patches (changed from the default) has no effect with "
-            "framework=mae; left out of config.yaml") in p.stdout
-    with open(os.path.join(tmp_path, "config.yaml")) as f:
-        record = yaml.safe_load(f)
-    assert "teacher" not in record and "dtm_levels" not in record and "mto_spa" not in record
-    assert record["framework"] == "mae" and record["decoder_dim"] == 32
-    ckpt = torch.load(os.path.join(tmp_path, "checkpoint.pth"), weights_only=True)
-    assert ckpt["config"] == record
-
-
-def test_inactive_keys_follow_the_switches():
-    from common import parse_config
-    cfg = parse_config(pretrain.Config, ["loss=tokenwise", "teacher=cnn", "lr=1e-3"])
-    off = set(pretrain.inactive_keys(cfg))
-    assert {"dtm_levels", "ema_momentum", "teacher_model", "blr", "decoder_dim", "mto_spa"} <= off
-    assert not {"teacher_epochs", "teacher_pretrained", "lr", "distance"} & off
-    cfg = parse_config(pretrain.Config, ["framework=simmim", "mto=true"])
-    off = set(pretrain.inactive_keys(cfg))
-    assert {"teacher", "loss", "decoder_dim"} <= off and not {"mto_spa", "mto_r"} & off
