@@ -73,7 +73,7 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(interrupted_runs, refe
         assert r["leftovers"], "the kill was meant to land in the middle of a checkpoint write"
     assert r["second_rc"] == 0, r["second_out"][-2000:]
     assert "resumed from" in r["second_out"]
-    assert not [f for f in os.listdir(run_dir) if f.endswith(".tmp")]  # the rerun's save replaced it
+    assert not [f for f in os.listdir(run_dir) if f.endswith(".tmp")]  # replaced by a later save
     assert F.same_weights(F.final_weights(script, references[script]),
                           F.final_weights(script, str(run_dir)))
     # every step logged (the steps a killed run logged after its checkpoint are logged again)
