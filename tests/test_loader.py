@@ -95,8 +95,8 @@ def test_persistent_workers_draw_each_epochs_augmentation():
 
 
 def test_on_device_yields_every_batch_in_order_with_the_tensors_moved():
-    """common.on_device (pretrain.py's loop): the CPU path here; on CUDA the same batches, the
-    next one copied on a side stream."""
+    """common.on_device (pretrain.py's loop): every batch, in order, its tensors on the device and
+    its other items untouched."""
     batches = [(torch.full((2, 3), float(i)), torch.tensor([i % 2 == 0]), i) for i in range(3)]
     out = list(common.on_device(iter(batches), torch.device("cpu")))
     assert len(out) == 3
