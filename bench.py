@@ -26,6 +26,8 @@ busy machine slows both sides alike:
            and masks) vs from tensors already on the device, and the loader alone (--data jpeg)
   loader   one worker's time per sample on ImageNet-sized JPEGs with the ImageNet recipe's
            augmentation, before (jitter on the whole image, float32) and after (crop first, uint8)
+  stalls   counts, not times: device -> host reads per MAE + MTO step, buffers DDP copies before
+           each forward, ops of one EMA teacher update
 
 Student, masking, loss and AdamW settings come from a pre-training config (pretrain.Config:
 --config, then key=value overrides). The teacher is open_clip's visual tower with RANDOM weights
@@ -62,8 +64,7 @@ RECIPE_GPU_BATCH = 128  # distill, dtm, data sections on a GPU: the recipes' 102
 DTM_CASES = [(196, 1), (147, 2), (98, 1), (98, 7), (98, 14), (49, 14), (1, 1), (1, 14)]  # (N_m, k)
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 TINY_CLIP = "bench-tiny-clip"  # the CPU teacher: an open_clip config registered at start-up
-SECTIONS = ("step", "relpos", "distill", "dtm", "data", "precision", "loader",
-            "stalls")
+SECTIONS = ("step", "relpos", "distill", "dtm", "data", "precision", "loader", "stalls")
 # profiler scopes of a step
 PHASES = ("teacher", "student forward", "loss", "backward", "clip+adamw")
 

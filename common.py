@@ -618,13 +618,14 @@ def no_sync(model: torch.nn.Module, micro: int, accum_steps: int):
 class Run:
     """The run folder, resume, saving, stopping and logging of one training run:
 
-        run = Run(cfg, dist, record, RESUME_KEYS)  # lock out_dir; check config vs checkpoint
+        run = Run(cfg, dist, RESUME_KEYS)          # lock out_dir; check config vs checkpoint
         run.resume(steps_per_epoch, load, state)   # auto-resume, also mid-epoch
         for epoch in run.epochs():
             batches = run.epoch_batches(epoch, loader)
             for step in run.steps(epoch):          # progress bar; ends early on a signal
                 run.set_lr(optimizer, lr_at[step])
                 ...                                # the method
+                optimizer.step()
                 run.add({"loss": loss})            # reduced over ranks at each log step
             run.end_epoch(epoch)                   # stopped mid-epoch: save, exit 128 + signal
             run.save(epoch + 1, outputs)           # outputs first, then checkpoint.pth
@@ -634,9 +635,8 @@ class Run:
     the data order and `step_seed` depend only on (seed, epoch, step).
     """
 
-    def __init__(self, cfg, dist_: Dist, record: dict = None, resume_keys=None):
-        self.cfg, self.dist = cfg, dist_
-        self.record = record if record is not None else config_dict(cfg)
+    def __init__(self, cfg, dist_: Dist, resume_keys=None):
+        self.cfg, self.dist, self.record = cfg, dist_, config_dict(cfg)
         if cfg.batch_size % (dist_.world * cfg.accum_steps):
             raise ConfigError(f"batch_size {cfg.batch_size} is not divisible by world size "
                               f"{dist_.world} x accum_steps {cfg.accum_steps}: change batch_size "
@@ -646,7 +646,7 @@ class Run:
         print0(f"world size {dist_.world}, micro-batch {self.micro_batch} per process, "
                f"{cfg.accum_steps} accumulation step(s), global batch {cfg.batch_size}")
         self.stop = StopRequest()  # SIGTERM (SLURM, torchrun) / SIGINT (Ctrl-C)
-        open_run_dir(cfg.out_dir)  # one run per folder; temp files of a killed save removed
+        open_run_dir(cfg.out_dir)  # one run per folder (out_dir/.lock)
         self.ckpt_path, self.log_path = self.path("checkpoint.pth"), self.path("log.jsonl")
         self.step, self.steps_per_epoch, self.stopping = 0, 0, False
         self.lr, self._sums, self._count = 0.0, {}, 0

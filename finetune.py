@@ -28,7 +28,7 @@ import data
 import losses
 import model
 from model import VIT_SIZES  # (inside Config, `model` is the field)
-from common import (NO_DECAY, Run, cosine_schedule, ddp, shard, all_reduce_sum, config_dict,
+from common import (NO_DECAY, Run, cosine_schedule, ddp, shard, all_reduce_sum,
                     load_optimizer, load_state, log_json, no_sync, parse_config, print0,
                     read_weights, run_main, save_atomic, setup_distributed, ConfigError)
 
@@ -271,7 +271,7 @@ def evaluate(vit, loader, run: Run, epochs_done: int) -> float:
 def main(argv):
     cfg = parse_config(Config, argv)
     dist = setup_distributed(cfg.device, cfg.dist_timeout_s)
-    run = Run(cfg, dist, config_dict(cfg), RESUME_KEYS)  # out_dir locked, config checked
+    run = Run(cfg, dist, RESUME_KEYS)  # out_dir locked, config checked
     loader, val_loader, num_classes = build_data(cfg, dist, run.micro_batch)
     mix = mix_batch(cfg, num_classes)  # Mixup / CutMix, then label smoothing: soft targets
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank

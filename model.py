@@ -415,7 +415,7 @@ def to_timm(state_dict: dict) -> dict:
             q, _, v_ = v.chunk(3)
             out[k.replace("qkv.bias", "q_bias")] = q
             out[k.replace("qkv.bias", "v_bias")] = v_
-        else:  # layer scale: timm's Beit names it gamma_1 / gamma_2
+        else:  # every other key; layer scale becomes timm Beit's gamma_1 / gamma_2
             out[k.replace(".ls1.gamma", ".gamma_1").replace(".ls2.gamma", ".gamma_2")] = v
     return out
 
@@ -641,7 +641,7 @@ def resolve_clip_weights(model_name: str, pretrained: str) -> str:
     if not cfg:
         tags = open_clip.list_pretrained_tags_by_model(model_name)
         raise ValueError(f"open_clip has no pretrained tag '{pretrained}' for '{model_name}'"
-                         f" (known: {tags}); or give a local weights file as teacher.pretrained")
+                         f" (known: {tags}); or give a local weights file as teacher_pretrained")
     repo, filename = os.path.split(cfg.get("hf_hub", ""))  # "org/repo/" -> default file names
     for name in (filename, "open_clip_model.safetensors", "open_clip_pytorch_model.bin"):
         path = try_to_load_from_cache(repo, name) if repo and name else None
@@ -651,7 +651,7 @@ def resolve_clip_weights(model_name: str, pretrained: str) -> str:
         raise RuntimeError(f"CLIP weights '{model_name}/{pretrained}' are not cached and cannot be "
                            "downloaded (no network): download them on a machine with internet "
                            f"(open_clip.create_model('{model_name}', pretrained='{pretrained}')) "
-                           "and set teacher.pretrained=/path/to/weights")
+                           "and set teacher_pretrained=/path/to/weights")
     return pretrained
 
 

@@ -35,7 +35,7 @@ import data
 import losses
 import model
 from model import VIT_SIZES  # (inside Config, `model` is the field)
-from common import (GE0, GE1, ConfigError, Run, ddp, shard, all_reduce_sum, config_dict,
+from common import (GE0, GE1, ConfigError, Run, ddp, shard, all_reduce_sum,
                     cosine_lr, load_optimizer, load_state, log_json, no_sync, param_groups,
                     parse_config, print0, read_weights, run_main, save_atomic, setup_distributed)
 
@@ -497,7 +497,7 @@ def train_cnn_teacher(cfg: "Config", dist, path: str):
 def main(argv):
     cfg = parse_config(Config, argv)
     dist = setup_distributed(cfg.device, cfg.dist_timeout_s)
-    run = Run(cfg, dist, resume_keys=RESUME_KEYS)  # out_dir locked, config checked
+    run = Run(cfg, dist, RESUME_KEYS)  # out_dir locked, config checked
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     dataset, loader = build_data(cfg, dist, run.micro_batch)
     student, teacher = build_models(cfg, dist)  # teacher: None for simmim / mae

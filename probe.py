@@ -100,6 +100,7 @@ class Config:
 # The frozen backbone, and the baselines' feature sources
 
 def load_backbone(cfg: Config) -> model.ViT:
+    """The frozen encoder: an encoder.pth of this project, or timm / MAE weights."""
     if cfg.backbone_format == "timm":
         vit = model.build_vit(cfg.model, img_size=cfg.img_size or 224, patch_size=cfg.patch_size,
                               layer_scale=cfg.layer_scale)
@@ -315,7 +316,7 @@ def evaluate(heads: Heads, batches) -> dict:
 
 
 def knn_evaluate(bank: Shard, val: Shard, num_classes: int, cfg: Config) -> dict:
-    """{row: (correct top-1, correct top-5, images)} of centred k-NN votes, summed over ranks:
+    """{row: (correct top-1, correct top-5, images)} of k-NN votes (knn_centre), summed over ranks:
     this rank's val images against the whole (gathered, de-padded) bank."""
     real = gather(bank.valid.to(torch.uint8)).bool()  # (world * M,)
     labels, valid, counts = gather(bank.labels)[real], val.valid, {}
@@ -431,7 +432,7 @@ def main(argv):
     cfg = parse_config(Config, argv)
     dist = setup_distributed(cfg.device, cfg.dist_timeout_s)
     train = bool(cfg.heads)  # else: k-NN only
-    run = Run(cfg, dist, config_dict(cfg), RESUME_KEYS if train else None)  # config checked
+    run = Run(cfg, dist, RESUME_KEYS if train else None)  # config checked
     vit = load_backbone(cfg).to(dist.device)
     sources, sets, loader = build_features(cfg, dist, vit, run.micro_batch, train)
     lr = cfg.blr * cfg.batch_size / 256  # MAE: lr = blr * batch / 256

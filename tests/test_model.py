@@ -574,10 +574,10 @@ def test_resolve_clip_weights_fails_fast_without_network(offline):
         resolve_clip_weights("ViT-B-16-quickgelu", "openai")
     assert time.monotonic() - start < 15
     msg = str(e.value)
-    assert "teacher.pretrained" in msg and "ViT-B-16-quickgelu" in msg and "openai" in msg
+    assert "teacher_pretrained" in msg and "ViT-B-16-quickgelu" in msg and "openai" in msg
     assert "huggingface.co" in probed
     # the same through the teacher's constructor
-    with pytest.raises(RuntimeError, match="teacher.pretrained"):
+    with pytest.raises(RuntimeError, match="teacher_pretrained"):
         CLIPTeacher("ViT-B-16-quickgelu", "openai")
 
 
@@ -618,7 +618,7 @@ def test_resolve_clip_weights_local_files_and_unknown_tags(offline, tmp_path):
     with pytest.raises(ValueError) as e:
         resolve_clip_weights("ViT-B-16-quickgelu", "laion9000")
     msg = str(e.value)
-    assert all(word in msg for word in ("laion9000", "'openai'", "dfn2b", "teacher.pretrained"))
+    assert all(word in msg for word in ("laion9000", "'openai'", "dfn2b", "teacher_pretrained"))
 
 
 # -----------------------------------------------------------------------------

@@ -262,7 +262,7 @@ def test_attention_stats_equal_a_loop_over_images_and_heads():
 
 
 # -----------------------------------------------------------------------------
-# End to end: 1 process trains, 2 processes (gloo) evaluate the same heads
+# End to end: 1 and 2 processes (gloo) give the same k-NN; heads trained on 2 evaluate the same in 1
 
 @pytest.mark.parametrize("n, world", [(7, 2), (31, 2), (10, 3), (2, 4), (5, 1)])
 def test_frozen_valid_marks_each_image_exactly_once(n, world):
