@@ -167,3 +167,14 @@ def test_random_init_claims_and_the_third_seed():
     chosen = S.third_seed_variants(list(claims.values()), S.Plan())
     assert chosen == ["dtm", "fixed", "mae"]
     assert S.third_seed_variants([], S.Plan()) == []
+
+
+def test_a_run_recorded_before_a_key_was_removed_still_loads():
+    """experiments/heterogeneity.py reads a run's recorded config; keys a later version removed
+    (skip_nonfinite, max_corrupt_frac: the cut of issue 32) are dropped, not an error."""
+    import dataclasses
+    import heterogeneity
+    import pretrain
+    old = {**dataclasses.asdict(pretrain.Config()), "framework": "simmim", "skip_nonfinite": 0,
+           "max_corrupt_frac": 0.01}
+    assert heterogeneity.run_config(old).framework == "simmim"
