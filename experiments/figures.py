@@ -19,7 +19,6 @@ Nothing here re-implements an analysis: H^l comes from experiments/heterogeneity
 maps and per-block statistics from experiments/attention_analysis.py, the morphing from
 losses.dtm_assignment and the masks from data.py.
 """
-import dataclasses
 import json
 import math
 import os
@@ -46,7 +45,6 @@ import heterogeneity  # noqa: E402
 import losses  # noqa: E402
 import model as M  # noqa: E402
 import probe  # noqa: E402
-from common import make_config  # noqa: E402
 
 
 # -----------------------------------------------------------------------------
@@ -224,8 +222,7 @@ def load_probe_heads(backbone: str, heads_path: str, num_classes: int = 10):
     """An encoder.pth and the probe heads probe.py trained on it -> (vit, heads, probe config)."""
     vit = M.load_encoder(backbone).eval().requires_grad_(False)
     saved = torch.load(heads_path, map_location="cpu", weights_only=True)
-    known = {f.name for f in dataclasses.fields(probe.Config)}  # older files hold removed keys
-    cfg = make_config(probe.Config, {k: v for k, v in saved["config"].items() if k in known})
+    cfg = heterogeneity.recorded_config(probe.Config, saved["config"])
     return vit, probe.load_heads(heads_path, cfg, vit, num_classes), cfg
 
 

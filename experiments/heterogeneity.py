@@ -74,7 +74,7 @@ def load_run(path: str):
                                 "written by pretrain.py")
     ckpt = read_weights_or_checkpoint(path)
     if "optimizer" in ckpt:  # a full checkpoint: the run's config is inside
-        run = run_config(ckpt["config"])
+        run = recorded_config(pretrain.Config, ckpt["config"])
         encoder = pretrain.build_encoder(run)
         if run.framework == "mae":
             net = pretrain.build_mim(run, encoder)
@@ -90,17 +90,17 @@ def load_run(path: str):
         raise FileNotFoundError(f"'{path}' is an encoder file without the run's config.yaml "
                                 "next to it")
     with open(config_file) as f:
-        run = run_config(yaml.safe_load(f))
+        run = recorded_config(pretrain.Config, yaml.safe_load(f))
     if run.framework == "mae":
         raise ConfigError(f"'{path}' is the encoder of an MAE run, which never sees mask tokens: "
                           "give the run's checkpoint.pth (its decoder holds them)")
     return M.load_encoder(path).eval(), run
 
 
-def run_config(saved: dict) -> "pretrain.Config":
-    """A run's recorded config; keys that pretrain.Config no longer has (older runs) are dropped."""
-    known = {f.name for f in fields(pretrain.Config)}
-    return make_config(pretrain.Config, {k: v for k, v in saved.items() if k in known})
+def recorded_config(cls, saved: dict):
+    """A run's recorded config as `cls`; keys that cls no longer has (older runs) are dropped."""
+    known = {f.name for f in fields(cls)}
+    return make_config(cls, {k: v for k, v in saved.items() if k in known})
 
 
 def read_weights_or_checkpoint(path: str) -> dict:

@@ -177,4 +177,4 @@ def test_a_run_recorded_before_a_key_was_removed_still_loads():
     import pretrain
     old = {**dataclasses.asdict(pretrain.Config()), "framework": "simmim", "skip_nonfinite": 0,
            "max_corrupt_frac": 0.01}
-    assert heterogeneity.run_config(old).framework == "simmim"
+    assert heterogeneity.recorded_config(pretrain.Config, old).framework == "simmim"
